@@ -1,0 +1,181 @@
+//! event-piper: streams PostgreSQL events to HTTP clients over Server-Sent Events.
+//!
+//! Producers insert rows into `events`; a trigger sends `NOTIFY new_events`; the [`listener`]
+//! (one connection) rings the [`hub`], which reads new events in batches, publishes a gap-free
+//! prefix in id order and hands rendered frames to the [`router`]; every open [`stream`] of the
+//! event's consumer sends them on. [`serve`] runs all of it on a given listener, which is how the
+//! integration tests start the real app on port 0; [`run`] is the whole binary.
+
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod listener;
+pub mod managed_postgres;
+pub mod router;
+pub mod sse;
+pub mod store;
+pub mod stream;
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+pub use config::Config;
+use managed_postgres::{ManagedPostgres, ManagedPostgresError, OnStop};
+use store::{Store, StoreError};
+
+/// Why the service could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("managed PostgreSQL: {0}")]
+    ManagedPostgres(#[from] ManagedPostgresError),
+    #[error("managed PostgreSQL: {0}")]
+    CreateDatabase(tokio_postgres::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+/// The database the managed PostgreSQL serves events from.
+const MANAGED_DATABASE: &str = "event_piper";
+
+/// The whole service: a managed PostgreSQL when no database URL is configured, the HTTP server on
+/// the configured address, until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<(), Error> {
+    let mut managed = None;
+    let database_url = match &config.database_url {
+        Some(url) => {
+            tracing::info!("producers can connect with: psql \"$DATABASE_URL\"");
+            url.clone()
+        }
+        None => {
+            let data_dir = config
+                .data_dir
+                .clone()
+                .unwrap_or_else(managed_postgres::default_data_dir);
+            let bin_dir = config.pg_bin_dir.clone();
+            tracing::info!(data_dir = %data_dir.display(), "starting the managed PostgreSQL");
+            let postgres = tokio::task::spawn_blocking(move || {
+                ManagedPostgres::start(&data_dir, bin_dir.as_deref(), OnStop::Keep)
+            })
+            .await
+            .map_err(|e| Error::Io {
+                context: "starting the managed PostgreSQL".into(),
+                source: std::io::Error::other(e),
+            })??;
+            let managed = managed.insert(postgres);
+            managed
+                .create_database(MANAGED_DATABASE)
+                .await
+                .map_err(Error::CreateDatabase)?;
+            let url = managed.url(MANAGED_DATABASE);
+            tracing::info!(data_dir = %managed.data_dir().display(), "managed PostgreSQL is up");
+            println!("Producers can connect with:\n    psql {url}\n");
+            url
+        }
+    };
+
+    let result = async {
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Io {
+                context: format!("binding {}", config.listen),
+                source,
+            })?;
+        tracing::info!(address = %config.listen, "listening for HTTP");
+        serve(config, database_url, listener, shutdown_signal()).await
+    }
+    .await;
+
+    if let Some(managed) = managed {
+        tracing::info!("stopping the managed PostgreSQL");
+        let _ = tokio::task::spawn_blocking(move || managed.stop()).await;
+    }
+    result
+}
+
+/// Runs the service on `listener` against `database_url` until `shutdown` completes, then ends
+/// every open stream and waits for the background tasks.
+pub async fn serve(
+    config: Config,
+    database_url: String,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    let pg_config =
+        tokio_postgres::Config::from_str(&database_url).map_err(|e| StoreError::Url(e.to_string()))?;
+    let store = Store::new(pg_config.clone(), config.pool_size)?;
+    store.wait_until_reachable(config.connect_timeout).await?;
+    if !config.skip_schema {
+        store.apply_schema().await?;
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let doorbell = Arc::new(Notify::new());
+    let router = router::Router::new(config.channel_capacity as usize);
+    let (published_tx, published_rx) = watch::channel(None);
+    let (listening_tx, _listening_rx) = watch::channel(false);
+
+    let listener_task = tokio::spawn(listener::run(
+        pg_config,
+        Arc::clone(&doorbell),
+        listening_tx,
+        stop_rx.clone(),
+    ));
+    let hub = hub::Hub::new(
+        store.clone(),
+        Arc::clone(&router),
+        published_tx,
+        config.batch_size,
+        config.gap_poll,
+    );
+    let hub_task = tokio::spawn(hub.run(doorbell, stop_rx.clone()));
+
+    let streams = Arc::new(stream::Streams {
+        store,
+        router,
+        published: published_rx,
+        shutdown: stop_rx,
+        heartbeat: config.heartbeat,
+        retry: config.retry,
+        page_size: i64::from(config.batch_size),
+    });
+    let app = http::routes(streams);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: ending open streams");
+            // Open streams watch this and end, so the graceful shutdown does not wait forever.
+            stop_tx.send_replace(true);
+        })
+        .await;
+    let _ = tokio::join!(listener_task, hub_task);
+    served.map_err(|source| Error::Io {
+        context: "serving HTTP".into(),
+        source,
+    })
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

@@ -1,0 +1,87 @@
+//! The notification listener: the one dedicated connection that runs `LISTEN new_events`.
+//!
+//! A notification carries no data; it only rings the hub's doorbell. A pooled connection cannot
+//! receive notifications (they arrive through `Connection::poll_message`), hence a connection of
+//! its own. When it drops (network, `pg_terminate_backend`, server restart) the listener
+//! reconnects with backoff and rings the doorbell after every (re)connect, so the hub reads
+//! whatever committed while nobody was listening: a lost connection delays events, never loses
+//! them.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio_postgres::{AsyncMessage, NoTls};
+
+pub const CHANNEL: &str = "new_events";
+/// The listener's `application_name`, so operators (and tests) can find its backend.
+pub const APPLICATION_NAME: &str = "event-piper-listener";
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Runs until `shutdown` turns true. `listening` reports whether LISTEN is in effect.
+pub async fn run(
+    mut pg_config: tokio_postgres::Config,
+    doorbell: Arc<Notify>,
+    listening: watch::Sender<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    pg_config.application_name(APPLICATION_NAME);
+    pg_config.keepalives_idle(Duration::from_secs(30));
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let result = tokio::select! {
+            result = listen(&pg_config, &doorbell, &listening, &mut backoff) => result,
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        listening.send_replace(false);
+        match result {
+            Ok(()) => tracing::warn!("notification connection closed by the server; reconnecting"),
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "notification connection lost")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// Connects, listens and forwards notifications until the connection ends.
+async fn listen(
+    pg_config: &tokio_postgres::Config,
+    doorbell: &Notify,
+    listening: &watch::Sender<bool>,
+    backoff: &mut Duration,
+) -> Result<(), tokio_postgres::Error> {
+    let (client, mut connection) = pg_config.connect(NoTls).await?;
+    // The connection must be polled for LISTEN to complete, and from then on for notifications.
+    let drive = async move {
+        loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(_))) => doorbell.notify_one(),
+                Some(Ok(_)) => {} // notices
+                Some(Err(error)) => return Err(error),
+                None => return Ok(()),
+            }
+        }
+    };
+    tokio::pin!(drive);
+    let listen = format!("LISTEN {CHANNEL}");
+    tokio::select! {
+        result = client.batch_execute(&listen) => result?,
+        result = &mut drive => return result,
+    }
+    tracing::info!("listening for new events");
+    listening.send_replace(true);
+    *backoff = MIN_BACKOFF;
+    // Whatever committed while we were not listening is in the table: have the hub read it.
+    doorbell.notify_one();
+    let result = drive.await;
+    drop(client);
+    result
+}

@@ -1,0 +1,17 @@
+//! The event-piper binary: parse the configuration, set up logging, run until a signal.
+
+use clap::Parser;
+use event_piper::Config;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    event_piper::run(config).await?;
+    Ok(())
+}

@@ -1,0 +1,113 @@
+//! The Server-Sent Events wire format: frames rendered once into shared bytes.
+//!
+//! axum's `Sse`/`Event` render an event per response, which would copy every payload once per
+//! open stream. The hub renders each event exactly once here, and every stream that carries it
+//! sends the same reference-counted `Bytes`.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use std::time::Duration;
+
+/// A rendered event: its id (for ordering and de-duplication) and its bytes on the wire.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub id: i64,
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    /// Renders `id:`, `event:` and `data:` lines. `payload` is PostgreSQL's text form of a jsonb
+    /// value; it is sent compact (no whitespace outside strings). The schema forbids line breaks
+    /// in `event_type`, but a type from a database whose schema is managed elsewhere might have
+    /// them, so they are replaced rather than allowed to break the framing.
+    pub fn render(id: i64, event_type: &str, payload: &str) -> Frame {
+        let mut buf = BytesMut::with_capacity(32 + event_type.len() + payload.len());
+        buf.put_slice(b"id: ");
+        buf.put_slice(itoa::Buffer::new().format(id).as_bytes());
+        buf.put_slice(b"\nevent: ");
+        if event_type.contains(['\r', '\n']) {
+            buf.put_slice(event_type.replace(['\r', '\n'], " ").as_bytes());
+        } else {
+            buf.put_slice(event_type.as_bytes());
+        }
+        buf.put_slice(b"\ndata: ");
+        put_compact_json(&mut buf, payload);
+        buf.put_slice(b"\n\n");
+        Frame {
+            id,
+            bytes: buf.freeze(),
+        }
+    }
+}
+
+/// The `retry:` hint sent first on every stream.
+pub fn retry(delay: Duration) -> Bytes {
+    Bytes::from(format!("retry: {}\n\n", delay.as_millis()))
+}
+
+/// A comment line: ignored by clients, but it keeps proxies and idle-timeouts from closing the
+/// stream and lets a client tell a live stream from a dead one.
+pub const HEARTBEAT: Bytes = Bytes::from_static(b":\n\n");
+
+/// Copies JSON text without the whitespace between tokens. The input is valid JSON (PostgreSQL
+/// rendered it), so tracking string literals and their escapes is all it takes; line breaks can
+/// only occur as whitespace between tokens, since JSON strings escape them.
+fn put_compact_json(buf: &mut BytesMut, json: &str) {
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut start = 0;
+    let bytes = json.as_bytes();
+    for (i, &byte) in bytes.iter().enumerate() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+        } else {
+            match byte {
+                b'"' => in_string = true,
+                b' ' | b'\n' | b'\r' | b'\t' => {
+                    buf.put_slice(&bytes[start..i]);
+                    start = i + 1;
+                }
+                _ => {}
+            }
+        }
+    }
+    buf.put_slice(&bytes[start..]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(frame: &Frame) -> &str {
+        std::str::from_utf8(&frame.bytes).unwrap()
+    }
+
+    #[test]
+    fn renders_the_walkthrough_frame() {
+        let frame = Frame::render(1, "insert", r#"{"foo": "bar"}"#);
+        assert_eq!(text(&frame), "id: 1\nevent: insert\ndata: {\"foo\":\"bar\"}\n\n");
+    }
+
+    #[test]
+    fn keeps_whitespace_and_escapes_inside_strings() {
+        let frame = Frame::render(
+            42,
+            "t",
+            r#"{"a b": [1, 2, {"c": "x \" y\\"}], "d": "line\nbreak"}"#,
+        );
+        assert_eq!(
+            text(&frame),
+            "id: 42\nevent: t\ndata: {\"a b\":[1,2,{\"c\":\"x \\\" y\\\\\"}],\"d\":\"line\\nbreak\"}\n\n"
+        );
+    }
+
+    #[test]
+    fn line_breaks_in_types_cannot_break_framing() {
+        let frame = Frame::render(7, "a\nb\rc", "null");
+        assert_eq!(text(&frame), "id: 7\nevent: a b c\ndata: null\n\n");
+    }
+}
