@@ -36,7 +36,26 @@ impl IntoResponse for ApiError {
 pub fn routes(streams: Arc<Streams>) -> Router {
     Router::new()
         .route("/events", get(events))
+        .route("/ready", get(ready))
         .with_state(streams)
+}
+
+/// `GET /ready`: 200 once the hub has its starting point and the notification connection is
+/// listening, 503 before that and while it reconnects.
+async fn ready(State(streams): State<Arc<Streams>>) -> Response {
+    let published = *streams.published.borrow();
+    let listening = *streams.listening.borrow();
+    let status = if published.is_some() && listening {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "ready": status == StatusCode::OK,
+        "listening": listening,
+        "published": published,
+    });
+    (status, axum::Json(body)).into_response()
 }
 
 /// `GET /events`: the consumer's event stream.
@@ -68,7 +87,11 @@ fn consumer_id(headers: &HeaderMap) -> Result<String, ApiError> {
 
 /// A consumer id is 1 to 256 bytes of UTF-8 with no control characters.
 pub fn parse_consumer_id(raw: &[u8]) -> Result<String, ApiError> {
-    let bad = |why: &str| Err(ApiError::BadRequest(format!("invalid X-Consumer-Id: {why}")));
+    let bad = |why: &str| {
+        Err(ApiError::BadRequest(format!(
+            "invalid X-Consumer-Id: {why}"
+        )))
+    };
     if raw.is_empty() {
         return bad("empty");
     }
@@ -112,7 +135,10 @@ mod tests {
     #[test]
     fn consumer_ids() {
         assert_eq!(parse_consumer_id(b"toto").unwrap(), "toto");
-        assert_eq!(parse_consumer_id("caf\u{e9} 1".as_bytes()).unwrap(), "caf\u{e9} 1");
+        assert_eq!(
+            parse_consumer_id("caf\u{e9} 1".as_bytes()).unwrap(),
+            "caf\u{e9} 1"
+        );
         assert!(parse_consumer_id(b"").is_err());
         assert!(parse_consumer_id(&[b'a'; 257]).is_err());
         assert!(parse_consumer_id(&[b'a'; 256]).is_ok());

@@ -109,8 +109,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let pg_config =
-        tokio_postgres::Config::from_str(&database_url).map_err(|e| StoreError::Url(e.to_string()))?;
+    let pg_config = tokio_postgres::Config::from_str(&database_url)
+        .map_err(|e| StoreError::Url(e.to_string()))?;
     let store = Store::new(pg_config.clone(), config.pool_size)?;
     store.wait_until_reachable(config.connect_timeout).await?;
     if !config.skip_schema {
@@ -121,7 +121,7 @@ pub async fn serve(
     let doorbell = Arc::new(Notify::new());
     let router = router::Router::new(config.channel_capacity as usize);
     let (published_tx, published_rx) = watch::channel(None);
-    let (listening_tx, _listening_rx) = watch::channel(false);
+    let (listening_tx, listening_rx) = watch::channel(false);
 
     let listener_task = tokio::spawn(listener::run(
         pg_config,
@@ -142,6 +142,7 @@ pub async fn serve(
         store,
         router,
         published: published_rx,
+        listening: listening_rx,
         shutdown: stop_rx,
         heartbeat: config.heartbeat,
         retry: config.retry,

@@ -28,10 +28,7 @@ pub enum ManagedPostgresError {
     )]
     NoBinaries,
     #[error("{context}: {source}")]
-    Io {
-        context: String,
-        source: io::Error,
-    },
+    Io { context: String, source: io::Error },
     #[error("{command} failed ({status}): {output}")]
     Command {
         command: String,
@@ -84,8 +81,9 @@ impl RunAs {
             .find_map(|name| lookup_user(&passwd, name))
             .map(Some)
             .ok_or_else(|| ManagedPostgresError::Io {
-                context: "running as root and no unprivileged user (postgres, nobody) to run PostgreSQL"
-                    .into(),
+                context:
+                    "running as root and no unprivileged user (postgres, nobody) to run PostgreSQL"
+                        .into(),
                 source: io::Error::from(io::ErrorKind::NotFound),
             })
     }
@@ -230,14 +228,14 @@ impl ManagedPostgres {
 
     /// The connection URL of `database` as the superuser.
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "postgres://{SUPERUSER}@127.0.0.1:{}/{database}",
-            self.port
-        )
+        format!("postgres://{SUPERUSER}@127.0.0.1:{}/{database}", self.port)
     }
 
     /// Creates `database` unless it exists.
-    pub async fn create_database(&self, database: &str) -> std::result::Result<(), tokio_postgres::Error> {
+    pub async fn create_database(
+        &self,
+        database: &str,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
         let (client, connection) =
             tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
         let driver = tokio::spawn(connection);
@@ -334,7 +332,8 @@ mod tests {
 
     #[test]
     fn finds_users_in_passwd() {
-        let passwd = "root:x:0:0:root:/root:/bin/bash\npostgres:x:101:104::/var/lib/postgresql:/bin/sh\n";
+        let passwd =
+            "root:x:0:0:root:/root:/bin/bash\npostgres:x:101:104::/var/lib/postgresql:/bin/sh\n";
         let user = lookup_user(passwd, "postgres").expect("postgres is listed");
         assert_eq!((user.uid, user.gid), (101, 104));
         assert!(lookup_user(passwd, "nobody").is_none());

@@ -89,7 +89,10 @@ mod tests {
     #[test]
     fn renders_the_walkthrough_frame() {
         let frame = Frame::render(1, "insert", r#"{"foo": "bar"}"#);
-        assert_eq!(text(&frame), "id: 1\nevent: insert\ndata: {\"foo\":\"bar\"}\n\n");
+        assert_eq!(
+            text(&frame),
+            "id: 1\nevent: insert\ndata: {\"foo\":\"bar\"}\n\n"
+        );
     }
 
     #[test]

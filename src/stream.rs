@@ -30,6 +30,8 @@ pub struct Streams {
     pub store: Store,
     pub router: Arc<Router>,
     pub published: watch::Receiver<Published>,
+    /// Whether the notification connection is listening (for readiness).
+    pub listening: watch::Receiver<bool>,
     pub shutdown: watch::Receiver<bool>,
     pub heartbeat: Duration,
     pub retry: Duration,
@@ -60,13 +62,14 @@ impl Streams {
         let mut shutdown = self.shutdown.clone();
         async_stream::stream! {
             let _log = StreamLog::new(&consumer, cursor);
-            yield Ok(sse::retry(streams.retry));
-
             let ready = tokio::select! {
                 ready = published.wait_for(Option::is_some) => ready.ok().and_then(|p| *p),
                 _ = shutdown.wait_for(|stop| *stop) => None,
             };
             let Some(start) = ready else { return };
+            // Sent once the starting point is fixed: a client that has read it knows that every
+            // event committed from now on will reach it.
+            yield Ok(sse::retry(streams.retry));
             // The stream covers ids above `floor`; `(floor, replay_upto]` comes from the table.
             let mut floor = cursor.unwrap_or(start);
             let mut replay_upto = start;
