@@ -1,0 +1,25 @@
+# syntax=docker/dockerfile:1
+# Release image: build with the Rust toolchain, run on a slim Debian as a non-root user.
+
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY postgresql ./postgresql
+COPY tests ./tests
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked --bin event-piper \
+    && cp target/release/event-piper /usr/local/bin/event-piper
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin event-piper
+COPY --from=build /usr/local/bin/event-piper /usr/local/bin/event-piper
+USER event-piper
+# In a container the service must listen on all interfaces; DATABASE_URL comes from the
+# environment (see docker-compose.yml). Without it the service would try to run a PostgreSQL of
+# its own, which this image does not ship.
+ENV EVENT_PIPER_LISTEN=0.0.0.0:4000
+EXPOSE 4000
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/event-piper"]
