@@ -62,6 +62,11 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub channel_capacity: u32,
 
+    /// How long a write to a client may make no progress before the connection is dropped (a
+    /// client that stopped reading). The client can resume with Last-Event-ID.
+    #[arg(long, env = "EVENT_PIPER_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub write_timeout: Duration,
+
     /// How often the hub re-checks an id that is still in flight (a gap in the id sequence).
     #[arg(long, env = "EVENT_PIPER_GAP_POLL", default_value = "10ms", value_parser = parse_duration)]
     pub gap_poll: Duration,

@@ -22,14 +22,24 @@ const LAST_EVENT_ID_HEADER: HeaderName = HeaderName::from_static("last-event-id"
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// Temporarily unable to serve; the client should retry after the given number of seconds.
+    #[error("{reason}")]
+    Unavailable { reason: String, retry_after: u64 },
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = match self {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-        };
-        (status, format!("{self}\n")).into_response()
+        // One line, whatever the underlying error's text looks like.
+        let body = format!("{}\n", self.to_string().lines().next().unwrap_or_default());
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, body).into_response(),
+            ApiError::Unavailable { retry_after, .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, retry_after.to_string())],
+                body,
+            )
+                .into_response(),
+        }
     }
 }
 
@@ -65,7 +75,14 @@ async fn events(
 ) -> Result<Response, ApiError> {
     let consumer = consumer_id(&headers)?;
     let cursor = last_event_id(&headers)?;
-    let body = Body::from_stream(streams.open(consumer, cursor));
+    let stream = streams
+        .open(consumer, cursor)
+        .await
+        .map_err(|error| ApiError::Unavailable {
+            reason: error.to_string(),
+            retry_after: streams.retry.as_secs().max(1),
+        })?;
+    let body = Body::from_stream(stream);
     Ok((
         [
             (header::CONTENT_TYPE, "text/event-stream"),

@@ -11,6 +11,7 @@ pub mod http;
 pub mod hub;
 pub mod listener;
 pub mod managed_postgres;
+pub mod net;
 pub mod router;
 pub mod sse;
 pub mod store;
@@ -149,6 +150,7 @@ pub async fn serve(
         page_size: i64::from(config.batch_size),
     });
     let app = http::routes(streams);
+    let listener = net::StallGuardListener::new(listener, config.write_timeout);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -58,6 +58,8 @@ pub enum OnStop {
 #[derive(Debug)]
 pub struct ManagedPostgres {
     data_dir: PathBuf,
+    bin_dir: PathBuf,
+    run_as: Option<RunAs>,
     port: u16,
     watchdog: Child,
 }
@@ -187,35 +189,55 @@ impl ManagedPostgres {
             run(RunAs::apply(run_as, &mut initdb), "initdb")?;
         }
 
-        let port = free_port()?;
-        let log = data_dir.join("server.log");
-        let mut pg_ctl = Command::new(bin_dir.join("pg_ctl"));
+        let watchdog = spawn_watchdog(&bin_dir, &data_dir, run_as, on_stop)?;
+        let postgres = ManagedPostgres {
+            data_dir,
+            bin_dir,
+            run_as,
+            port: free_port()?,
+            watchdog,
+        };
+        postgres.start_server()?;
+        Ok(postgres)
+    }
+
+    /// Starts the server of an initialised cluster on our port and waits until it accepts
+    /// connections.
+    fn start_server(&self) -> Result<()> {
+        let log = self.data_dir.join("server.log");
+        let mut pg_ctl = Command::new(self.bin_dir.join("pg_ctl"));
         pg_ctl
             .arg("--pgdata")
-            .arg(&data_dir)
+            .arg(&self.data_dir)
             .arg("--log")
             .arg(&log)
             .args(["--wait", "--timeout", "60", "--options"])
             .arg(format!(
-                "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''"
+                "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories=''",
+                self.port
             ))
             .arg("start");
-        if let Err(error) = run(RunAs::apply(run_as, &mut pg_ctl), "pg_ctl start") {
-            let tail = fs::read_to_string(&log).unwrap_or_default();
-            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-            return Err(ManagedPostgresError::Command {
+        run(RunAs::apply(self.run_as, &mut pg_ctl), "pg_ctl start").map_err(|error| {
+            let log = fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            ManagedPostgresError::Command {
                 command: "pg_ctl start".into(),
                 status: error.to_string(),
                 output: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
-            });
-        }
-
-        let watchdog = spawn_watchdog(&bin_dir, &data_dir, run_as, on_stop)?;
-        Ok(ManagedPostgres {
-            data_dir,
-            port,
-            watchdog,
+            }
         })
+    }
+
+    /// Stops the server with a fast shutdown (sessions are ended, transactions in flight roll
+    /// back) and starts it again on the same port: a database restart, for fault tests.
+    pub fn restart(&self) -> Result<()> {
+        let mut pg_ctl = Command::new(self.bin_dir.join("pg_ctl"));
+        pg_ctl
+            .arg("--pgdata")
+            .arg(&self.data_dir)
+            .args(["--mode", "fast", "--wait", "stop"]);
+        run(RunAs::apply(self.run_as, &mut pg_ctl), "pg_ctl stop")?;
+        self.start_server()
     }
 
     pub fn port(&self) -> u16 {

@@ -23,7 +23,7 @@ use tokio::time::MissedTickBehavior;
 use crate::hub::Published;
 use crate::router::Router;
 use crate::sse::{self, Frame};
-use crate::store::Store;
+use crate::store::{EventRow, Store, StoreError};
 
 /// What every stream shares.
 pub struct Streams {
@@ -46,33 +46,47 @@ enum Live {
     End,
 }
 
+/// Why a stream cannot be opened now; the client should retry shortly.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("not ready: the service has not yet reached the database")]
+    NotReady,
+    #[error("cannot replay from the database right now: {0}")]
+    Replay(#[from] StoreError),
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
 impl Streams {
-    /// The body of `GET /events` for `consumer`, resuming after `cursor` when given (live only
-    /// otherwise). Ends on shutdown or when the database fails mid-replay: the client resumes
-    /// with `Last-Event-ID`.
-    pub fn open(
+    /// Opens the body of `GET /events` for `consumer`, resuming after `cursor` when given (live
+    /// only otherwise). The first page of a replay is read here, so that a resume point the
+    /// database cannot serve now is refused up front instead of starting a stream that would
+    /// stall. Once open, the stream survives database outages (later pages are retried while
+    /// heartbeats continue) and ends only on shutdown.
+    pub async fn open(
         self: &Arc<Self>,
         consumer: String,
         cursor: Option<i64>,
-    ) -> impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static {
-        // Subscribe before anything else, so that no frame published from here on is missed.
+    ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
+        // Subscribe before reading the published id, so that no frame published after it is missed.
         let mut subscription = self.router.subscribe(&consumer);
+        let start = (*self.published.borrow()).ok_or(OpenError::NotReady)?;
+        // The stream covers ids above `floor`; `(floor, replay_upto]` comes from the table.
+        let mut floor = cursor.unwrap_or(start);
+        let mut replay_upto = start;
+        let mut page = if floor < replay_upto {
+            Some(self.read_page(&consumer, floor, replay_upto).await?)
+        } else {
+            None
+        };
+
         let streams = Arc::clone(self);
-        let mut published = self.published.clone();
         let mut shutdown = self.shutdown.clone();
-        async_stream::stream! {
+        Ok(async_stream::stream! {
             let _log = StreamLog::new(&consumer, cursor);
-            let ready = tokio::select! {
-                ready = published.wait_for(Option::is_some) => ready.ok().and_then(|p| *p),
-                _ = shutdown.wait_for(|stop| *stop) => None,
-            };
-            let Some(start) = ready else { return };
-            // Sent once the starting point is fixed: a client that has read it knows that every
-            // event committed from now on will reach it.
+            // A client that has read this knows every event committed from now on will reach it.
             yield Ok(sse::retry(streams.retry));
-            // The stream covers ids above `floor`; `(floor, replay_upto]` comes from the table.
-            let mut floor = cursor.unwrap_or(start);
-            let mut replay_upto = start;
             let mut heartbeat = tokio::time::interval_at(
                 tokio::time::Instant::now() + streams.heartbeat,
                 streams.heartbeat,
@@ -80,20 +94,29 @@ impl Streams {
             heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
             loop {
+                let mut backoff = MIN_BACKOFF;
                 while floor < replay_upto {
-                    let page = match streams
-                        .store
-                        .read_consumer(&consumer, floor, replay_upto, streams.page_size)
-                        .await
-                    {
-                        Ok(page) => page,
-                        Err(error) => {
-                            tracing::warn!(%consumer, %error, after = floor, "replay failed; ending the stream");
-                            return;
-                        }
+                    let rows = match page.take() {
+                        Some(rows) => rows,
+                        None => match streams.read_page(&consumer, floor, replay_upto).await {
+                            Ok(rows) => rows,
+                            Err(error) => {
+                                tracing::warn!(%consumer, %error, after = floor, retry_in = ?backoff, "replay page failed");
+                                let wait = tokio::select! {
+                                    _ = tokio::time::sleep(backoff) => None,
+                                    _ = heartbeat.tick() => Some(sse::HEARTBEAT),
+                                    _ = shutdown.wait_for(|stop| *stop) => return,
+                                };
+                                if let Some(heartbeat) = wait {
+                                    yield Ok(heartbeat);
+                                }
+                                backoff = (backoff * 2).min(MAX_BACKOFF);
+                                continue;
+                            }
+                        },
                     };
-                    let complete = (page.len() as i64) < streams.page_size;
-                    for row in page {
+                    let complete = (rows.len() as i64) < streams.page_size;
+                    for row in rows {
                         floor = row.id;
                         yield Ok(row.frame().bytes);
                     }
@@ -124,7 +147,7 @@ impl Streams {
                         Live::Lagged => {
                             // Frames this stream never took were overwritten: take them from the
                             // table, up to what is published now, then carry on live.
-                            replay_upto = (*published.borrow()).unwrap_or(floor);
+                            replay_upto = (*streams.published.borrow()).unwrap_or(floor);
                             tracing::debug!(%consumer, after = floor, upto = replay_upto, "lagging stream recovers from the table");
                             break;
                         }
@@ -132,7 +155,18 @@ impl Streams {
                     }
                 }
             }
-        }
+        })
+    }
+
+    async fn read_page(
+        &self,
+        consumer: &str,
+        after: i64,
+        upto: i64,
+    ) -> Result<Vec<EventRow>, StoreError> {
+        self.store
+            .read_consumer(consumer, after, upto, self.page_size)
+            .await
     }
 }
 
