@@ -1,17 +1,18 @@
--- event-piper schema. Applied at start-up (unless --skip-schema); every statement is idempotent, and
--- the whole file runs in one transaction under an advisory lock so that instances starting together
--- do not race each other.
+-- event-piper schema. Applied at start-up (unless --skip-schema), in one transaction, under an
+-- advisory lock so that instances starting together do not race each other.
 --
--- Why ids are assigned the way they are: see "Order and the gap problem" in the README. In short,
--- every transaction that holds an id not yet committed also holds a shared advisory lock
--- (key 7311142570156910960, "eventpip" read as a big-endian integer), so the service can tell an id that is still
--- in flight from one that will never commit by looking at pg_locks.
+-- It is idempotent and cheap to re-apply: statements that would lock `events` or its sequence (and
+-- so queue behind open producer transactions and make new inserts queue behind them) run only when
+-- the catalog shows they are needed.
+--
+-- Why ids are assigned the way they are ("Order and the gap problem" in the README): every
+-- transaction that holds an id it has not committed yet also holds a shared advisory lock with the
+-- key 7311142570156910960 ("eventpip" read as a big-endian integer), so the service can tell an id
+-- still in flight from one that will never commit by looking at pg_locks.
 
 SELECT pg_advisory_xact_lock(7311142570156910963);
 
--- CACHE 1 is essential: a cached block of ids would be handed out without taking the lock below.
 CREATE SEQUENCE IF NOT EXISTS events_id_seq CACHE 1;
-ALTER SEQUENCE events_id_seq CACHE 1;
 
 CREATE TABLE IF NOT EXISTS events (
     id         bigint      PRIMARY KEY,
@@ -21,65 +22,81 @@ CREATE TABLE IF NOT EXISTS events (
     payload    jsonb       NOT NULL DEFAULT '{}'
 );
 
-ALTER SEQUENCE events_id_seq OWNED BY events.id;
-
--- An SSE "event:" line cannot carry a line break, and an empty type is meaningless.
-DO $$
+-- Ids come from the trigger below. Functions are created with the schema's name written into
+-- them, so a producer's search_path cannot point them at another sequence.
+DO $schema$
+DECLARE
+    here text := quote_ident(current_schema());
 BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_constraint WHERE conname = 'events_type_check') THEN
-        ALTER TABLE events ADD CONSTRAINT events_type_check
-            CHECK (type <> '' AND type !~ '[\r\n]');
+    -- A cached block of ids would be handed out without taking the lock.
+    IF (SELECT seqcache FROM pg_sequence WHERE seqrelid = 'events_id_seq'::regclass) <> 1 THEN
+        ALTER SEQUENCE events_id_seq CACHE 1;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_depend
+                   WHERE objid = 'events_id_seq'::regclass AND refobjid = 'events'::regclass
+                     AND deptype = 'a') THEN
+        ALTER SEQUENCE events_id_seq OWNED BY events.id;
+    END IF;
+    -- A table from an older setup (EventPiper's bigserial id) keeps its own default otherwise.
+    IF EXISTS (SELECT 1 FROM pg_attrdef
+               WHERE adrelid = 'events'::regclass
+                 AND adnum = (SELECT attnum FROM pg_attribute
+                              WHERE attrelid = 'events'::regclass AND attname = 'id')) THEN
+        ALTER TABLE events ALTER COLUMN id DROP DEFAULT;
+    END IF;
+    -- An SSE "event:" line cannot carry a line break, and an empty type is meaningless.
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint
+                   WHERE conrelid = 'events'::regclass AND conname = 'events_type_check') THEN
+        ALTER TABLE events ADD CONSTRAINT events_type_check CHECK (type <> '' AND type !~ '[\r\n]');
+    END IF;
+
+    -- Takes the shared "id in flight" lock, then the next id. Shared locks never wait for each
+    -- other, so producers do not contend; the lock is released when the transaction ends, after
+    -- its commit became visible. An id chosen by the producer would bypass the lock and could be
+    -- older than what the service already published, so it is refused.
+    EXECUTE format($fn$
+        CREATE OR REPLACE FUNCTION %1$s.event_piper_assign_id() RETURNS trigger
+        LANGUAGE plpgsql AS $body$
+        BEGIN
+            IF TG_OP = 'INSERT' THEN
+                IF NEW.id IS NOT NULL THEN
+                    RAISE EXCEPTION 'events.id is assigned by the database; leave it out of the insert'
+                        USING ERRCODE = 'check_violation';
+                END IF;
+                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311142570156910960);
+                NEW.id := pg_catalog.nextval('%1$s.events_id_seq');
+            ELSIF NEW.id IS DISTINCT FROM OLD.id THEN
+                RAISE EXCEPTION 'events.id cannot be changed' USING ERRCODE = 'check_violation';
+            END IF;
+            RETURN NEW;
+        END
+        $body$ $fn$, here);
+
+    -- One doorbell per statement (PostgreSQL folds repeats within a transaction). The payload is
+    -- empty: the service reads the rows from the table, so NOTIFY's 8000-byte limit never limits
+    -- an event.
+    EXECUTE format($fn$
+        CREATE OR REPLACE FUNCTION %1$s.event_piper_notify() RETURNS trigger
+        LANGUAGE plpgsql AS $body$
+        BEGIN
+            PERFORM pg_catalog.pg_notify('new_events', '');
+            RETURN NULL;
+        END
+        $body$ $fn$, here);
+
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'events'::regclass AND tgname = 'events_assign_id') THEN
+        EXECUTE format('CREATE TRIGGER events_assign_id BEFORE INSERT OR UPDATE OF id ON events '
+                       'FOR EACH ROW EXECUTE FUNCTION %s.event_piper_assign_id()', here);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger
+                   WHERE tgrelid = 'events'::regclass AND tgname = 'events_notify') THEN
+        EXECUTE format('CREATE TRIGGER events_notify AFTER INSERT ON events '
+                       'FOR EACH STATEMENT EXECUTE FUNCTION %s.event_piper_notify()', here);
     END IF;
 END
-$$;
+$schema$;
 
--- Replay reads one consumer's events in id order.
+-- Replay reads one consumer's events in id order, and the broadcasts (NULL subscriber) in id order.
 CREATE INDEX IF NOT EXISTS events_subscriber_id_idx ON events (subscriber, id);
-
--- Takes the shared "id in flight" lock, then the next id. Shared locks never wait for each other,
--- so producers do not contend; the lock is released when the transaction ends, after its commit
--- became visible.
-CREATE OR REPLACE FUNCTION event_piper_next_id() RETURNS bigint
-LANGUAGE plpgsql VOLATILE AS $$
-BEGIN
-    PERFORM pg_advisory_xact_lock_shared(7311142570156910960);
-    RETURN nextval('events_id_seq');
-END
-$$;
-
--- Ids come only from event_piper_next_id(): an id chosen by the producer would bypass the lock and
--- could be older than what the service already published, so it is refused.
-CREATE OR REPLACE FUNCTION event_piper_assign_id() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF TG_OP = 'INSERT' THEN
-        IF NEW.id IS NOT NULL THEN
-            RAISE EXCEPTION 'events.id is assigned by the database; leave it out of the insert'
-                USING ERRCODE = 'check_violation';
-        END IF;
-        NEW.id := event_piper_next_id();
-    ELSIF NEW.id IS DISTINCT FROM OLD.id THEN
-        RAISE EXCEPTION 'events.id cannot be changed' USING ERRCODE = 'check_violation';
-    END IF;
-    RETURN NEW;
-END
-$$;
-
-CREATE OR REPLACE TRIGGER events_assign_id
-    BEFORE INSERT OR UPDATE OF id ON events
-    FOR EACH ROW EXECUTE FUNCTION event_piper_assign_id();
-
--- One doorbell per statement (and PostgreSQL folds repeats within a transaction). The payload is
--- empty on purpose: the service reads the rows from the table, so NOTIFY's 8000-byte payload limit
--- never limits an event.
-CREATE OR REPLACE FUNCTION event_piper_notify() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    PERFORM pg_notify('new_events', '');
-    RETURN NULL;
-END
-$$;
-
-CREATE OR REPLACE TRIGGER events_notify
-    AFTER INSERT ON events
-    FOR EACH STATEMENT EXECUTE FUNCTION event_piper_notify();
+CREATE INDEX IF NOT EXISTS events_broadcast_id_idx ON events (id) WHERE subscriber IS NULL;

@@ -15,7 +15,7 @@
 //! Transactions that started later can only hold higher ids, and transactions that never insert
 //! events never take the lock, so they hold nothing back.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,6 +29,16 @@ use crate::store::{Store, StoreError};
 pub type Published = Option<i64>;
 
 const MAX_RETRY: Duration = Duration::from_secs(5);
+/// A gap is re-checked at `gap_poll` at first, backing off to this: a rolled-back id is resolved
+/// within about this long, and a long producer transaction costs ten cheap queries a second.
+const MAX_GAP_POLL: Duration = Duration::from_millis(100);
+/// When nothing rings, the hub reads anyway this often: a safety net for a notification lost in
+/// a way the listener could not see. One cheap indexed query.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+/// A pass that takes longer than this is abandoned and retried (a hung pooled connection).
+const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+/// A gap held open this long is logged with the pids of the transactions holding it.
+const SLOW_GAP: Duration = Duration::from_secs(5);
 
 pub struct Hub {
     store: Store,
@@ -47,16 +57,19 @@ pub struct Hub {
 struct PendingGap {
     /// The highest id seen when the holders were noted.
     horizon: i64,
-    /// The transactions that may still hold an id at or below `horizon`.
-    holders: HashSet<String>,
+    /// The transactions (and their pids) that may still hold an id at or below `horizon`.
+    holders: HashMap<String, i32>,
     since: Instant,
+    /// The current re-check interval.
+    poll: Duration,
+    reported: bool,
 }
 
 /// What a pass over the new events ended with.
 enum Caught {
     Up,
-    /// Blocked on an id that is still in flight.
-    Waiting,
+    /// Blocked on an id that is still in flight; check again after this long.
+    Waiting(Duration),
 }
 
 impl Hub {
@@ -104,24 +117,27 @@ impl Hub {
         self.published.send_replace(Some(start));
         tracing::info!(published = start, "hub ready");
 
-        let mut wait = None;
+        let mut wait = IDLE_POLL;
         loop {
             tokio::select! {
                 _ = doorbell.notified() => {}
-                _ = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
-            wait = match self.catch_up().await {
+            let pass = tokio::time::timeout(PASS_TIMEOUT, self.catch_up())
+                .await
+                .unwrap_or(Err(StoreError::Timeout(PASS_TIMEOUT)));
+            wait = match pass {
                 Ok(Caught::Up) => {
                     retry = Duration::from_millis(100);
-                    None
+                    IDLE_POLL
                 }
-                Ok(Caught::Waiting) => Some(self.gap_poll),
+                Ok(Caught::Waiting(poll)) => poll,
                 Err(error) => {
                     tracing::warn!(%error, retry_in = ?retry, "hub cannot read new events");
                     let delay = retry;
                     retry = (retry * 2).min(MAX_RETRY);
-                    Some(delay)
+                    delay
                 }
             };
         }
@@ -136,7 +152,7 @@ impl Hub {
         while !holders.is_empty() {
             tokio::time::sleep(self.gap_poll).await;
             let current = self.store.in_flight_holders().await?;
-            holders.retain(|holder| current.contains(holder));
+            holders.retain(|holder, _| current.contains_key(holder));
         }
         Ok(max)
     }
@@ -182,37 +198,52 @@ impl Hub {
                 self.pending = None;
                 return Ok(Caught::Up);
             }
-            if self.gap_resolved(highest_seen).await? {
+            match self.gap_resolved(highest_seen).await? {
                 // Everything up to the horizon is final now: read again, skipping what is missing.
-                continue;
+                None => continue,
+                Some(poll) => return Ok(Caught::Waiting(poll)),
             }
-            return Ok(Caught::Waiting);
         }
     }
 
-    /// Notes or re-checks the holders of in-flight ids for the gap after the cursor; true once
-    /// they have all finished.
-    async fn gap_resolved(&mut self, highest_seen: i64) -> Result<bool, StoreError> {
+    /// Notes or re-checks the holders of in-flight ids for the gap after the cursor. None once
+    /// they have all finished, else how long to wait before checking again.
+    async fn gap_resolved(&mut self, highest_seen: i64) -> Result<Option<Duration>, StoreError> {
         let current = self.store.in_flight_holders().await?;
         let cursor = self.cursor;
         let pending = match &mut self.pending {
             Some(pending) if pending.horizon > cursor => {
-                pending.holders.retain(|holder| current.contains(holder));
+                pending
+                    .holders
+                    .retain(|holder, _| current.contains_key(holder));
+                pending.poll = (pending.poll * 2).min(MAX_GAP_POLL.max(self.gap_poll));
                 pending
             }
             _ => self.pending.insert(PendingGap {
                 horizon: highest_seen,
                 holders: current,
                 since: Instant::now(),
+                poll: self.gap_poll,
+                reported: false,
             }),
         };
         if !pending.holders.is_empty() {
-            return Ok(false);
+            if !pending.reported && pending.since.elapsed() >= SLOW_GAP {
+                pending.reported = true;
+                let pids: Vec<i32> = pending.holders.values().copied().collect();
+                tracing::warn!(
+                    after = cursor,
+                    waited = ?pending.since.elapsed(),
+                    ?pids,
+                    "events are held back by producer transactions that are still open"
+                );
+            }
+            return Ok(Some(pending.poll));
         }
         let waited = pending.since.elapsed();
         self.dead_upto = pending.horizon;
         self.pending = None;
         tracing::debug!(upto = self.dead_upto, ?waited, "gap resolved");
-        Ok(true)
+        Ok(None)
     }
 }

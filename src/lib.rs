@@ -114,8 +114,9 @@ pub async fn serve(
         .map_err(|e| StoreError::Url(e.to_string()))?;
     let store = Store::new(pg_config.clone(), config.pool_size)?;
     store.wait_until_reachable(config.connect_timeout).await?;
+    store.check_primary().await?;
     if !config.skip_schema {
-        store.apply_schema().await?;
+        apply_schema(&store, config.connect_timeout).await?;
     }
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -164,6 +165,22 @@ pub async fn serve(
         context: "serving HTTP".into(),
         source,
     })
+}
+
+/// Applies the schema, retrying for at most `patience`: it gives up on locks after a moment (so as
+/// not to stall producers behind it) and tries again.
+async fn apply_schema(store: &Store, patience: std::time::Duration) -> Result<(), Error> {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        match store.apply_schema().await {
+            Ok(()) => return Ok(()),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                tracing::warn!(%error, "applying the schema failed; retrying");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+            Err(error) => return Err(error.into()),
+        }
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

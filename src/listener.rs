@@ -20,6 +20,18 @@ pub const APPLICATION_NAME: &str = "event-piper-listener";
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// An idle connection is probed this often; one that does not answer in time is replaced. TCP
+/// keepalives alone can take a long time to notice a peer that vanished.
+const PING_EVERY: Duration = Duration::from_secs(30);
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    #[error(transparent)]
+    Db(#[from] tokio_postgres::Error),
+    #[error("the server did not answer a ping within {PING_TIMEOUT:?}")]
+    Unresponsive,
+}
 
 /// Runs until `shutdown` turns true. `listening` reports whether LISTEN is in effect.
 pub async fn run(
@@ -29,7 +41,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) {
     pg_config.application_name(APPLICATION_NAME);
-    pg_config.keepalives_idle(Duration::from_secs(30));
+    crate::store::harden(&mut pg_config);
     let mut backoff = MIN_BACKOFF;
     loop {
         let result = tokio::select! {
@@ -57,7 +69,7 @@ async fn listen(
     doorbell: &Notify,
     listening: &watch::Sender<bool>,
     backoff: &mut Duration,
-) -> Result<(), tokio_postgres::Error> {
+) -> Result<(), ListenError> {
     let (client, mut connection) = pg_config.connect(NoTls).await?;
     // The connection must be polled for LISTEN to complete, and from then on for notifications.
     let drive = async move {
@@ -74,14 +86,27 @@ async fn listen(
     let listen = format!("LISTEN {CHANNEL}");
     tokio::select! {
         result = client.batch_execute(&listen) => result?,
-        result = &mut drive => return result,
+        result = &mut drive => return Ok(result?),
     }
     tracing::info!("listening for new events");
     listening.send_replace(true);
     *backoff = MIN_BACKOFF;
     // Whatever committed while we were not listening is in the table: have the hub read it.
     doorbell.notify_one();
-    let result = drive.await;
-    drop(client);
-    result
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+    loop {
+        tokio::select! {
+            result = &mut drive => return Ok(result?),
+            _ = ping.tick() => {}
+        }
+        // The connection must keep being driven for the ping's answer to arrive.
+        let probe = tokio::time::timeout(PING_TIMEOUT, client.simple_query(""));
+        tokio::select! {
+            result = &mut drive => return Ok(result?),
+            answer = probe => match answer {
+                Ok(answer) => { answer?; }
+                Err(_) => return Err(ListenError::Unresponsive),
+            },
+        }
+    }
 }

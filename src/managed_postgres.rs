@@ -203,7 +203,7 @@ impl ManagedPostgres {
 
     /// Starts the server of an initialised cluster on our port and waits until it accepts
     /// connections.
-    fn start_server(&self) -> Result<()> {
+    pub fn start_server(&self) -> Result<()> {
         let log = self.data_dir.join("server.log");
         let mut pg_ctl = Command::new(self.bin_dir.join("pg_ctl"));
         pg_ctl
@@ -229,14 +229,19 @@ impl ManagedPostgres {
     }
 
     /// Stops the server with a fast shutdown (sessions are ended, transactions in flight roll
-    /// back) and starts it again on the same port: a database restart, for fault tests.
-    pub fn restart(&self) -> Result<()> {
+    /// back); [`ManagedPostgres::start_server`] brings it back on the same port. For fault tests.
+    pub fn stop_server(&self) -> Result<()> {
         let mut pg_ctl = Command::new(self.bin_dir.join("pg_ctl"));
         pg_ctl
             .arg("--pgdata")
             .arg(&self.data_dir)
             .args(["--mode", "fast", "--wait", "stop"]);
-        run(RunAs::apply(self.run_as, &mut pg_ctl), "pg_ctl stop")?;
+        run(RunAs::apply(self.run_as, &mut pg_ctl), "pg_ctl stop")
+    }
+
+    /// A database restart: fast shutdown, then start on the same port.
+    pub fn restart(&self) -> Result<()> {
+        self.stop_server()?;
         self.start_server()
     }
 

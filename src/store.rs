@@ -2,7 +2,7 @@
 //!
 //! Every query the service runs lives here, as a prepared statement with bound parameters.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -25,6 +25,10 @@ pub enum StoreError {
     Pool(#[from] deadpool_postgres::PoolError),
     #[error("invalid database URL: {0}")]
     Url(String),
+    #[error("no answer from the database within {0:?}")]
+    Timeout(Duration),
+    #[error("the database is a standby (in recovery); event-piper needs the primary")]
+    Standby,
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -54,7 +58,23 @@ impl EventRow {
     }
 }
 
-const COLUMNS: &str = "id, type, subscriber, payload::text";
+/// Coalesced so that a table from an older setup with NULLs in these columns cannot wedge the hub
+/// on a row it cannot decode.
+const COLUMNS: &str = "id, coalesce(type, ''), subscriber, coalesce(payload::text, 'null')";
+
+/// Makes a dead peer show up as a failed connection within about half a minute, instead of the
+/// operating system's default of many minutes: a silently dead notification connection would
+/// otherwise stall delivery without anyone noticing.
+pub fn harden(pg_config: &mut tokio_postgres::Config) {
+    if pg_config.get_connect_timeout().is_none() {
+        pg_config.connect_timeout(Duration::from_secs(10));
+    }
+    pg_config
+        .keepalives_idle(Duration::from_secs(15))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        .tcp_user_timeout(Duration::from_secs(30));
+}
 
 #[derive(Clone)]
 pub struct Store {
@@ -67,7 +87,7 @@ impl Store {
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("event-piper");
         }
-        pg_config.keepalives_idle(Duration::from_secs(30));
+        harden(&mut pg_config);
         let manager = Manager::from_config(
             pg_config,
             NoTls,
@@ -104,9 +124,28 @@ impl Store {
         }
     }
 
+    /// Refuses a standby: its pg_locks does not show the primary's producers, so gaps would be
+    /// skipped while their ids are still in flight, and LISTEN does not work there.
+    pub async fn check_primary(&self) -> Result<()> {
+        let client = self.pool.get().await?;
+        let in_recovery: bool = client
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await?
+            .try_get(0)?;
+        if in_recovery {
+            return Err(StoreError::Standby);
+        }
+        Ok(())
+    }
+
+    /// Applies the schema. A lock timeout keeps a start-up that waits behind a long producer
+    /// transaction from making every other producer wait behind it; the caller retries.
     pub async fn apply_schema(&self) -> Result<()> {
         let mut client = self.pool.get().await?;
         let transaction = client.transaction().await?;
+        transaction
+            .batch_execute("SET LOCAL lock_timeout = '2s'")
+            .await?;
         transaction.batch_execute(SCHEMA).await?;
         transaction.commit().await?;
         Ok(())
@@ -167,13 +206,13 @@ impl Store {
         Ok(row.try_get(0)?)
     }
 
-    /// The transactions (by virtual transaction id) in this database that hold an event id they
-    /// have not committed yet.
-    pub async fn in_flight_holders(&self) -> Result<HashSet<String>> {
+    /// The transactions (virtual transaction id -> backend pid) in this database that hold an
+    /// event id they have not committed yet.
+    pub async fn in_flight_holders(&self) -> Result<HashMap<String, i32>> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "SELECT virtualtransaction FROM pg_locks \
+                "SELECT virtualtransaction, coalesce(pid, 0) FROM pg_locks \
                  WHERE locktype = 'advisory' AND objsubid = 1 \
                    AND classid = $1::bigint::oid AND objid = $2::bigint::oid \
                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
@@ -183,8 +222,7 @@ impl Store {
         let low = IN_FLIGHT_LOCK_KEY & 0xffff_ffff;
         let rows = client.query(&statement, &[&high, &low]).await?;
         rows.iter()
-            .map(|row| row.try_get::<_, String>(0))
-            .collect::<std::result::Result<_, _>>()
-            .map_err(Into::into)
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .collect()
     }
 }

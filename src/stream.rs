@@ -96,6 +96,9 @@ impl Streams {
             loop {
                 let mut backoff = MIN_BACKOFF;
                 while floor < replay_upto {
+                    if *shutdown.borrow() {
+                        return;
+                    }
                     let rows = match page.take() {
                         Some(rows) => rows,
                         None => match streams.read_page(&consumer, floor, replay_upto).await {

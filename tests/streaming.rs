@@ -380,3 +380,90 @@ async fn shutdown_ends_open_streams() {
     assert!(stream.ends_within(PATIENCE).await, "the stream ends");
     stopping.await.unwrap().expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = TestApp::start_with(&["--write-timeout", "1s"]).await;
+    let producer = app.producer().await;
+    let address = app.base.trim_start_matches("http://").to_owned();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    socket
+        .write_all(b"GET /events HTTP/1.1\r\nHost: x\r\nX-Consumer-Id: c\r\n\r\n")
+        .await
+        .unwrap();
+    // Read the response head and the retry: hint, then never read again.
+    let mut head = vec![0; 4096];
+    let mut read = 0;
+    while !String::from_utf8_lossy(&head[..read]).contains("retry:") {
+        read += socket.read(&mut head[read..]).await.unwrap();
+    }
+
+    // Far more than the socket buffers hold: the server's writes stall on this client.
+    let payload = serde_json::json!({ "text": "y".repeat(1 << 20) }).to_string();
+    for _ in 0..40 {
+        insert(&producer, "c", &payload).await;
+    }
+    // A normal consumer is not held back by the stalled one.
+    let mut healthy = app.consume("c", Some(0)).await;
+    assert_eq!(healthy.ids(40).await.len(), 40);
+
+    // The server gave up on the stalled client: reading now drains what was buffered, then ends.
+    let drained = tokio::time::timeout(PATIENCE, async {
+        let mut buffer = vec![0; 1 << 16];
+        let mut total = 0usize;
+        loop {
+            match socket.read(&mut buffer).await {
+                Ok(0) | Err(_) => return total,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await
+    .expect("the server closed the stalled connection");
+    assert!(
+        drained < 40 << 20,
+        "the stalled client did not get everything: {drained} bytes"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producers_search_path_cannot_redirect_ids() {
+    let app = TestApp::start().await;
+    let producer = app.producer().await;
+    let mut stream = app.consume("c", None).await;
+    producer
+        .batch_execute(
+            "create schema other; create sequence other.events_id_seq start 5000; \
+             set search_path = other, public",
+        )
+        .await
+        .unwrap();
+    let id = insert(&producer, "c", "{}").await;
+    assert_eq!(id, 1, "the id comes from the events table's own sequence");
+    assert_eq!(stream.next().await.id, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eventpiper_table_is_adopted() {
+    // The Elixir service's table: a bigserial id with its own default.
+    let db_url = common::fresh_database().await;
+    let setup = common::connect(&db_url).await;
+    setup
+        .batch_execute(
+            "create table events (id bigserial primary key, type text not null, \
+             timestamp timestamp not null, subscriber text, payload jsonb); \
+             insert into events (type, timestamp, subscriber, payload) \
+             values ('old', now(), 'toto', '{\"n\": 1}'), ('old', now(), 'toto', null);",
+        )
+        .await
+        .unwrap();
+    let app = TestApp::start_on(&db_url, &[]).await;
+    let mut stream = app.consume("toto", Some(0)).await;
+    assert_eq!(stream.next().await.data, r#"{"n":1}"#);
+    assert_eq!(stream.next().await.data, "null");
+    setup.batch_execute(WALKTHROUGH_INSERT).await.unwrap();
+    let live = stream.next().await;
+    assert_eq!((live.id, live.data.as_str()), (3, r#"{"foo":"bar"}"#));
+}

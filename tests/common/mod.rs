@@ -128,6 +128,13 @@ impl TestApp {
         connect(&self.db_url).await
     }
 
+    /// A plain GET of `path`.
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        reqwest::get(format!("{}{path}", self.base))
+            .await
+            .expect("GET request")
+    }
+
     /// `GET /events` with the given headers, as sent.
     pub async fn get_events(&self, headers: &[(&str, &str)]) -> reqwest::Response {
         let mut request = reqwest::Client::new().get(format!("{}/events", self.base));
@@ -247,6 +254,23 @@ impl SseClient {
             ids.push(self.next().await.id);
         }
         ids
+    }
+
+    /// How many heartbeats arrive within `within` (fails the test on an event or the end).
+    pub async fn heartbeats_within(&mut self, within: Duration) -> usize {
+        let mut count = 0;
+        let _ = tokio::time::timeout(within, async {
+            loop {
+                match self.next_block().await {
+                    Some(Block::Comment) => count += 1,
+                    Some(Block::Event(event)) => panic!("unexpected event {event:?}"),
+                    Some(Block::Retry) => {}
+                    None => panic!("the stream ended"),
+                }
+            }
+        })
+        .await;
+        count
     }
 
     /// True if the stream ended (cleanly) within `within`.
