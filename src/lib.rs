@@ -90,7 +90,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
                 context: format!("binding {}", config.listen),
                 source,
             })?;
-        tracing::info!(address = %config.listen, "listening for HTTP");
+        let address = listener.local_addr().map_err(|source| Error::Io {
+            context: "reading the bound address".into(),
+            source,
+        })?;
+        tracing::info!(%address, "listening for HTTP");
         serve(config, database_url, listener, shutdown_signal()).await
     }
     .await;
