@@ -67,6 +67,32 @@ pub struct Config {
     #[arg(long, env = "EVENT_PIPER_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub write_timeout: Duration,
 
+    /// Largest accepted body of POST /events, in bytes (413 beyond it).
+    #[arg(long, env = "EVENT_PIPER_MAX_BODY", default_value_t = 1 << 20)]
+    pub max_body: usize,
+
+    /// Origins allowed to call the API from a browser (CORS), comma-separated; `*` allows any
+    /// origin but without credentials. None by default.
+    #[arg(
+        long = "cors-origin",
+        env = "EVENT_PIPER_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
+
+    /// Log format: human-readable text, or JSON lines for log collectors.
+    #[arg(long, env = "EVENT_PIPER_LOG_FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// Delete events older than this (by their timestamp), in small batches in the background.
+    /// Unset: keep everything.
+    #[arg(long, env = "EVENT_PIPER_RETENTION", value_parser = parse_duration)]
+    pub retention: Option<Duration>,
+
+    /// Print the effective configuration (secrets masked) as JSON and exit.
+    #[arg(long)]
+    pub dump_config: bool,
+
     /// How often the hub re-checks an id that is still in flight (a gap in the id sequence).
     #[arg(long, env = "EVENT_PIPER_GAP_POLL", default_value = "10ms", value_parser = parse_duration)]
     pub gap_poll: Duration,
@@ -74,6 +100,59 @@ pub struct Config {
     /// How long to keep retrying the first database connection at start-up.
     #[arg(long, env = "EVENT_PIPER_CONNECT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// The effective configuration as JSON, with the database password masked.
+    pub fn to_json(&self) -> serde_json::Value {
+        let database_url = self.database_url.as_deref().map(mask_password);
+        let text = |d: Duration| format!("{}ms", d.as_millis());
+        serde_json::json!({
+            "database_url": database_url,
+            "listen": self.listen.to_string(),
+            "data_dir": self.data_dir,
+            "pg_bin_dir": self.pg_bin_dir,
+            "skip_schema": self.skip_schema,
+            "pool_size": self.pool_size,
+            "batch_size": self.batch_size,
+            "heartbeat": text(self.heartbeat),
+            "retry": text(self.retry),
+            "channel_capacity": self.channel_capacity,
+            "write_timeout": text(self.write_timeout),
+            "max_body": self.max_body,
+            "cors_origins": self.cors_origins,
+            "log_format": format!("{:?}", self.log_format).to_lowercase(),
+            "retention": self.retention.map(text),
+            "gap_poll": text(self.gap_poll),
+            "connect_timeout": text(self.connect_timeout),
+        })
+    }
+}
+
+/// Replaces the password of a `postgres://user:password@host/db` URL (or a `password=` setting)
+/// with `***`.
+fn mask_password(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((credentials, host)) = rest.rsplit_once('@')
+            && let Some((user, _)) = credentials.split_once(':')
+        {
+            return format!("{scheme}://{user}:***@{host}");
+        }
+        return url.to_owned();
+    }
+    url.split_whitespace()
+        .map(|part| match part.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => "password=***".to_owned(),
+            _ => part.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Parses durations such as `250ms`, `15s`, `2m`, `1h`; a bare number means seconds.
@@ -114,6 +193,19 @@ mod tests {
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("5 weeks").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn passwords_are_masked() {
+        assert_eq!(
+            mask_password("postgres://u:secret@db:5432/x"),
+            "postgres://u:***@db:5432/x"
+        );
+        assert_eq!(mask_password("postgres://u@db/x"), "postgres://u@db/x");
+        assert_eq!(
+            mask_password("host=db password=secret user=u"),
+            "host=db password=*** user=u"
+        );
     }
 
     #[test]

@@ -3,12 +3,18 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Body;
-use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use serde::Deserialize;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
 
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
 use crate::stream::Streams;
 
 /// The longest consumer id accepted, in bytes.
@@ -17,70 +23,171 @@ pub const MAX_CONSUMER_ID_BYTES: usize = 256;
 const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-consumer-id");
 const LAST_EVENT_ID_HEADER: HeaderName = HeaderName::from_static("last-event-id");
 
+/// The built-in page: one file, no build step, no external assets.
+const PAGE: &str = include_str!("../static/index.html");
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub streams: Arc<Streams>,
+    pub store: Store,
+    pub metrics: Metrics,
+}
+
+/// HTTP settings from the configuration.
+pub struct HttpSettings {
+    pub max_body_bytes: usize,
+    /// Allowed CORS origins; empty: no CORS headers; `*`: any origin (without credentials).
+    pub cors_origins: Vec<String>,
+}
+
 /// A request the service refuses, with the status and one-line reason the client gets.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// Temporarily unable to serve; the client should retry after the given number of seconds.
     #[error("{reason}")]
     Unavailable { reason: String, retry_after: u64 },
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A database failure: a connection problem is temporary (503), a refusal is not (500).
+    fn from_store(error: StoreError, retry_after: u64) -> ApiError {
+        match &error {
+            StoreError::Db(db) if db.as_db_error().is_some() => {
+                ApiError::Internal(format!("the database refused the request: {error}"))
+            }
+            _ => ApiError::Unavailable {
+                reason: format!("database unavailable: {error}"),
+                retry_after,
+            },
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // One line, whatever the underlying error's text looks like.
         let body = format!("{}\n", self.to_string().lines().next().unwrap_or_default());
-        match self {
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, body).into_response(),
-            ApiError::Unavailable { retry_after, .. } => (
-                StatusCode::SERVICE_UNAVAILABLE,
-                [(header::RETRY_AFTER, retry_after.to_string())],
-                body,
-            )
-                .into_response(),
-        }
+        let status = match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable { retry_after, .. } => {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, retry_after.to_string())],
+                    body,
+                )
+                    .into_response();
+            }
+        };
+        (status, body).into_response()
     }
 }
 
-pub fn routes(streams: Arc<Streams>) -> Router {
-    Router::new()
-        .route("/events", get(events))
+pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
+    let router = Router::new()
+        .route("/", get(page))
+        .route("/events", get(events).post(publish))
+        .route("/events/{id}", get(event_by_id))
+        .route("/health", get(health))
         .route("/ready", get(ready))
-        .with_state(streams)
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        .with_state(state);
+    match cors(&settings.cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
-/// `GET /ready`: 200 once the hub has its starting point and the notification connection is
-/// listening, 503 before that and while it reconnects.
-async fn ready(State(streams): State<Arc<Streams>>) -> Response {
-    let published = *streams.published.borrow();
-    let listening = *streams.listening.borrow();
-    let status = if published.is_some() && listening {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+/// Every request's span names its consumer, so a stream's log lines can be told apart.
+fn request_span(request: &axum::http::Request<Body>) -> tracing::Span {
+    let from_query = || {
+        Query::<EventsQuery>::try_from_uri(request.uri())
+            .ok()
+            .and_then(|Query(query)| query.consumer)
     };
-    let body = serde_json::json!({
-        "ready": status == StatusCode::OK,
-        "listening": listening,
-        "published": published,
-    });
-    (status, axum::Json(body)).into_response()
+    let consumer = request
+        .headers()
+        .get(CONSUMER_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+        .or_else(from_query);
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        consumer = consumer.as_deref().unwrap_or(""),
+    )
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            CONSUMER_HEADER,
+            LAST_EVENT_ID_HEADER,
+        ])
+        .expose_headers([header::LOCATION, header::RETRY_AFTER])
+        .max_age(std::time::Duration::from_secs(3600));
+    if origins.iter().any(|origin| origin == "*") {
+        return Some(layer.allow_origin(AllowOrigin::any()));
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    Some(
+        layer
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_credentials(true),
+    )
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+/// Query parameters of `GET /events`, for clients that cannot send headers (`EventSource`).
+#[derive(Debug, Default, Deserialize)]
+pub struct EventsQuery {
+    pub consumer: Option<String>,
+    pub last_event_id: Option<String>,
 }
 
 /// `GET /events`: the consumer's event stream.
 async fn events(
-    State(streams): State<Arc<Streams>>,
+    State(state): State<AppState>,
     headers: HeaderMap,
+    query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let consumer = consumer_id(&headers)?;
-    let cursor = last_event_id(&headers)?;
+    let Query(query) =
+        query.map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
+    let consumer = consumer_id(&headers, &query)?;
+    let cursor = last_event_id(&headers, &query)?;
+    let streams = &state.streams;
     let stream = streams
         .open(consumer, cursor)
         .await
         .map_err(|error| ApiError::Unavailable {
             reason: error.to_string(),
-            retry_after: streams.retry.as_secs().max(1),
+            retry_after: streams.retry_after(),
         })?;
     let body = Body::from_stream(stream);
     Ok((
@@ -95,11 +202,98 @@ async fn events(
         .into_response())
 }
 
-fn consumer_id(headers: &HeaderMap) -> Result<String, ApiError> {
-    let value = headers
-        .get(CONSUMER_HEADER)
-        .ok_or_else(|| ApiError::BadRequest("missing X-Consumer-Id header".into()))?;
-    parse_consumer_id(value.as_bytes())
+/// `POST /events`: inserts one event or a batch (in one transaction); 201 with the ids.
+async fn publish(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType(
+            "expected Content-Type: application/json".into(),
+        ));
+    }
+    let events = crate::publish::parse_body(&body)?;
+    let ids = state
+        .store
+        .publish(&events)
+        .await
+        .map_err(|error| ApiError::from_store(error, state.streams.retry_after()))?;
+    let location = format!("/events/{}", ids[0]);
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, location)],
+        axum::Json(serde_json::json!({ "ids": ids })),
+    )
+        .into_response())
+}
+
+/// `GET /events/{id}`: one event as JSON.
+async fn event_by_id(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_last_event_id(id.as_bytes()).map_err(|_| {
+        ApiError::BadRequest("invalid event id: expected a non-negative integer".into())
+    })?;
+    let (_subscriber, json) = state
+        .store
+        .event_json(id)
+        .await
+        .map_err(|error| ApiError::from_store(error, state.streams.retry_after()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no event with id {id}")))?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
+}
+
+/// `GET /health`: the process is up (liveness); says nothing of the database.
+async fn health() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&state.streams.router, &state.store),
+    )
+        .into_response()
+}
+
+/// `GET /ready`: 200 once the hub has its starting point and the notification connection is
+/// listening, 503 before that and while it reconnects.
+async fn ready(State(state): State<AppState>) -> Response {
+    let published = *state.streams.published.borrow();
+    let listening = *state.streams.listening.borrow();
+    let status = if published.is_some() && listening {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "ready": status == StatusCode::OK,
+        "listening": listening,
+        "published": published,
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+/// The consumer: the `X-Consumer-Id` header, else the `consumer` query parameter.
+fn consumer_id(headers: &HeaderMap, query: &EventsQuery) -> Result<String, ApiError> {
+    let raw = match (headers.get(CONSUMER_HEADER), &query.consumer) {
+        (Some(value), _) => value.as_bytes(),
+        (None, Some(consumer)) => consumer.as_bytes(),
+        (None, None) => {
+            return Err(ApiError::BadRequest(
+                "missing X-Consumer-Id header (or consumer query parameter)".into(),
+            ));
+        }
+    };
+    parse_consumer_id(raw)
 }
 
 /// A consumer id is 1 to 256 bytes of UTF-8 with no control characters.
@@ -124,11 +318,14 @@ pub fn parse_consumer_id(raw: &[u8]) -> Result<String, ApiError> {
     Ok(text.to_owned())
 }
 
-fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
-    headers
-        .get(LAST_EVENT_ID_HEADER)
-        .map(|value| parse_last_event_id(value.as_bytes()))
-        .transpose()
+/// The resume point: the `Last-Event-ID` header (which a browser's own reconnect sends), else the
+/// `last_event_id` query parameter (which a page sets for its first connection).
+fn last_event_id(headers: &HeaderMap, query: &EventsQuery) -> Result<Option<i64>, ApiError> {
+    match (headers.get(LAST_EVENT_ID_HEADER), &query.last_event_id) {
+        (Some(value), _) => parse_last_event_id(value.as_bytes()).map(Some),
+        (None, Some(text)) => parse_last_event_id(text.as_bytes()).map(Some),
+        (None, None) => Ok(None),
+    }
 }
 
 /// A resume point is a non-negative integer: the id of the last event the client received.

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, watch};
 
+use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::store::{Store, StoreError};
 
@@ -51,6 +52,7 @@ pub struct Hub {
     /// Ids at or below it that are missing from the table will never appear.
     dead_upto: i64,
     pending: Option<PendingGap>,
+    metrics: Metrics,
 }
 
 /// A gap the hub is waiting on.
@@ -79,6 +81,7 @@ impl Hub {
         published: watch::Sender<Published>,
         batch_size: u32,
         gap_poll: Duration,
+        metrics: Metrics,
     ) -> Hub {
         Hub {
             store,
@@ -89,6 +92,7 @@ impl Hub {
             cursor: 0,
             dead_upto: 0,
             pending: None,
+            metrics,
         }
     }
 
@@ -180,6 +184,8 @@ impl Hub {
                 batch.push((row.subscriber, frame));
             }
             if !batch.is_empty() {
+                self.metrics.events_published.increment(batch.len() as u64);
+                self.metrics.hub_batch_size.record(batch.len() as f64);
                 // Publish the new cursor before routing: a stream that subscribes meanwhile and
                 // reads the cursor replays these from the table and drops the duplicates it then
                 // also receives live. The other order would lose them.
@@ -228,6 +234,8 @@ impl Hub {
             }),
         };
         if !pending.holders.is_empty() {
+            let age = pending.since.elapsed();
+            self.metrics.oldest_unresolved_age.set(age.as_secs_f64());
             if !pending.reported && pending.since.elapsed() >= SLOW_GAP {
                 pending.reported = true;
                 let pids: Vec<i32> = pending.holders.values().copied().collect();
@@ -241,6 +249,7 @@ impl Hub {
             return Ok(Some(pending.poll));
         }
         let waited = pending.since.elapsed();
+        self.metrics.oldest_unresolved_age.set(0.0);
         self.dead_upto = pending.horizon;
         self.pending = None;
         tracing::debug!(upto = self.dead_upto, ?waited, "gap resolved");

@@ -11,7 +11,9 @@ pub mod http;
 pub mod hub;
 pub mod listener;
 pub mod managed_postgres;
+pub mod metrics;
 pub mod net;
+pub mod publish;
 pub mod router;
 pub mod sse;
 pub mod store;
@@ -50,6 +52,7 @@ const MANAGED_DATABASE: &str = "event_piper";
 /// The whole service: a managed PostgreSQL when no database URL is configured, the HTTP server on
 /// the configured address, until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), Error> {
+    raise_open_files_limit();
     let mut managed = None;
     let database_url = match &config.database_url {
         Some(url) => {
@@ -123,6 +126,7 @@ pub async fn serve(
         apply_schema(&store, config.connect_timeout).await?;
     }
 
+    let metrics = metrics::Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let doorbell = Arc::new(Notify::new());
     let router = router::Router::new(config.channel_capacity as usize);
@@ -133,6 +137,7 @@ pub async fn serve(
         pg_config,
         Arc::clone(&doorbell),
         listening_tx,
+        metrics.listener_reconnects.clone(),
         stop_rx.clone(),
     ));
     let hub = hub::Hub::new(
@@ -141,11 +146,12 @@ pub async fn serve(
         published_tx,
         config.batch_size,
         config.gap_poll,
+        metrics.clone(),
     );
     let hub_task = tokio::spawn(hub.run(doorbell, stop_rx.clone()));
 
     let streams = Arc::new(stream::Streams {
-        store,
+        store: store.clone(),
         router,
         published: published_rx,
         listening: listening_rx,
@@ -153,8 +159,19 @@ pub async fn serve(
         heartbeat: config.heartbeat,
         retry: config.retry,
         page_size: i64::from(config.batch_size),
+        metrics: metrics.clone(),
     });
-    let app = http::routes(streams);
+    let app = http::routes(
+        http::AppState {
+            streams,
+            store,
+            metrics,
+        },
+        &http::HttpSettings {
+            max_body_bytes: config.max_body,
+            cors_origins: config.cors_origins.clone(),
+        },
+    );
     let listener = net::StallGuardListener::new(listener, config.write_timeout);
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -183,6 +200,30 @@ async fn apply_schema(store: &Store, patience: std::time::Duration) -> Result<()
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             }
             Err(error) => return Err(error.into()),
+        }
+    }
+}
+
+/// Every open stream is a socket: lift the soft limit on open files to the hard limit (often 1024
+/// and 524288 on Linux), or the service would refuse connections long before memory runs out.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            let before = limit.rlim_cur;
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                tracing::debug!(
+                    from = before,
+                    to = limit.rlim_cur,
+                    "raised the open files limit"
+                );
+            }
         }
     }
 }

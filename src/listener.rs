@@ -38,6 +38,7 @@ pub async fn run(
     mut pg_config: tokio_postgres::Config,
     doorbell: Arc<Notify>,
     listening: watch::Sender<bool>,
+    reconnects: metrics::Counter,
     mut shutdown: watch::Receiver<bool>,
 ) {
     pg_config.application_name(APPLICATION_NAME);
@@ -49,6 +50,7 @@ pub async fn run(
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         listening.send_replace(false);
+        reconnects.increment(1);
         match result {
             Ok(()) => tracing::warn!("notification connection closed by the server; reconnecting"),
             Err(error) => {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+use crate::publish::NewEvent;
 use crate::sse::Frame;
 
 /// The schema, applied at start-up unless told otherwise.
@@ -104,6 +105,11 @@ impl Store {
         Ok(Store { pool })
     }
 
+    /// The pool's size, idle connections and waiting callers, for metrics.
+    pub fn pool_status(&self) -> deadpool_postgres::Status {
+        self.pool.status()
+    }
+
     /// Waits until the database answers, retrying with backoff for at most `timeout`: in a
     /// compose file or a cluster the service may well start before its database does.
     pub async fn wait_until_reachable(&self, timeout: Duration) -> Result<()> {
@@ -195,6 +201,48 @@ impl Store {
             .map(EventRow::from_row)
             .collect::<std::result::Result<_, _>>()
             .map_err(Into::into)
+    }
+
+    /// Inserts `events` in one statement (all or nothing) and returns their ids, in order.
+    pub async fn publish(&self, events: &[NewEvent]) -> Result<Vec<i64>> {
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        let subscribers: Vec<Option<&str>> =
+            events.iter().map(|e| e.subscriber.as_deref()).collect();
+        let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "INSERT INTO events (type, subscriber, payload) \
+                 SELECT t, s, p::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) \
+                   WITH ORDINALITY AS batch(t, s, p, n) ORDER BY n \
+                 RETURNING id",
+            )
+            .await?;
+        let rows = client
+            .query(&statement, &[&types, &subscribers, &payloads])
+            .await?;
+        // The trigger assigns ids in insertion order, which is the batch's order.
+        let mut ids = rows
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<std::result::Result<Vec<i64>, _>>()?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// One event as a JSON object (id, type, timestamp, subscriber, payload), if it exists.
+    pub async fn event_json(&self, id: i64) -> Result<Option<(Option<String>, String)>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT subscriber, json_build_object('id', id, 'type', type, \
+                   'timestamp', timestamp, 'subscriber', subscriber, 'payload', payload)::text \
+                 FROM events WHERE id = $1",
+            )
+            .await?;
+        let row = client.query_opt(&statement, &[&id]).await?;
+        row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+            .transpose()
     }
 
     /// The highest id in the table (0 when empty).

@@ -17,10 +17,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::Stream;
+use metrics::Gauge;
 use tokio::sync::{broadcast, watch};
 use tokio::time::MissedTickBehavior;
 
 use crate::hub::Published;
+use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::sse::{self, Frame};
 use crate::store::{EventRow, Store, StoreError};
@@ -36,6 +38,7 @@ pub struct Streams {
     pub heartbeat: Duration,
     pub retry: Duration,
     pub page_size: i64,
+    pub metrics: Metrics,
 }
 
 /// What the live phase ran into.
@@ -84,7 +87,7 @@ impl Streams {
         let streams = Arc::clone(self);
         let mut shutdown = self.shutdown.clone();
         Ok(async_stream::stream! {
-            let _log = StreamLog::new(&consumer, cursor);
+            let mut guard = StreamGuard::new(&consumer, cursor, &streams.metrics);
             // A client that has read this knows every event committed from now on will reach it.
             yield Ok(sse::retry(streams.retry));
             let mut heartbeat = tokio::time::interval_at(
@@ -119,6 +122,8 @@ impl Streams {
                         },
                     };
                     let complete = (rows.len() as i64) < streams.page_size;
+                    streams.metrics.replay_rows.increment(rows.len() as u64);
+                    streams.metrics.frames_delivered.increment(rows.len() as u64);
                     for row in rows {
                         floor = row.id;
                         yield Ok(row.frame().bytes);
@@ -128,6 +133,7 @@ impl Streams {
                     }
                 }
                 floor = floor.max(replay_upto);
+                guard.set_live(true);
 
                 loop {
                     let next = tokio::select! {
@@ -143,6 +149,7 @@ impl Streams {
                     match next {
                         Live::Frame(frame) if frame.id > floor => {
                             floor = frame.id;
+                            streams.metrics.frames_delivered.increment(1);
                             yield Ok(frame.bytes);
                         }
                         Live::Frame(_) => {} // already covered by the replay
@@ -151,6 +158,8 @@ impl Streams {
                             // Frames this stream never took were overwritten: take them from the
                             // table, up to what is published now, then carry on live.
                             replay_upto = (*streams.published.borrow()).unwrap_or(floor);
+                            streams.metrics.lag_recoveries.increment(1);
+                            guard.set_live(false);
                             tracing::debug!(%consumer, after = floor, upto = replay_upto, "lagging stream recovers from the table");
                             break;
                         }
@@ -159,6 +168,11 @@ impl Streams {
                 }
             }
         })
+    }
+
+    /// The `Retry-After` seconds for refused requests: the same delay as the SSE `retry:` hint.
+    pub fn retry_after(&self) -> u64 {
+        self.retry.as_secs().max(1)
     }
 
     async fn read_page(
@@ -173,20 +187,44 @@ impl Streams {
     }
 }
 
-/// Logs a stream's opening and, when it is dropped (client gone, shutdown), its closing.
-struct StreamLog<'a> {
+/// Logs a stream's opening and closing, and keeps the open-streams gauges by state.
+struct StreamGuard<'a> {
     consumer: &'a str,
+    metrics: &'a Metrics,
+    live: bool,
 }
 
-impl<'a> StreamLog<'a> {
-    fn new(consumer: &'a str, cursor: Option<i64>) -> Self {
+impl<'a> StreamGuard<'a> {
+    fn new(consumer: &'a str, cursor: Option<i64>, metrics: &'a Metrics) -> Self {
         tracing::info!(consumer, resume_after = ?cursor, "stream opened");
-        StreamLog { consumer }
+        metrics.streams_replaying.increment(1.0);
+        StreamGuard {
+            consumer,
+            metrics,
+            live: false,
+        }
+    }
+
+    fn gauge(&self) -> &Gauge {
+        if self.live {
+            &self.metrics.streams_live
+        } else {
+            &self.metrics.streams_replaying
+        }
+    }
+
+    fn set_live(&mut self, live: bool) {
+        if self.live != live {
+            self.gauge().decrement(1.0);
+            self.live = live;
+            self.gauge().increment(1.0);
+        }
     }
 }
 
-impl Drop for StreamLog<'_> {
+impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
+        self.gauge().decrement(1.0);
         tracing::info!(consumer = self.consumer, "stream closed");
     }
 }

@@ -13,7 +13,8 @@ async fn streams_ride_out_a_database_outage() {
     let app = TestApp::start_with(&["--heartbeat", "200ms"]).await;
     let producer = app.producer().await;
     let before = insert(&producer, "c", "{}").await;
-    let mut live = app.consume("c", None).await;
+    let mut live = app.consume("c", Some(0)).await;
+    assert_eq!(live.next().await.id, before);
 
     let cluster = common::cluster();
     tokio::task::spawn_blocking(move || cluster.stop_server())

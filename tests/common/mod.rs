@@ -154,12 +154,7 @@ impl TestApp {
         }
         let response = self.get_events(&headers).await;
         assert_eq!(response.status(), 200, "GET /events for {consumer}");
-        let mut client = SseClient {
-            body: Box::pin(response.bytes_stream()),
-            buffer: BytesMut::new(),
-        };
-        client.wait_for_retry().await;
-        client
+        SseClient::from_response(response).await
     }
 }
 
@@ -195,6 +190,16 @@ enum Block {
 }
 
 impl SseClient {
+    /// Reads the stream of a `GET /events` response, once it is live.
+    pub async fn from_response(response: reqwest::Response) -> SseClient {
+        let mut client = SseClient {
+            body: Box::pin(response.bytes_stream()),
+            buffer: BytesMut::new(),
+        };
+        client.wait_for_retry().await;
+        client
+    }
+
     /// The next frame's text, or None when the stream ended.
     async fn next_block(&mut self) -> Option<Block> {
         loop {

@@ -1,0 +1,222 @@
+//! The HTTP API beyond the stream itself: query parameters for EventSource, publishing, single
+//! events, health, readiness, metrics, CORS, and every status code they answer with.
+
+mod common;
+
+use common::{TestApp, insert};
+
+async fn post(
+    app: &TestApp,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(format!("{}/events", app.base))
+        .header("Content-Type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("POST /events")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_one_event_and_a_batch() {
+    let app = TestApp::start().await;
+    let mut toto = app.consume("toto", None).await;
+    let mut everyone = app.consume("titi", None).await;
+
+    let response = post(
+        &app,
+        "application/json",
+        r#"{"type": "greeting", "subscriber": "toto", "payload": {"hello": "world"}}"#,
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["location"], "/events/1");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({ "ids": [1] }));
+    let event = toto.next().await;
+    assert_eq!((event.id, event.event.as_str()), (1, "greeting"));
+    assert_eq!(event.data, r#"{"hello":"world"}"#);
+
+    let response = post(
+        &app,
+        "application/json; charset=utf-8",
+        r#"[{"type": "a", "subscriber": "toto", "payload": 1},
+            {"type": "b", "subscriber": null, "payload": [true]}]"#,
+    )
+    .await;
+    assert_eq!(response.status(), 201);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({ "ids": [2, 3] }));
+    assert_eq!(toto.ids(2).await, vec![2, 3]);
+    let broadcast = everyone.next().await;
+    assert_eq!((broadcast.id, broadcast.data.as_str()), (3, "[true]"));
+
+    let one: serde_json::Value = reqwest::get(format!("{}/events/1", app.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["type"], "greeting");
+    assert_eq!(one["subscriber"], "toto");
+    assert_eq!(one["payload"], serde_json::json!({ "hello": "world" }));
+    assert_eq!(app.get("/events/999").await.status(), 404);
+    assert_eq!(app.get("/events/abc").await.status(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_refuses_bad_requests_and_inserts_nothing() {
+    let app = TestApp::start_with(&["--max-body", "1000"]).await;
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("text/plain", r#"{"type":"t","subscriber":null,"payload":1}"#.into(), 415, "Content-Type"),
+        ("application/json", "{not json".into(), 400, "malformed JSON"),
+        ("application/json", r#"{"subscriber":null,"payload":1}"#.into(), 400, "missing field \"type\""),
+        ("application/json", "[]".into(), 400, "empty batch"),
+        // The second event is invalid: the first must not be inserted either.
+        (
+            "application/json",
+            r#"[{"type":"ok","subscriber":"c","payload":1},{"type":"","subscriber":"c","payload":1}]"#.into(),
+            400,
+            "event 1:",
+        ),
+        (
+            "application/json",
+            format!(r#"{{"type":"t","subscriber":null,"payload":"{}"}}"#, "x".repeat(2000)),
+            413,
+            "",
+        ),
+    ];
+    for (content_type, body, status, reason) in cases {
+        let response = post(&app, content_type, body.clone()).await;
+        assert_eq!(response.status(), status, "{content_type} {body:.80}");
+        let text = response.text().await.unwrap();
+        assert!(text.contains(reason), "{body:.80}: {text}");
+        assert_eq!(text.trim_end().lines().count(), 1, "one line: {text}");
+    }
+    let producer = app.producer().await;
+    let count: i64 = producer
+        .query_one("select count(*) from events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0, "nothing half-inserted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eventsource_style_query_parameters() {
+    let app = TestApp::start().await;
+    let producer = app.producer().await;
+    for _ in 0..3 {
+        insert(&producer, "toto", "{}").await;
+    }
+    // What a page's first EventSource connection sends.
+    let response = reqwest::get(format!("{}/events?consumer=toto&last_event_id=1", app.base))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = common::SseClient::from_response(response).await;
+    assert_eq!(stream.ids(2).await, vec![2, 3]);
+
+    // What its automatic reconnect sends: the header wins over the query parameter.
+    let response = reqwest::Client::new()
+        .get(format!("{}/events?consumer=toto&last_event_id=0", app.base))
+        .header("Last-Event-ID", "2")
+        .send()
+        .await
+        .unwrap();
+    let mut stream = common::SseClient::from_response(response).await;
+    assert_eq!(stream.next().await.id, 3);
+
+    for (query, reason) in [
+        ("", "missing X-Consumer-Id"),
+        ("?consumer=", "empty"),
+        ("?consumer=toto&last_event_id=x", "invalid Last-Event-ID"),
+    ] {
+        let response = app.get(&format!("/events{query}")).await;
+        assert_eq!(response.status(), 400, "{query}");
+        assert!(response.text().await.unwrap().contains(reason), "{query}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_metrics_and_page() {
+    let app = TestApp::start().await;
+    let health = app.get("/health").await;
+    assert_eq!(health.status(), 200);
+    assert_eq!(
+        health.json::<serde_json::Value>().await.unwrap()["status"],
+        "ok"
+    );
+    let ready = app.get("/ready").await;
+    assert_eq!(ready.status(), 200);
+    assert_eq!(
+        ready.json::<serde_json::Value>().await.unwrap()["ready"],
+        true
+    );
+
+    let mut stream = app.consume("toto", None).await;
+    insert(&app.producer().await, "toto", "{}").await;
+    stream.next().await;
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    for name in [
+        "event_piper_events_published_total",
+        "event_piper_frames_delivered_total",
+        "event_piper_streams{state=\"live\"}",
+        "event_piper_consumers",
+        "event_piper_pool_connections",
+        "event_piper_hub_batch_size",
+    ] {
+        assert!(metrics.contains(name), "{name} in\n{metrics}");
+    }
+
+    let page = app.get("/").await;
+    assert_eq!(page.status(), 200);
+    assert!(
+        page.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_off_by_default_and_configurable() {
+    let closed = TestApp::start().await;
+    let response = reqwest::Client::new()
+        .get(format!("{}/health", closed.base))
+        .header("Origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        !response
+            .headers()
+            .contains_key("access-control-allow-origin")
+    );
+
+    let open = TestApp::start_with(&["--cors-origin", "https://app.example"]).await;
+    let preflight = reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, format!("{}/events", open.base))
+        .header("Origin", "https://app.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header("Access-Control-Request-Headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success());
+    let headers = preflight.headers();
+    assert_eq!(
+        headers["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(headers["access-control-allow-credentials"], "true");
+    let other = reqwest::Client::new()
+        .get(format!("{}/health", open.base))
+        .header("Origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(!other.headers().contains_key("access-control-allow-origin"));
+}
