@@ -58,6 +58,8 @@ pub enum OpenError {
     Replay(#[from] StoreError),
 }
 
+/// How long a new stream waits for the hub to become ready before it is refused with 503.
+const READY_WAIT: Duration = Duration::from_secs(5);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -74,7 +76,15 @@ impl Streams {
     ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
         // Subscribe before reading the published id, so that no frame published after it is missed.
         let mut subscription = self.router.subscribe(&consumer);
-        let start = (*self.published.borrow()).ok_or(OpenError::NotReady)?;
+        // Just after start-up the hub may need a moment to find its starting point; a client
+        // that connects then (a browser reconnecting to a restarted service) waits rather than
+        // being refused.
+        let mut published = self.published.clone();
+        let start = tokio::time::timeout(READY_WAIT, published.wait_for(Option::is_some))
+            .await
+            .ok()
+            .and_then(|ready| ready.ok().and_then(|published| *published))
+            .ok_or(OpenError::NotReady)?;
         // The stream covers ids above `floor`; `(floor, replay_upto]` comes from the table.
         let mut floor = cursor.unwrap_or(start);
         let mut replay_upto = start;

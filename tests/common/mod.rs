@@ -68,6 +68,23 @@ impl TestApp {
 
     /// Starts the app against an existing database.
     pub async fn start_on(db_url: &str, flags: &[&str]) -> TestApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        TestApp::start_on_listener(listener, db_url, flags).await
+    }
+
+    /// Stops the app and starts it again on the same address and database, as an operator's
+    /// restart would (clients see their streams end and reconnect).
+    pub async fn restart(self, flags: &[&str]) -> TestApp {
+        let address = self.base.trim_start_matches("http://").to_owned();
+        let db_url = self.db_url.clone();
+        self.stop().await.expect("clean shutdown");
+        let listener = TcpListener::bind(&address)
+            .await
+            .expect("rebinding the address");
+        TestApp::start_on_listener(listener, &db_url, flags).await
+    }
+
+    async fn start_on_listener(listener: TcpListener, db_url: &str, flags: &[&str]) -> TestApp {
         let args = [
             "event-piper",
             "--database-url",
@@ -76,7 +93,6 @@ impl TestApp {
             "127.0.0.1:0",
         ];
         let config = Config::try_parse_from(args.iter().chain(flags)).expect("valid test flags");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(event_piper::serve(
