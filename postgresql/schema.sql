@@ -97,6 +97,14 @@ BEGIN
 END
 $schema$;
 
+-- Retention (--retention) deletes the oldest events; it records the highest id it deleted, so a
+-- stream resuming from an older point can be told that part of what it asked for is gone.
+CREATE TABLE IF NOT EXISTS event_piper_retention (
+    only_row     boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+    deleted_upto bigint  NOT NULL DEFAULT 0
+);
+INSERT INTO event_piper_retention DEFAULT VALUES ON CONFLICT DO NOTHING;
+
 -- Replay reads one consumer's events in id order, and the broadcasts (NULL subscriber) in id order.
 CREATE INDEX IF NOT EXISTS events_subscriber_id_idx ON events (subscriber, id);
 CREATE INDEX IF NOT EXISTS events_broadcast_id_idx ON events (id) WHERE subscriber IS NULL;

@@ -14,6 +14,7 @@ pub mod managed_postgres;
 pub mod metrics;
 pub mod net;
 pub mod publish;
+pub mod retention;
 pub mod router;
 pub mod sse;
 pub mod store;
@@ -150,6 +151,15 @@ pub async fn serve(
     );
     let hub_task = tokio::spawn(hub.run(doorbell, stop_rx.clone()));
 
+    let retention_task = config.retention.map(|max_age| {
+        tokio::spawn(retention::run(
+            store.clone(),
+            max_age,
+            published_rx.clone(),
+            stop_rx.clone(),
+        ))
+    });
+
     let streams = Arc::new(stream::Streams {
         store: store.clone(),
         router,
@@ -182,6 +192,9 @@ pub async fn serve(
         })
         .await;
     let _ = tokio::join!(listener_task, hub_task);
+    if let Some(task) = retention_task {
+        let _ = task.await;
+    }
     served.map_err(|source| Error::Io {
         context: "serving HTTP".into(),
         source,

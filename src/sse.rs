@@ -44,6 +44,17 @@ pub fn retry(delay: Duration) -> Bytes {
     Bytes::from(format!("retry: {}\n\n", delay.as_millis()))
 }
 
+/// The notice a resuming client gets when retention deleted events after its resume point: an
+/// event without an `id:` line, so it does not move the client's Last-Event-ID.
+pub fn truncated(last_event_id: i64, deleted_upto: i64) -> Bytes {
+    Bytes::from(format!(
+        "event: {TRUNCATED_EVENT}\ndata: {{\"last_event_id\":{last_event_id},\"deleted_upto\":{deleted_upto}}}\n\n"
+    ))
+}
+
+/// The event type of the retention notice.
+pub const TRUNCATED_EVENT: &str = "event-piper.truncated";
+
 /// A comment line: ignored by clients, but it keeps proxies and idle-timeouts from closing the
 /// stream and lets a client tell a live stream from a dead one.
 pub const HEARTBEAT: Bytes = Bytes::from_static(b":\n\n");

@@ -245,6 +245,40 @@ impl Store {
             .transpose()
     }
 
+    /// Deletes, oldest first, at most `limit` events older than `max_age`, none after `upto`, and
+    /// stops at the first event that is not old enough: what is deleted is always a prefix of the
+    /// ids, so "everything up to N is gone" stays true. Returns how many were deleted.
+    pub async fn expire(&self, max_age: Duration, upto: i64, limit: i64) -> Result<i64> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH head AS ( \
+                   SELECT id, timestamp < now() - make_interval(secs => $1::float8) AS old \
+                   FROM events WHERE id <= $2 ORDER BY id LIMIT $3), \
+                 doomed AS ( \
+                   SELECT id FROM head WHERE old AND id < coalesce( \
+                     (SELECT min(id) FROM head WHERE NOT old), 9223372036854775807)), \
+                 gone AS (DELETE FROM events WHERE id IN (SELECT id FROM doomed) RETURNING id) \
+                 UPDATE event_piper_retention \
+                 SET deleted_upto = greatest(deleted_upto, coalesce((SELECT max(id) FROM gone), 0)) \
+                 RETURNING (SELECT count(*) FROM gone)",
+            )
+            .await?;
+        let row = client
+            .query_one(&statement, &[&max_age.as_secs_f64(), &upto, &limit])
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// The highest id retention has deleted (0 if none).
+    pub async fn deleted_upto(&self) -> Result<i64> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT coalesce(max(deleted_upto), 0) FROM event_piper_retention")
+            .await?;
+        Ok(client.query_one(&statement, &[]).await?.try_get(0)?)
+    }
+
     /// The highest id in the table (0 when empty).
     pub async fn max_id(&self) -> Result<i64> {
         let client = self.pool.get().await?;

@@ -93,6 +93,15 @@ impl Streams {
         } else {
             None
         };
+        // Retention may have deleted part of what a resuming client asks for: it gets what is
+        // kept, and is told so.
+        let truncated = match cursor {
+            Some(cursor) => {
+                let deleted_upto = self.store.deleted_upto().await?;
+                (cursor < deleted_upto).then(|| sse::truncated(cursor, deleted_upto))
+            }
+            None => None,
+        };
 
         let streams = Arc::clone(self);
         let mut shutdown = self.shutdown.clone();
@@ -100,6 +109,9 @@ impl Streams {
             let mut guard = StreamGuard::new(&consumer, cursor, &streams.metrics);
             // A client that has read this knows every event committed from now on will reach it.
             yield Ok(sse::retry(streams.retry));
+            if let Some(notice) = truncated {
+                yield Ok(notice);
+            }
             let mut heartbeat = tokio::time::interval_at(
                 tokio::time::Instant::now() + streams.heartbeat,
                 streams.heartbeat,

@@ -220,3 +220,53 @@ async fn cors_is_off_by_default_and_configurable() {
         .unwrap();
     assert!(!other.headers().contains_key("access-control-allow-origin"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_events_and_tells_resuming_clients() {
+    let db_url = common::fresh_database().await;
+    // A first start creates the schema; then three old events and two recent ones.
+    let app = TestApp::start_on(&db_url, &[]).await;
+    let producer = app.producer().await;
+    producer
+        .batch_execute(
+            "insert into events (type, timestamp, subscriber, payload) \
+             select 'old', now() - interval '2 days', 'toto', '{}' from generate_series(1, 3); \
+             insert into events (type, subscriber, payload) \
+             select 'new', 'toto', '{}' from generate_series(1, 2);",
+        )
+        .await
+        .unwrap();
+    app.stop().await.unwrap();
+
+    let app = TestApp::start_on(&db_url, &["--retention", "1d"]).await;
+    let deleted = async {
+        loop {
+            let left: i64 = producer
+                .query_one("select count(*) from events", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if left == 2 {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(common::PATIENCE, deleted)
+        .await
+        .expect("retention deleted the old events");
+
+    let mut resumed = app.consume("toto", Some(1)).await;
+    assert_eq!(resumed.ids(2).await, vec![4, 5]);
+    assert_eq!(
+        resumed.notices,
+        vec![(
+            "event-piper.truncated".to_owned(),
+            r#"{"last_event_id":1,"deleted_upto":3}"#.to_owned()
+        )]
+    );
+    // A resume point after what was deleted is not told anything.
+    let mut later = app.consume("toto", Some(4)).await;
+    assert_eq!(later.next().await.id, 5);
+    assert!(later.notices.is_empty());
+}

@@ -197,10 +197,13 @@ type Body = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::
 pub struct SseClient {
     body: Body,
     buffer: BytesMut,
+    /// Events without an id (service notices), as (event, data), in the order received.
+    pub notices: Vec<(String, String)>,
 }
 
 enum Block {
     Event(Event),
+    Notice(String, String),
     Retry,
     Comment,
 }
@@ -211,6 +214,7 @@ impl SseClient {
         let mut client = SseClient {
             body: Box::pin(response.bytes_stream()),
             buffer: BytesMut::new(),
+            notices: Vec::new(),
         };
         client.wait_for_retry().await;
         client
@@ -252,6 +256,7 @@ impl SseClient {
             loop {
                 match self.next_block().await? {
                     Block::Event(event) => return Some(event),
+                    Block::Notice(event, data) => self.notices.push((event, data)),
                     Block::Retry | Block::Comment => {}
                 }
             }
@@ -286,6 +291,7 @@ impl SseClient {
                     Some(Block::Comment) => count += 1,
                     Some(Block::Event(event)) => panic!("unexpected event {event:?}"),
                     Some(Block::Retry) => {}
+                    Some(Block::Notice(event, data)) => panic!("unexpected notice {event} {data}"),
                     None => panic!("the stream ended"),
                 }
             }
@@ -321,6 +327,7 @@ fn parse_block(text: &str) -> Block {
     }
     match (id, event, data) {
         (Some(id), Some(event), Some(data)) => Block::Event(Event { id, event, data }),
+        (None, Some(event), Some(data)) => Block::Notice(event, data),
         (None, None, None) if retry => Block::Retry,
         (None, None, None) => Block::Comment,
         _ => panic!("incomplete SSE frame {text:?}"),

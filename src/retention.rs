@@ -1,0 +1,55 @@
+//! Retention: deletes events older than `--retention`, in small batches, in the background.
+//!
+//! Small batches keep each transaction short, so producers and replays are never blocked for
+//! long. Only published events are deleted: an event is never removed before live streams had it.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::hub::Published;
+use crate::store::Store;
+
+const EVERY: Duration = Duration::from_secs(60);
+const BATCH: i64 = 1000;
+/// A pause between batches, leaving room for other work on the database.
+const BREATHER: Duration = Duration::from_millis(50);
+
+pub async fn run(
+    store: Store,
+    max_age: Duration,
+    mut published: watch::Receiver<Published>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        // Runs once the hub knows what is published, then every EVERY.
+        let upto = tokio::select! {
+            ready = published.wait_for(Option::is_some) => ready.ok().and_then(|p| *p),
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let Some(upto) = upto else { return };
+        let mut total = 0;
+        loop {
+            match store.expire(max_age, upto, BATCH).await {
+                Ok(deleted) => {
+                    total += deleted;
+                    if deleted < BATCH || *shutdown.borrow() {
+                        break;
+                    }
+                    tokio::time::sleep(BREATHER).await;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "retention: deleting old events failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            tracing::info!(deleted = total, ?max_age, "retention: deleted old events");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(EVERY) => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
