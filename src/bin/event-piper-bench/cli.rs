@@ -1,0 +1,104 @@
+//! Command-line options.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use event_piper::config::parse_duration;
+
+/// Load generator and benchmark report for event-piper.
+///
+/// Starts a private PostgreSQL (unless --database-url) and the release `event-piper` binary found
+/// next to this executable (`cargo build --release` first), then runs the scenario.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    pub scenario: Scenario,
+
+    /// Use this PostgreSQL server instead of a private one. The role must be allowed to create
+    /// databases: every scenario creates its own (bench_*) next to the one in the URL.
+    #[arg(long)]
+    pub database_url: Option<String>,
+
+    /// How long each measured phase produces events.
+    #[arg(long, default_value = "20s", value_parser = parse_duration)]
+    pub duration: Duration,
+
+    /// Events per second for the paced scenarios (latency, fanout, dbcost).
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+
+    /// Producer connections (default: 4).
+    #[arg(long, default_value_t = 4)]
+    pub producers: usize,
+
+    /// Consumers for the latency scenario (one connection each).
+    #[arg(long, default_value_t = 100)]
+    pub latency_consumers: usize,
+
+    /// Connections of the one consumer in fanout shape (a), and consumers of shape (b).
+    #[arg(long, default_value_t = 1000)]
+    pub fanout: usize,
+
+    /// Rows per transaction in the throughput scenario.
+    #[arg(long, default_value_t = 100)]
+    pub batch: u64,
+
+    /// Idle streams held open in the connections scenario.
+    #[arg(long, default_value_t = 10_000)]
+    pub streams: usize,
+
+    /// Distinct consumers those streams belong to (default: one per stream).
+    #[arg(long)]
+    pub stream_consumers: Option<usize>,
+
+    /// How long the connections scenario holds its streams open once all are live.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub hold: Duration,
+
+    /// History rows replayed in the replay scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub history: u64,
+
+    /// Connection counts compared by the dbcost scenario.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000")]
+    pub dbcost_connections: Vec<usize>,
+
+    /// Consumer connections being opened at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+
+    /// RUST_LOG for the service.
+    #[arg(long, default_value = "info")]
+    pub service_log: String,
+
+    /// An extra argument for the service, e.g. --service-arg=--channel-capacity=64 (repeatable).
+    #[arg(long = "service-arg", allow_hyphen_values = true)]
+    pub service_args: Vec<String>,
+
+    /// Where service logs and the private PostgreSQL go (default: a new directory under /tmp).
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    Latency,
+    Throughput,
+    Fanout,
+    Connections,
+    Replay,
+    Dbcost,
+    All,
+}
+
+impl Scenario {
+    pub fn expand(self) -> Vec<Scenario> {
+        use Scenario::*;
+        match self {
+            // dbcost last: it restarts the managed PostgreSQL with pg_stat_statements loaded.
+            All => vec![Latency, Throughput, Fanout, Connections, Replay, Dbcost],
+            one => vec![one],
+        }
+    }
+}

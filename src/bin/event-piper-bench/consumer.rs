@@ -1,0 +1,197 @@
+//! One consumer connection: `GET /events` over its own socket, SSE parsing, the delivery check
+//! and latency samples.
+//!
+//! The connection counts as live once it has read the `retry:` frame: from then on the service
+//! guarantees that every event committed afterwards reaches it, so producers start only when
+//! every connection is live.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use tokio::sync::{Semaphore, watch};
+
+use crate::client;
+use crate::delivery::{Arrival, Delivery};
+use crate::latency::{Latencies, Recorder};
+use crate::ledger::{Commit, Ledger};
+use crate::sse::{Frame, Parser};
+
+/// Who a connection is.
+#[derive(Debug, Clone)]
+pub struct ConnSpec {
+    pub consumer: Arc<str>,
+    /// Index of the consumer in the scenario's consumer list (the ledger's owner).
+    pub index: u32,
+    pub last_event_id: Option<i64>,
+}
+
+/// What every connection of a fleet shares: counters for progress and the latency histogram.
+pub struct Shared {
+    pub ledger: Arc<Ledger>,
+    pub latencies: Latencies,
+    /// Record latency samples (off for history replay, which has no commit times).
+    pub measure_latency: bool,
+    pub live: AtomicUsize,
+    pub failed: AtomicUsize,
+    pub frames: AtomicU64,
+    /// Nanoseconds after the ledger's epoch at which the last event frame arrived.
+    pub last_frame_ns: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(ledger: Arc<Ledger>, measure_latency: bool) -> Arc<Shared> {
+        Arc::new(Shared {
+            ledger,
+            latencies: Latencies::new(),
+            measure_latency,
+            live: AtomicUsize::new(0),
+            failed: AtomicUsize::new(0),
+            frames: AtomicU64::new(0),
+            last_frame_ns: AtomicU64::new(0),
+        })
+    }
+}
+
+/// How a connection ended.
+pub struct ConnReport {
+    pub spec: ConnSpec,
+    pub delivery: Delivery,
+    /// Frames whose commit time was not yet in the ledger when they arrived: (id, arrival ns).
+    pub unresolved: Vec<(i64, u64)>,
+    pub error: Option<String>,
+}
+
+/// Runs one connection until `stop` turns true or `deadline` passes. `connecting` bounds how many
+/// connections are being opened at once: the permit is held until the stream is live.
+pub async fn run(
+    addr: SocketAddr,
+    spec: ConnSpec,
+    shared: Arc<Shared>,
+    connecting: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+    deadline: Instant,
+) -> ConnReport {
+    let mut report = ConnReport {
+        delivery: Delivery::new(shared.ledger.base()),
+        unresolved: Vec::new(),
+        error: None,
+        spec,
+    };
+    let result = stream(addr, &mut report, &shared, connecting, &mut stop, deadline).await;
+    if let Err(error) = result {
+        shared.failed.fetch_add(1, Ordering::Relaxed);
+        report.error = Some(format!("{error:#}"));
+    }
+    report
+}
+
+async fn stream(
+    addr: SocketAddr,
+    report: &mut ConnReport,
+    shared: &Shared,
+    connecting: Arc<Semaphore>,
+    stop: &mut watch::Receiver<bool>,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let permit = connecting.acquire_owned().await?;
+    let resume = report.spec.last_event_id.map(|id| id.to_string());
+    let mut headers = vec![("x-consumer-id", &*report.spec.consumer)];
+    if let Some(resume) = &resume {
+        headers.push(("last-event-id", resume));
+    }
+    let timeout = deadline.saturating_duration_since(Instant::now());
+    let mut open = tokio::time::timeout(timeout, client::get(addr, "/events", &headers))
+        .await
+        .map_err(|_| anyhow::anyhow!("no response before the deadline"))??;
+    anyhow::ensure!(
+        open.response.status().is_success(),
+        "GET /events answered {}",
+        open.response.status()
+    );
+
+    let mut permit = Some(permit);
+    let mut parser = Parser::default();
+    let mut recorder = Recorder::new(&shared.latencies);
+    let ledger = &shared.ledger;
+    let body = open.response.body_mut();
+    let deadline = tokio::time::Instant::from_std(deadline);
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = stop.wait_for(|stop| *stop) => return Ok(()),
+            _ = tokio::time::sleep_until(deadline) => return Ok(()),
+            frame = body.frame() => frame,
+        };
+        let Some(frame) = frame else {
+            anyhow::bail!("the service ended the stream");
+        };
+        let Ok(data) = frame?.into_data() else {
+            continue; // trailers
+        };
+        let arrived = Instant::now();
+        let mut events = 0;
+        parser.feed(&data, |frame| match frame {
+            Frame::Retry => {
+                if permit.take().is_some() {
+                    shared.live.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Frame::Heartbeat => {}
+            Frame::Event(id) => {
+                events += 1;
+                let arrival = report.delivery.observe(id);
+                if !shared.measure_latency || arrival == Arrival::Malformed {
+                    return;
+                }
+                let (Some(id), true) = (id, arrival != Arrival::Duplicate) else {
+                    return;
+                };
+                let now = ledger.nanos(arrived);
+                match ledger.commit(id) {
+                    Commit::At(committed) => recorder.record_nanos(now.saturating_sub(committed)),
+                    Commit::Untimed => {}
+                    Commit::Unknown => report.unresolved.push((id, now)),
+                }
+            }
+        });
+        if events > 0 {
+            shared.frames.fetch_add(events, Ordering::Relaxed);
+            shared
+                .last_frame_ns
+                .fetch_max(ledger.nanos(arrived), Ordering::Relaxed);
+        }
+    }
+}
+
+/// Latency samples for frames that arrived before the producer recorded their commit: looked up
+/// again once producers are done. A frame cannot really precede its commit, so such a sample is
+/// the producer task's own scheduling delay; it is recorded as the (small or zero) difference.
+pub fn resolve(report: &mut ConnReport, shared: &Shared) -> usize {
+    let mut recorder = Recorder::new(&shared.latencies);
+    let mut missing = 0;
+    for (id, arrived) in report.unresolved.drain(..) {
+        match shared.ledger.commit(id) {
+            Commit::At(committed) => recorder.record_nanos(arrived.saturating_sub(committed)),
+            Commit::Untimed => {}
+            Commit::Unknown => missing += 1,
+        }
+    }
+    missing
+}
+
+/// Waits until `done` holds, checking every 20 ms, for at most `timeout`. True if it held.
+pub async fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,157 @@
+//! event-piper-bench: a load generator and benchmark report for event-piper (project issue 4).
+//!
+//! It starts its own PostgreSQL (unless `--database-url` is given) and runs the release
+//! `event-piper` binary as a child process, then drives producers over real PostgreSQL
+//! connections and consumers over real HTTP, checks that every event arrives exactly once and in
+//! order at every connection, and measures latency (producer's commit returned -> consumer read
+//! the frame), throughput and the service's memory. One markdown table per scenario at the end.
+//!
+//! ```text
+//! cargo build --release
+//! target/release/event-piper-bench all
+//! ```
+
+mod cli;
+mod client;
+mod consumer;
+mod database;
+mod delivery;
+mod fleet;
+mod latency;
+mod ledger;
+mod procfs;
+mod producer;
+mod progress;
+mod report;
+mod scenarios;
+mod service;
+mod sse;
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use cli::Args;
+use database::Database;
+use report::Table;
+use scenarios::Bench;
+use service::Launch;
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    raise_open_files_limit();
+    // Producers get a runtime thread of their own: see producer.rs.
+    let producers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("producers")
+        .enable_all()
+        .build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(run(args, producers.handle().clone()));
+    producers.shutdown_background();
+    runtime.shutdown_background();
+    let delivery_errors = result?;
+    if delivery_errors > 0 {
+        eprintln!(
+            "!!! {delivery_errors} DELIVERY ERRORS: events lost, repeated, out of order or misrouted, or connections failed !!!"
+        );
+        std::process::exit(2);
+    }
+    Ok(())
+}
+
+/// Runs the scenarios; returns the number of delivery errors seen.
+async fn run(args: Args, producers: tokio::runtime::Handle) -> Result<u64> {
+    let work_dir = args.work_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("event-piper-bench-{}", std::process::id()))
+    });
+    std::fs::create_dir_all(&work_dir)
+        .with_context(|| format!("creating {}", work_dir.display()))?;
+    let launch = Launch {
+        binary: Launch::beside_current_exe()?,
+        log_level: args.service_log.clone(),
+        extra_args: args.service_args.clone(),
+        log_dir: work_dir.clone(),
+    };
+    eprintln!(
+        "service: {} (logs in {})",
+        launch.binary.display(),
+        work_dir.display()
+    );
+    let db = Database::start(args.database_url.as_deref(), &work_dir).await?;
+    let scenarios = args.scenario.expand();
+    let mut bench = Bench {
+        args,
+        db,
+        launch,
+        producers,
+        epoch: Instant::now(),
+    };
+
+    let mut tables: Vec<Table> = Vec::new();
+    let mut failures = Vec::new();
+    for scenario in scenarios {
+        eprintln!("== {scenario:?} ==");
+        let started = Instant::now();
+        match scenarios::run(scenario, &mut bench).await {
+            Ok(mut done) => {
+                if !bench.args.service_args.is_empty() {
+                    let note = format!("service run with: {}", bench.args.service_args.join(" "));
+                    done.iter_mut().for_each(|table| {
+                        table.note(note.clone());
+                    });
+                }
+                for table in &done {
+                    println!("{table}");
+                }
+                tables.append(&mut done);
+            }
+            Err(error) => {
+                eprintln!("!!! scenario {scenario:?} failed: {error:#}");
+                failures.push(format!("{scenario:?}: {error:#}"));
+            }
+        }
+        eprintln!(
+            "== {scenario:?} took {:.0} s ==",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    bench.db.stop().await;
+
+    let mut out = std::io::stdout().lock();
+    if tables.len() > 1 {
+        writeln!(out, "\n## All results\n")?;
+        for table in &tables {
+            writeln!(out, "{table}")?;
+        }
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("scenarios failed:\n{}", failures.join("\n"));
+    }
+    Ok(tables.iter().map(|table| table.delivery_errors).sum())
+}
+
+/// The bench opens thousands of sockets (and the service, its child, inherits the limit).
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                eprintln!("warning: cannot raise the open files limit");
+            }
+        }
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            eprintln!("open files limit: {}", limit.rlim_cur);
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Producers: real PostgreSQL connections inserting into `events`, as any client would.
+//!
+//! They run on their own runtime thread (see main.rs) so that the commit-return instant is taken
+//! as soon as PostgreSQL answers, not whenever a worker busy with a thousand consumer sockets gets
+//! round to it. Every insert uses `RETURNING id`, and the id, its consumer and the instant the
+//! commit returned go into the ledger.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::future::try_join_all;
+use hdrhistogram::Histogram;
+use tokio_postgres::{Client, NoTls};
+
+use crate::latency::{Summary, new_histogram};
+use crate::ledger::Ledger;
+
+/// One autocommit statement is one transaction: the response to it is the commit returning.
+const INSERT_ONE: &str = "INSERT INTO events (type, subscriber, payload) \
+     VALUES ('bench', $1, jsonb_build_object('seq', $2::bigint)) RETURNING id";
+
+const INSERT_MANY: &str = "INSERT INTO events (type, subscriber, payload) \
+     SELECT 'bench', $1, jsonb_build_object('seq', g) \
+     FROM generate_series($2::bigint, $3::bigint) AS g RETURNING id";
+
+/// What a set of producers did.
+#[derive(Debug, Default)]
+pub struct Produced {
+    pub rows: u64,
+    pub transactions: u64,
+    pub elapsed: Duration,
+    /// Rows per consumer index.
+    pub per_consumer: Vec<u64>,
+    /// Round trip of each insert (send to commit returned).
+    pub commit: Summary,
+    /// How far the paced schedule fell behind at worst (0 when producers kept up).
+    pub max_behind: Duration,
+    /// Ids the ledger could not hold (must be 0).
+    pub unrecorded: u64,
+}
+
+impl Produced {
+    pub fn rate(&self) -> f64 {
+        self.rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Where events go: consumer `i % len` gets the i-th event.
+#[derive(Clone)]
+pub struct Targets {
+    pub consumers: Arc<[Arc<str>]>,
+    pub ledger: Option<Arc<Ledger>>,
+    /// Rows committed so far, for the progress line.
+    pub counter: Arc<AtomicU64>,
+}
+
+pub async fn connect(url: &str) -> Result<Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .context("connecting a producer to PostgreSQL")?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            eprintln!("producer connection: {error}");
+        }
+    });
+    Ok(client)
+}
+
+struct Worker {
+    rows: u64,
+    transactions: u64,
+    per_consumer: Vec<u64>,
+    commit: Histogram<u64>,
+    max_behind: Duration,
+    unrecorded: u64,
+}
+
+impl Worker {
+    fn new(consumers: usize) -> Worker {
+        Worker {
+            rows: 0,
+            transactions: 0,
+            per_consumer: vec![0; consumers],
+            commit: new_histogram(),
+            max_behind: Duration::ZERO,
+            unrecorded: 0,
+        }
+    }
+
+    fn committed(&mut self, targets: &Targets, consumer: usize, ids: &[i64], sent: Instant) {
+        let now = Instant::now();
+        self.commit
+            .saturating_record((now - sent).as_micros().max(1) as u64);
+        if let Some(ledger) = &targets.ledger {
+            for &id in ids {
+                if !ledger.record(id, consumer as u32, Some(now)) {
+                    self.unrecorded += 1;
+                }
+            }
+        }
+        self.rows += ids.len() as u64;
+        self.transactions += 1;
+        self.per_consumer[consumer] += ids.len() as u64;
+        targets
+            .counter
+            .fetch_add(ids.len() as u64, Ordering::Relaxed);
+    }
+}
+
+fn combine(workers: Vec<Worker>, elapsed: Duration, consumers: usize) -> Produced {
+    let mut commit = new_histogram();
+    let mut produced = Produced {
+        elapsed,
+        per_consumer: vec![0; consumers],
+        ..Produced::default()
+    };
+    for worker in workers {
+        produced.rows += worker.rows;
+        produced.transactions += worker.transactions;
+        produced.max_behind = produced.max_behind.max(worker.max_behind);
+        produced.unrecorded += worker.unrecorded;
+        for (total, rows) in produced.per_consumer.iter_mut().zip(worker.per_consumer) {
+            *total += rows;
+        }
+        let _ = commit.add(&worker.commit);
+    }
+    produced.commit = Summary::of(&commit);
+    produced
+}
+
+/// Single-row transactions at `rate` per second in total for `duration`, spread over `producers`
+/// connections on a fixed schedule: event k is due at start + k / rate. A producer that falls
+/// behind sends the overdue ones at once, so the average rate holds if PostgreSQL can take it.
+pub async fn paced(
+    url: &str,
+    producers: usize,
+    rate: f64,
+    duration: Duration,
+    targets: Targets,
+) -> Result<Produced> {
+    let clients = try_join_all((0..producers).map(|_| connect(url))).await?;
+    let start = tokio::time::Instant::now() + Duration::from_millis(20);
+    let total = (rate * duration.as_secs_f64()).round() as u64;
+    let consumers = targets.consumers.len();
+    let workers = clients.into_iter().enumerate().map(|(p, client)| {
+        let targets = targets.clone();
+        async move {
+            let statement = client.prepare(INSERT_ONE).await?;
+            let mut worker = Worker::new(consumers);
+            for k in (p as u64..total).step_by(producers) {
+                let due = start + Duration::from_secs_f64(k as f64 / rate);
+                tokio::time::sleep_until(due).await;
+                let sent = Instant::now();
+                worker.max_behind = worker.max_behind.max(sent - due.into_std());
+                let consumer = (k % consumers as u64) as usize;
+                let row = client
+                    .query_one(&statement, &[&&*targets.consumers[consumer], &(k as i64)])
+                    .await
+                    .context("inserting an event")?;
+                worker.committed(&targets, consumer, &[row.try_get(0)?], sent);
+            }
+            anyhow::Ok(worker)
+        }
+    });
+    let workers = try_join_all(workers).await?;
+    let elapsed = start.elapsed();
+    Ok(combine(workers, elapsed, consumers))
+}
+
+/// Transactions of `batch` rows each, back to back on every connection, for `duration`: as fast
+/// as PostgreSQL takes them.
+pub async fn flood(
+    url: &str,
+    producers: usize,
+    batch: u64,
+    duration: Duration,
+    targets: Targets,
+) -> Result<Produced> {
+    let clients = try_join_all((0..producers).map(|_| connect(url))).await?;
+    let start = Instant::now();
+    let end = start + duration;
+    let consumers = targets.consumers.len();
+    let workers = clients.into_iter().enumerate().map(|(p, client)| {
+        let targets = targets.clone();
+        async move {
+            let statement = client.prepare(INSERT_MANY).await?;
+            let mut worker = Worker::new(consumers);
+            let mut seq = p as i64 * 1_000_000_000;
+            // Bounded by time; each iteration is one round trip.
+            while Instant::now() < end {
+                let consumer = (worker.transactions % consumers as u64) as usize;
+                let sent = Instant::now();
+                let rows = client
+                    .query(
+                        &statement,
+                        &[
+                            &&*targets.consumers[consumer],
+                            &seq,
+                            &(seq + batch as i64 - 1),
+                        ],
+                    )
+                    .await
+                    .context("inserting a batch of events")?;
+                seq += batch as i64;
+                let ids = rows
+                    .iter()
+                    .map(|row| row.try_get(0))
+                    .collect::<Result<Vec<i64>, _>>()?;
+                worker.committed(&targets, consumer, &ids, sent);
+            }
+            anyhow::Ok(worker)
+        }
+    });
+    let workers = try_join_all(workers).await?;
+    let elapsed = start.elapsed();
+    Ok(combine(workers, elapsed, consumers))
+}
+
+/// Bulk history for `consumer` (index 0 in `ledger`): `count` rows in transactions of `chunk`
+/// rows, then every id recorded (untimed) so that the replay can be checked exactly.
+pub async fn history(
+    url: &str,
+    consumer: &str,
+    count: u64,
+    chunk: u64,
+    ledger: &Ledger,
+) -> Result<u64> {
+    let client = connect(url).await?;
+    let insert = client
+        .prepare(
+            "INSERT INTO events (type, subscriber, payload) \
+             SELECT 'history', $1, jsonb_build_object('seq', g) \
+             FROM generate_series($2::bigint, $3::bigint) AS g",
+        )
+        .await?;
+    let started = Instant::now();
+    let mut done = 0u64;
+    while done < count {
+        let rows = chunk.min(count - done);
+        client
+            .execute(
+                &insert,
+                &[&consumer, &(done as i64), &((done + rows) as i64 - 1)],
+            )
+            .await
+            .context("inserting history")?;
+        done += rows;
+        eprintln!(
+            "  history: {done}/{count} rows ({:.0} rows/s)",
+            done as f64 / started.elapsed().as_secs_f64()
+        );
+    }
+    let rows = client
+        .query(
+            "SELECT id FROM events WHERE subscriber = $1 ORDER BY id",
+            &[&consumer],
+        )
+        .await?;
+    let mut recorded = 0;
+    for row in rows {
+        if ledger.record(row.try_get(0)?, 0, None) {
+            recorded += 1;
+        }
+    }
+    Ok(recorded)
+}

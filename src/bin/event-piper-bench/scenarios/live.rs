@@ -1,0 +1,190 @@
+//! The paced live run shared by the latency, fanout and dbcost scenarios: connections open and
+//! live first, then producers insert single-row transactions at a steady rate, then the bench
+//! waits for the last frame and settles every connection against the ledger.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use super::{Bench, CpuMeter};
+use crate::consumer::{self, ConnSpec, Shared};
+use crate::database;
+use crate::fleet::{Fleet, Settled};
+use crate::latency::{Summary, ms};
+use crate::ledger::Ledger;
+use crate::producer::{self, Produced, Targets};
+use crate::progress::Progress;
+use crate::report::{Table, count};
+use crate::service::Service;
+
+/// How long the last frames may take to arrive after the producers stop.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Plan {
+    pub label: String,
+    pub consumers: Arc<[Arc<str>]>,
+    pub specs: Vec<ConnSpec>,
+    pub rate: f64,
+}
+
+pub struct Outcome {
+    pub produced: Produced,
+    pub settled: Settled,
+    pub latency: Summary,
+    /// Frames the connections should have received in all.
+    pub expected_frames: u64,
+    /// From the producers' end to the last expected frame; `None` if it never came.
+    pub drain: Option<Duration>,
+    pub connect_time: Duration,
+    pub cpu: String,
+}
+
+impl Outcome {
+    /// The rate was sustained: producers kept to the schedule (>= 95 %) and delivery kept up
+    /// with them (everything in within a second of the end).
+    pub fn sustained(&self, rate: f64) -> bool {
+        self.produced.rate() >= 0.95 * rate
+            && self.drain.is_some_and(|d| d <= Duration::from_secs(1))
+    }
+}
+
+/// The first id this run's producers can get: everything at or below the current maximum exists.
+pub async fn next_id(url: &str) -> Result<i64> {
+    let client = database::connect(url).await?;
+    let row = client
+        .query_one("SELECT coalesce(max(id), 0) + 1 FROM events", &[])
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+pub async fn run(bench: &Bench, service: &Service, url: &str, plan: Plan) -> Result<Outcome> {
+    let duration = bench.args.duration;
+    let ledger = Arc::new(Ledger::new(next_id(url).await?, bench.epoch));
+    let shared = Shared::new(Arc::clone(&ledger), true);
+    let connections = plan.specs.len();
+    // A backstop: every connection task ends by itself at the latest here.
+    let deadline = Instant::now() + duration + Duration::from_secs(600);
+    let fleet = Fleet::open(
+        service.addr,
+        plan.specs.clone(),
+        Arc::clone(&shared),
+        bench.args.connect_concurrency,
+        deadline,
+    );
+    let counter = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start(
+        plan.label.clone(),
+        Arc::clone(&counter),
+        Some(Arc::clone(&shared)),
+        connections,
+    );
+    let connect_time = fleet.wait_live(Duration::from_secs(180)).await?;
+    eprintln!(
+        "  {connections} connections live in {:.1} s; producing {} events/s for {duration:?}",
+        connect_time.as_secs_f64(),
+        plan.rate
+    );
+
+    let cpu = CpuMeter::start(Some(service.pid), bench.db.postmaster_pid());
+    let targets = Targets {
+        consumers: Arc::clone(&plan.consumers),
+        ledger: Some(Arc::clone(&ledger)),
+        counter,
+    };
+    let (producers, rate) = (bench.args.producers, plan.rate);
+    let url_owned = url.to_owned();
+    let produced = bench
+        .producers
+        .spawn(async move { producer::paced(&url_owned, producers, rate, duration, targets).await })
+        .await
+        .context("producer task")??;
+    let stopped = Instant::now();
+    let expected_frames: u64 = plan
+        .specs
+        .iter()
+        .map(|spec| produced.per_consumer[spec.index as usize])
+        .sum();
+    let arrived = consumer::wait_until(DRAIN_TIMEOUT, || {
+        shared.frames.load(Ordering::Relaxed) >= expected_frames
+            || shared.failed.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    let drain = (arrived && shared.frames.load(Ordering::Relaxed) >= expected_frames)
+        .then(|| stopped.elapsed());
+    let cpu = cpu.describe();
+    drop(progress);
+    let settled = fleet.close().await;
+    for error in &settled.errors {
+        eprintln!("  connection error: {error}");
+    }
+    Ok(Outcome {
+        latency: shared.latencies.summary(),
+        produced,
+        settled,
+        expected_frames,
+        drain,
+        connect_time,
+        cpu,
+    })
+}
+
+/// The rows every paced scenario reports; latency targets are the caller's.
+pub fn describe(table: &mut Table, outcome: &Outcome, rate: f64, producers: usize) {
+    let produced = &outcome.produced;
+    table
+        .info(
+            "producers: events committed",
+            format!(
+                "{} in {:.1} s = {} events/s (target rate {}; {producers} connections; schedule lag max {})",
+                count(produced.rows as f64),
+                produced.elapsed.as_secs_f64(),
+                count(produced.rate()),
+                count(rate),
+                ms(produced.max_behind)
+            ),
+        )
+        .info(
+            "producers: insert round trip p50 / p99 / max",
+            format!(
+                "{} / {} / {}",
+                ms(produced.commit.p50),
+                ms(produced.commit.p99),
+                ms(produced.commit.max)
+            ),
+        )
+        .info(
+            "frames delivered / expected",
+            format!(
+                "{} / {} ({} connections)",
+                count(outcome.settled.delivery.received as f64),
+                count(outcome.expected_frames as f64),
+                outcome.settled.delivery.connections
+            ),
+        )
+        .info(
+            "last frame after producers stopped",
+            outcome
+                .drain
+                .map_or("never (timed out)".into(), |drain| ms(drain)),
+        );
+    let delivery = &outcome.settled.delivery;
+    table.check(
+        "exactly once, in order",
+        delivery.describe(),
+        "all 0",
+        delivery.errors() == 0 && produced.unrecorded == 0,
+    );
+    table.delivery_errors += delivery.errors() + produced.unrecorded;
+    let latency = &outcome.latency;
+    table.info(
+        "latency samples",
+        format!(
+            "{} ({} unmatched)",
+            count(latency.samples as f64),
+            outcome.settled.unmatched
+        ),
+    );
+    table.info("CPU during the run", outcome.cpu.clone());
+}

@@ -1,0 +1,97 @@
+//! The scenarios of issue 4, and what they share: the bench context, the paced live run, CPU
+//! accounting.
+
+mod connections;
+mod dbcost;
+mod fanout;
+mod latency;
+mod live;
+mod replay;
+mod throughput;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::cli::{Args, Scenario};
+use crate::database::Database;
+use crate::procfs;
+use crate::report::Table;
+use crate::service::Launch;
+
+/// Everything a scenario needs.
+pub struct Bench {
+    pub args: Args,
+    pub db: Database,
+    pub launch: Launch,
+    /// The producers' own runtime.
+    pub producers: tokio::runtime::Handle,
+    /// Time zero of every ledger.
+    pub epoch: Instant,
+}
+
+pub async fn run(scenario: Scenario, bench: &mut Bench) -> Result<Vec<Table>> {
+    match scenario {
+        Scenario::Latency => latency::run(bench).await,
+        Scenario::Throughput => throughput::run(bench).await,
+        Scenario::Fanout => fanout::run(bench).await,
+        Scenario::Connections => connections::run(bench).await,
+        Scenario::Replay => replay::run(bench).await,
+        Scenario::Dbcost => dbcost::run(bench).await,
+        Scenario::All => unreachable!("expanded by the caller"),
+    }
+}
+
+/// Consumer names `prefix-0`, `prefix-1`, ...
+fn names(prefix: &str, count: usize) -> Arc<[Arc<str>]> {
+    (0..count)
+        .map(|i| Arc::from(format!("{prefix}-{i}")))
+        .collect()
+}
+
+/// CPU used by the service, PostgreSQL and the bench over a phase, against wall time: on a
+/// two-core machine shared by all three, this is usually what bounds a figure.
+pub struct CpuMeter {
+    started: Instant,
+    service_pid: Option<u32>,
+    postmaster: Option<u32>,
+    start: [Duration; 3],
+}
+
+impl CpuMeter {
+    pub fn start(service_pid: Option<u32>, postmaster: Option<u32>) -> CpuMeter {
+        let mut meter = CpuMeter {
+            started: Instant::now(),
+            service_pid,
+            postmaster,
+            start: [Duration::ZERO; 3],
+        };
+        meter.start = meter.read();
+        meter
+    }
+
+    fn read(&self) -> [Duration; 3] {
+        [
+            self.service_pid.map_or(Duration::ZERO, procfs::cpu),
+            self.postmaster.map_or(Duration::ZERO, procfs::cpu_tree),
+            procfs::own_cpu(),
+        ]
+    }
+
+    /// "service 0.62 · postgres 0.55 · bench 0.40 cores" over the phase so far.
+    pub fn describe(&self) -> String {
+        let now = self.read();
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        let cores = |i: usize| now[i].saturating_sub(self.start[i]).as_secs_f64() / wall;
+        let mut parts = Vec::new();
+        if self.service_pid.is_some() {
+            parts.push(format!("service {:.2}", cores(0)));
+        }
+        if self.postmaster.is_some() {
+            parts.push(format!("postgres {:.2}", cores(1)));
+        }
+        parts.push(format!("bench {:.2}", cores(2)));
+        format!("{} cores (of 2)", parts.join(" · "))
+    }
+}
