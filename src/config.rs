@@ -67,6 +67,14 @@ pub struct Config {
     #[arg(long, env = "EVENT_PIPER_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub write_timeout: Duration,
 
+    /// How long a client may take to send its request headers.
+    #[arg(long, env = "EVENT_PIPER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// Largest accepted request head (request line and headers), in bytes; at least 8192.
+    #[arg(long, env = "EVENT_PIPER_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
     /// Largest accepted body of POST /events, in bytes (413 beyond it).
     #[arg(long, env = "EVENT_PIPER_MAX_BODY", default_value_t = 1 << 20)]
     pub max_body: usize,
@@ -125,6 +133,8 @@ impl Config {
             "retry": text(self.retry),
             "channel_capacity": self.channel_capacity,
             "write_timeout": text(self.write_timeout),
+            "header_timeout": text(self.header_timeout),
+            "max_header_bytes": self.max_header_bytes,
             "max_body": self.max_body,
             "cors_origins": self.cors_origins,
             "log_format": format!("{:?}", self.log_format).to_lowercase(),

@@ -182,15 +182,18 @@ pub async fn serve(
             cors_origins: config.cors_origins.clone(),
         },
     );
-    let listener = net::StallGuardListener::new(listener, config.write_timeout);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: ending open streams");
-            // Open streams watch this and end, so the graceful shutdown does not wait forever.
-            stop_tx.send_replace(true);
-        })
-        .await;
+    let settings = net::ServeSettings {
+        write_timeout: config.write_timeout,
+        header_timeout: config.header_timeout,
+        max_header_bytes: config.max_header_bytes,
+    };
+    let served = net::serve(listener, app, settings, async move {
+        shutdown.await;
+        tracing::info!("shutting down: ending open streams");
+        // Open streams watch this and end, so the graceful shutdown does not wait forever.
+        stop_tx.send_replace(true);
+    })
+    .await;
     let _ = tokio::join!(listener_task, hub_task);
     if let Some(task) = retention_task {
         let _ = task.await;

@@ -1,49 +1,82 @@
-//! The HTTP listener: accepted sockets get TCP_NODELAY and a write timeout.
+//! The HTTP server loop: accepts connections and serves the router on each, with the bounds a
+//! service facing untrusted clients needs.
 //!
-//! A client that stops reading fills its TCP window; the server's writes then stay pending and,
-//! without a bound, the connection (and its stream's memory) would live forever. With the write
-//! timeout, a write that makes no progress for that long fails, hyper closes the connection, and
-//! everything the stream held is dropped. The client can resume with `Last-Event-ID`.
+//! - A write timeout on every socket: a client that stops reading fills its TCP window; the
+//!   server's writes then stay pending and, without a bound, the connection (and its stream's
+//!   memory) would live forever. With it, a write that makes no progress for that long fails,
+//!   the connection closes and everything the stream held is dropped; the client can resume.
+//! - A header read timeout (slow-header clients are dropped) and a cap on the header size.
+//! - Graceful shutdown: stop accepting, let open connections finish (streams end on their own
+//!   when the service stops), then return.
 
+use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use axum::Router;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
 use tokio_io_timeout::TimeoutStream;
 
-pub struct StallGuardListener {
-    inner: TcpListener,
-    write_timeout: Duration,
+/// Connection-level bounds.
+#[derive(Debug, Clone, Copy)]
+pub struct ServeSettings {
+    pub write_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
 }
 
-impl StallGuardListener {
-    pub fn new(inner: TcpListener, write_timeout: Duration) -> Self {
-        StallGuardListener {
-            inner,
-            write_timeout,
-        }
-    }
-}
-
-impl axum::serve::Listener for StallGuardListener {
-    type Io = Pin<Box<TimeoutStream<TcpStream>>>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // axum's own accept loop, which also rides out transient errors such as EMFILE.
-        let (socket, address) = axum::serve::Listener::accept(&mut self.inner).await;
+/// Serves `app` on `listener` until `shutdown` completes and every connection has closed.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    settings: ServeSettings,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        // hyper refuses less than 8 KiB.
+        .max_buf_size(settings.max_header_bytes.max(8192));
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut shutdown => break,
+        };
+        let socket = match accepted {
+            Ok((socket, _peer)) => socket,
+            Err(error) => {
+                // Out of file descriptors or a connection reset before accept: not fatal. Pause
+                // briefly so that a full descriptor table does not turn into a busy loop.
+                tracing::warn!(%error, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         // Frames are small and latency matters more than packet count.
-        if let Err(error) = socket.set_nodelay(true) {
-            tracing::debug!(%error, "cannot set TCP_NODELAY");
-        }
+        let _ = socket.set_nodelay(true);
         let mut socket = TimeoutStream::new(socket);
-        socket.set_write_timeout(Some(self.write_timeout));
-        (Box::pin(socket), address)
+        socket.set_write_timeout(Some(settings.write_timeout));
+        let io = TokioIo::new(Box::pin(socket));
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
     }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
