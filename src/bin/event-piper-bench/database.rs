@@ -56,12 +56,17 @@ impl Database {
     pub async fn fresh(&self, name: &str) -> Result<String> {
         check_name(name)?;
         let admin = connect(&self.base_url).await?;
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-            ))
-            .await
-            .with_context(|| format!("recreating database {name}"))?;
+        // Two statements: a multi-statement string would run as one transaction, which DROP
+        // DATABASE refuses.
+        for statement in [
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin
+                .batch_execute(&statement)
+                .await
+                .with_context(|| format!("recreating database {name}"))?;
+        }
         let url = self.url(name);
         let mut client = connect(&url).await?;
         let transaction = client.transaction().await?;
