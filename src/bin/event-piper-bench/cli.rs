@@ -68,6 +68,11 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
 
+    /// How long to wait, before each measured phase, for the machine to be nearly idle (other
+    /// work on the two cores would distort every figure).
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub quiet_timeout: Duration,
+
     /// RUST_LOG for the service.
     #[arg(long, default_value = "info")]
     pub service_log: String,

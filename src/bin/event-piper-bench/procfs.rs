@@ -100,6 +100,26 @@ pub fn cpu_tree(root: u32) -> Duration {
     ticks(total + reaped)
 }
 
+/// Busy CPU time of the whole machine (all cores, all processes), from /proc/stat.
+pub fn machine_busy() -> Duration {
+    let Ok(text) = fs::read_to_string("/proc/stat") else {
+        return Duration::ZERO;
+    };
+    let Some(line) = text.lines().find(|line| line.starts_with("cpu ")) else {
+        return Duration::ZERO;
+    };
+    // user nice system idle iowait irq softirq steal: all but idle and iowait are busy.
+    let busy: u64 = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .filter_map(|(_, value)| value.parse::<u64>().ok())
+        .sum();
+    ticks(busy)
+}
+
 /// CPU time of this process.
 pub fn own_cpu() -> Duration {
     cpu(std::process::id())

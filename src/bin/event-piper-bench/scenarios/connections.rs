@@ -93,7 +93,7 @@ async fn hold(
     streams: usize,
     consumers: usize,
 ) -> Result<Held> {
-    tokio::time::sleep(SETTLE).await;
+    super::wait_for_quiet(bench.args.quiet_timeout).await;
     let before = service.memory()?;
     let ledger = Arc::new(Ledger::new(super::live::next_id(url).await?, bench.epoch));
     let shared = Shared::new(ledger, false);

@@ -73,6 +73,7 @@ pub async fn run(bench: &Bench, service: &Service, url: &str, plan: Plan) -> Res
         bench.args.connect_concurrency,
         deadline,
     );
+    super::wait_for_quiet(bench.args.quiet_timeout).await;
     let counter = Arc::new(AtomicU64::new(0));
     let progress = Progress::start(
         plan.label.clone(),

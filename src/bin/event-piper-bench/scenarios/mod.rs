@@ -50,13 +50,14 @@ fn names(prefix: &str, count: usize) -> Arc<[Arc<str>]> {
         .collect()
 }
 
-/// CPU used by the service, PostgreSQL and the bench over a phase, against wall time: on a
-/// two-core machine shared by all three, this is usually what bounds a figure.
+/// CPU used by the service, PostgreSQL, the bench and everything else on the machine over a
+/// phase, against wall time: on a two-core machine shared by all of them, this is usually what
+/// bounds a figure, and "others" shows a run disturbed by unrelated work.
 pub struct CpuMeter {
     started: Instant,
     service_pid: Option<u32>,
     postmaster: Option<u32>,
-    start: [Duration; 3],
+    start: [Duration; 4],
 }
 
 impl CpuMeter {
@@ -65,17 +66,18 @@ impl CpuMeter {
             started: Instant::now(),
             service_pid,
             postmaster,
-            start: [Duration::ZERO; 3],
+            start: [Duration::ZERO; 4],
         };
         meter.start = meter.read();
         meter
     }
 
-    fn read(&self) -> [Duration; 3] {
+    fn read(&self) -> [Duration; 4] {
         [
             self.service_pid.map_or(Duration::ZERO, procfs::cpu),
             self.postmaster.map_or(Duration::ZERO, procfs::cpu_tree),
             procfs::own_cpu(),
+            procfs::machine_busy(),
         ]
     }
 
@@ -92,6 +94,38 @@ impl CpuMeter {
             parts.push(format!("postgres {:.2}", cores(1)));
         }
         parts.push(format!("bench {:.2}", cores(2)));
+        if self.postmaster.is_some() {
+            let ours = cores(0) + cores(1) + cores(2);
+            parts.push(format!("others {:.2}", (cores(3) - ours).max(0.0)));
+        }
         format!("{} cores (of 2)", parts.join(" · "))
+    }
+}
+
+/// Waits (at most `timeout`) until the machine is nearly idle, so that a phase does not start
+/// while unrelated work (a build, a test suite) holds the cores. Returns whether it was.
+pub async fn wait_for_quiet(timeout: Duration) -> bool {
+    const WINDOW: Duration = Duration::from_secs(1);
+    const QUIET_CORES: f64 = 0.3;
+    let deadline = Instant::now() + timeout;
+    let mut warned = false;
+    loop {
+        let before = procfs::machine_busy();
+        tokio::time::sleep(WINDOW).await;
+        let busy =
+            procfs::machine_busy().saturating_sub(before).as_secs_f64() / WINDOW.as_secs_f64();
+        if busy < QUIET_CORES {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            eprintln!(
+                "  !!! the machine is still busy ({busy:.2} cores) after {timeout:?}: measuring anyway"
+            );
+            return false;
+        }
+        if !warned {
+            eprintln!("  waiting for the machine to quiet down ({busy:.2} cores busy)...");
+            warned = true;
+        }
     }
 }

@@ -115,7 +115,7 @@ async fn replay(
     consumers: Arc<[Arc<str>]>,
     expected: u64,
 ) -> Result<Read> {
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    super::wait_for_quiet(bench.args.quiet_timeout).await;
     let before = service.memory()?;
     let (stop, peak) = (
         Arc::new(AtomicBool::new(false)),

@@ -1,7 +1,8 @@
 //! Scenario 2, throughput: producers insert transactions of 100 rows back to back, as fast as
 //! PostgreSQL takes them, for one consumer. The ceiling is PostgreSQL's own insert rate, measured
-//! first in the same run with the same producers and no service running. Target: delivered
-//! >= 90 % of the ceiling.
+//! in the same run with the same producers and no service running, once before and once after
+//! the service's phase (the first phase on a fresh cluster also pays for WAL segment creation and
+//! the cache warming up): the higher of the two is the ceiling. Target: delivered >= 90 % of it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,26 +26,20 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
     let (producers, batch) = (bench.args.producers, bench.args.batch);
 
-    // The ceiling: the same producers with no service.
-    let url = bench.db.fresh("bench_ceiling").await?;
-    let counter = Arc::new(AtomicU64::new(0));
-    let progress = Progress::start("ceiling".into(), Arc::clone(&counter), None, 0);
-    let cpu = CpuMeter::start(None, bench.db.postmaster_pid());
-    let targets = Targets {
-        consumers: names("ceiling", 1),
-        ledger: None,
-        counter,
-    };
-    let ceiling = flood(bench, &url, targets).await?;
-    let ceiling_cpu = cpu.describe();
-    drop(progress);
-
+    let before = ceiling(bench, "bench_ceiling_before").await?;
     // The service delivering to one consumer.
     let url = bench.db.fresh("bench_throughput").await?;
     let service = Service::start(&bench.launch, &url, "throughput").await?;
     let measured = deliver(bench, &service, &url).await;
     service.stop().await?;
     let measured = measured?;
+    let after = ceiling(bench, "bench_ceiling_after").await?;
+    let ceilings = [&before, &after];
+    let (ceiling, ceiling_cpu) = if before.0.rate() >= after.0.rate() {
+        &before
+    } else {
+        &after
+    };
 
     let mut table = Table::new(format!(
         "2. throughput: {batch}-row transactions as fast as PostgreSQL takes them, {producers} producer connections, 1 consumer"
@@ -52,19 +47,16 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
     let ratio = measured.delivered_rate / ceiling.rate();
     table
         .info(
-            "ceiling: PostgreSQL insert rate, no service",
-            format!(
-                "{} events/s ({} rows in {:.1} s)",
-                count(ceiling.rate()),
-                count(ceiling.rows as f64),
-                ceiling.elapsed.as_secs_f64()
-            ),
+            "ceiling: PostgreSQL insert rate, no service (before · after the service's phase)",
+            ceilings
+                .map(|(c, _)| format!("{} events/s", count(c.rate())))
+                .join(" · "),
         )
         .info(
             "ceiling: insert round trip p50 / p99",
             format!("{} / {}", ms(ceiling.commit.p50), ms(ceiling.commit.p99)),
         )
-        .info("ceiling: CPU", ceiling_cpu)
+        .info("ceiling: CPU (the higher run)", ceiling_cpu.clone())
         .info(
             "with the service: producers' insert rate",
             format!(
@@ -112,6 +104,24 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
     Ok(vec![table])
 }
 
+/// PostgreSQL's insert rate with the same producers and no service, into a fresh database.
+async fn ceiling(bench: &Bench, database: &str) -> Result<(Produced, String)> {
+    let url = bench.db.fresh(database).await?;
+    super::wait_for_quiet(bench.args.quiet_timeout).await;
+    let counter = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start("ceiling".into(), Arc::clone(&counter), None, 0);
+    let cpu = CpuMeter::start(None, bench.db.postmaster_pid());
+    let targets = Targets {
+        consumers: names("ceiling", 1),
+        ledger: None,
+        counter,
+    };
+    let produced = flood(bench, &url, targets).await?;
+    let cpu = cpu.describe();
+    drop(progress);
+    Ok((produced, cpu))
+}
+
 async fn flood(bench: &Bench, url: &str, targets: Targets) -> Result<Produced> {
     let (producers, batch, duration) =
         (bench.args.producers, bench.args.batch, bench.args.duration);
@@ -148,6 +158,7 @@ async fn deliver(bench: &Bench, service: &Service, url: &str) -> Result<Measured
     let fleet = Fleet::open(service.addr, vec![spec], Arc::clone(&shared), 1, deadline);
     fleet.wait_live(Duration::from_secs(30)).await?;
 
+    super::wait_for_quiet(bench.args.quiet_timeout).await;
     let counter = Arc::new(AtomicU64::new(0));
     let progress = Progress::start(
         "throughput".into(),
