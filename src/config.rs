@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::auth::{Auth, KeyError};
+
 /// Streams PostgreSQL events to HTTP clients over Server-Sent Events.
 ///
 /// With no DATABASE_URL, the service runs a private PostgreSQL of its own from the locally
@@ -13,6 +15,9 @@ use clap::Parser;
 #[derive(Debug, Clone, Parser)]
 #[command(version, about, long_about = None)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// PostgreSQL connection URL (postgres://user:pass@host:port/db). When unset, a private
     /// PostgreSQL is started and managed by the service.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
@@ -67,6 +72,18 @@ pub struct Config {
     #[arg(long, env = "EVENT_PIPER_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub write_timeout: Duration,
 
+    /// Most streams open at once on this instance (503 beyond).
+    #[arg(long, env = "EVENT_PIPER_MAX_STREAMS", default_value_t = 50_000)]
+    pub max_streams: usize,
+
+    /// Most streams open at once for one consumer (429 beyond).
+    #[arg(
+        long,
+        env = "EVENT_PIPER_MAX_STREAMS_PER_CONSUMER",
+        default_value_t = 100
+    )]
+    pub max_streams_per_consumer: usize,
+
     /// How long a client may take to send its request headers.
     #[arg(long, env = "EVENT_PIPER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub header_timeout: Duration,
@@ -97,6 +114,20 @@ pub struct Config {
     #[arg(long, env = "EVENT_PIPER_RETENTION", value_parser = parse_duration)]
     pub retention: Option<Duration>,
 
+    /// Turns authentication on: the HS256 secret (32 bytes or more) that signs tokens.
+    #[arg(
+        long,
+        env = "EVENT_PIPER_JWT_SECRET",
+        hide_env_values = true,
+        conflicts_with = "jwt_public_key"
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// Turns authentication on: a PEM public key (RSA for RS256, EC P-256 for ES256) that
+    /// verifies tokens minted elsewhere.
+    #[arg(long, env = "EVENT_PIPER_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
     /// Print the effective configuration (secrets masked) as JSON and exit.
     #[arg(long)]
     pub dump_config: bool,
@@ -110,6 +141,22 @@ pub struct Config {
     pub connect_timeout: Duration,
 }
 
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Mint a token (HS256, with --jwt-secret) and print it: how a backend hands one to a client.
+    Token {
+        /// The consumer the bearer may read.
+        #[arg(long)]
+        sub: String,
+        /// How long the token is valid.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Allow the bearer to publish events.
+        #[arg(long)]
+        publish: bool,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -117,6 +164,15 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// The token verifier, if authentication is configured.
+    pub fn auth(&self) -> Result<Option<Auth>, KeyError> {
+        match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(secret), _) => Auth::from_secret(secret).map(Some),
+            (None, Some(path)) => Auth::from_public_key(path).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+
     /// The effective configuration as JSON, with the database password masked.
     pub fn to_json(&self) -> serde_json::Value {
         let database_url = self.database_url.as_deref().map(mask_password);
@@ -133,12 +189,16 @@ impl Config {
             "retry": text(self.retry),
             "channel_capacity": self.channel_capacity,
             "write_timeout": text(self.write_timeout),
+            "max_streams": self.max_streams,
+            "max_streams_per_consumer": self.max_streams_per_consumer,
             "header_timeout": text(self.header_timeout),
             "max_header_bytes": self.max_header_bytes,
             "max_body": self.max_body,
             "cors_origins": self.cors_origins,
             "log_format": format!("{:?}", self.log_format).to_lowercase(),
             "retention": self.retention.map(text),
+            "jwt_secret": self.jwt_secret.as_ref().map(|_| "***"),
+            "jwt_public_key": self.jwt_public_key,
             "gap_poll": text(self.gap_poll),
             "connect_timeout": text(self.connect_timeout),
         })

@@ -13,9 +13,11 @@ use serde::Deserialize;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
+use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
+use crate::router::Refused;
 use crate::store::{Store, StoreError};
-use crate::stream::Streams;
+use crate::stream::{OpenError, Streams};
 
 /// The longest consumer id accepted, in bytes.
 pub const MAX_CONSUMER_ID_BYTES: usize = 256;
@@ -32,6 +34,24 @@ pub struct AppState {
     pub streams: Arc<Streams>,
     pub store: Store,
     pub metrics: Metrics,
+    /// None: authentication is off.
+    pub auth: Option<Auth>,
+}
+
+impl AppState {
+    /// The request's claims when authentication is on (401 without a valid token), None when
+    /// it is off.
+    fn claims(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<Option<Claims>, ApiError> {
+        self.auth
+            .as_ref()
+            .map(|auth| auth.authenticate(headers, query_token))
+            .transpose()
+            .map_err(|error| ApiError::Unauthorized(error.to_string()))
+    }
 }
 
 /// HTTP settings from the configuration.
@@ -47,9 +67,16 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// The client has too much open already; it may retry after the given number of seconds.
+    #[error("{reason}")]
+    TooManyRequests { reason: String, retry_after: u64 },
     /// Temporarily unable to serve; the client should retry after the given number of seconds.
     #[error("{reason}")]
     Unavailable { reason: String, retry_after: u64 },
@@ -78,12 +105,29 @@ impl IntoResponse for ApiError {
         let body = format!("{}\n", self.to_string().lines().next().unwrap_or_default());
         let status = match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    body,
+                )
+                    .into_response();
+            }
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable { retry_after, .. } => {
                 return (
                     StatusCode::SERVICE_UNAVAILABLE,
+                    [(header::RETRY_AFTER, retry_after.to_string())],
+                    body,
+                )
+                    .into_response();
+            }
+            ApiError::TooManyRequests { retry_after, .. } => {
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
                     [(header::RETRY_AFTER, retry_after.to_string())],
                     body,
                 )
@@ -169,6 +213,8 @@ async fn page() -> Html<&'static str> {
 pub struct EventsQuery {
     pub consumer: Option<String>,
     pub last_event_id: Option<String>,
+    /// A token, for `EventSource` (which cannot send an Authorization header).
+    pub access_token: Option<String>,
 }
 
 /// `GET /events`: the consumer's event stream.
@@ -179,15 +225,37 @@ async fn events(
 ) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
-    let consumer = consumer_id(&headers, &query)?;
+    let claims = state.claims(&headers, query.access_token.as_deref())?;
+    let consumer = match (claims, consumer_id(&headers, &query)) {
+        (None, requested) => requested?,
+        // With a token the consumer may be left out: it is the token's.
+        (Some(claims), Err(_)) if !names_consumer(&headers, &query) => claims.sub,
+        (Some(claims), requested) => {
+            let requested = requested?;
+            if requested != claims.sub {
+                return Err(ApiError::Forbidden(format!(
+                    "this token may read consumer {:?}, not {requested:?}",
+                    claims.sub
+                )));
+            }
+            requested
+        }
+    };
     let cursor = last_event_id(&headers, &query)?;
     let streams = &state.streams;
+    let retry_after = streams.retry_after();
     let stream = streams
         .open(consumer, cursor)
         .await
-        .map_err(|error| ApiError::Unavailable {
-            reason: error.to_string(),
-            retry_after: streams.retry_after(),
+        .map_err(|error| match error {
+            OpenError::Refused(Refused::TooManyForConsumer) => ApiError::TooManyRequests {
+                reason: error.to_string(),
+                retry_after,
+            },
+            _ => ApiError::Unavailable {
+                reason: error.to_string(),
+                retry_after,
+            },
         })?;
     let body = Body::from_stream(stream);
     Ok((
@@ -218,6 +286,10 @@ async fn publish(
             "expected Content-Type: application/json".into(),
         ));
     }
+    let claims = state.claims(&headers, None)?;
+    if claims.is_some_and(|claims| !claims.publish) {
+        return Err(ApiError::Forbidden("this token may not publish".into()));
+    }
     let events = crate::publish::parse_body(&body)?;
     let ids = state
         .store
@@ -236,17 +308,29 @@ async fn publish(
 /// `GET /events/{id}`: one event as JSON.
 async fn event_by_id(
     State(state): State<AppState>,
+    headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    let claims = state.claims(&headers, None)?;
     let id = parse_last_event_id(id.as_bytes()).map_err(|_| {
         ApiError::BadRequest("invalid event id: expected a non-negative integer".into())
     })?;
-    let (_subscriber, json) = state
+    let (subscriber, json) = state
         .store
         .event_json(id)
         .await
         .map_err(|error| ApiError::from_store(error, state.streams.retry_after()))?
         .ok_or_else(|| ApiError::NotFound(format!("no event with id {id}")))?;
+    // A reader sees its own events and broadcasts; a publisher sees everything.
+    if let (Some(claims), Some(subscriber)) = (claims, subscriber)
+        && !claims.publish
+        && claims.sub != subscriber
+    {
+        return Err(ApiError::Forbidden(format!(
+            "this token may read consumer {:?} only",
+            claims.sub
+        )));
+    }
     Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
 }
 
@@ -294,6 +378,11 @@ fn consumer_id(headers: &HeaderMap, query: &EventsQuery) -> Result<String, ApiEr
         }
     };
     parse_consumer_id(raw)
+}
+
+/// Whether the request names a consumer at all (valid or not).
+fn names_consumer(headers: &HeaderMap, query: &EventsQuery) -> bool {
+    headers.contains_key(CONSUMER_HEADER) || query.consumer.is_some()
 }
 
 /// A consumer id is 1 to 256 bytes of UTF-8 with no control characters.

@@ -6,6 +6,7 @@
 //! event's consumer sends them on. [`serve`] runs all of it on a given listener, which is how the
 //! integration tests start the real app on port 0; [`run`] is the whole binary.
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod hub;
@@ -38,6 +39,8 @@ pub enum Error {
     Store(#[from] StoreError),
     #[error("managed PostgreSQL: {0}")]
     ManagedPostgres(#[from] ManagedPostgresError),
+    #[error("authentication: {0}")]
+    Auth(#[from] auth::KeyError),
     #[error("managed PostgreSQL: {0}")]
     CreateDatabase(tokio_postgres::Error),
     #[error("{context}: {source}")]
@@ -127,10 +130,24 @@ pub async fn serve(
         apply_schema(&store, config.connect_timeout).await?;
     }
 
+    let auth = config.auth()?;
+    if auth.is_none() && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "authentication is off on a non-loopback address: anyone who can reach it can read \
+             any consumer's events and publish; set --jwt-secret or --jwt-public-key"
+        );
+    }
     let metrics = metrics::Metrics::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let doorbell = Arc::new(Notify::new());
-    let router = router::Router::new(config.channel_capacity as usize);
+    let router = router::Router::new(
+        config.channel_capacity as usize,
+        router::Limits {
+            streams: config.max_streams,
+            streams_per_consumer: config.max_streams_per_consumer,
+        },
+    );
     let (published_tx, published_rx) = watch::channel(None);
     let (listening_tx, listening_rx) = watch::channel(false);
 
@@ -176,6 +193,7 @@ pub async fn serve(
             streams,
             store,
             metrics,
+            auth,
         },
         &http::HttpSettings {
             max_body_bytes: config.max_body,

@@ -4,12 +4,19 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use event_piper::Config;
-use event_piper::config::LogFormat;
+use event_piper::config::{Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
+    if let Some(Command::Token { sub, ttl, publish }) = &config.command {
+        let secret = config.jwt_secret.as_deref().ok_or_else(|| {
+            anyhow::anyhow!("event-piper token needs --jwt-secret (or EVENT_PIPER_JWT_SECRET)")
+        })?;
+        println!("{}", event_piper::auth::mint(secret, sub, *ttl, *publish)?);
+        return Ok(());
+    }
     if config.dump_config {
         println!("{}", serde_json::to_string_pretty(&config.to_json())?);
         return Ok(());

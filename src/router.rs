@@ -7,6 +7,7 @@
 //! others back.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::broadcast;
@@ -16,13 +17,41 @@ use crate::sse::Frame;
 pub struct Router {
     channels: Mutex<HashMap<String, broadcast::Sender<Frame>>>,
     capacity: usize,
+    limits: Limits,
+    /// Open subscriptions; changed only under the `channels` lock.
+    open: AtomicUsize,
+}
+
+/// How many streams may be open at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub streams: usize,
+    pub streams_per_consumer: usize,
+}
+
+impl Limits {
+    pub const NONE: Limits = Limits {
+        streams: usize::MAX,
+        streams_per_consumer: usize::MAX,
+    };
+}
+
+/// Why a subscription was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("too many open streams on this instance")]
+    TooManyStreams,
+    #[error("too many open streams for this consumer")]
+    TooManyForConsumer,
 }
 
 impl Router {
-    pub fn new(capacity: usize) -> Arc<Router> {
+    pub fn new(capacity: usize, limits: Limits) -> Arc<Router> {
         Arc::new(Router {
             channels: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
+            limits,
+            open: AtomicUsize::new(0),
         })
     }
 
@@ -32,18 +61,26 @@ impl Router {
         self.channels.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Subscribes to `consumer`'s frames from now on.
-    pub fn subscribe(self: &Arc<Self>, consumer: &str) -> Subscription {
-        let receiver = self
-            .channels()
+    /// Subscribes to `consumer`'s frames from now on, within the limits.
+    pub fn subscribe(self: &Arc<Self>, consumer: &str) -> Result<Subscription, Refused> {
+        let mut channels = self.channels();
+        if self.open.load(Ordering::Relaxed) >= self.limits.streams {
+            return Err(Refused::TooManyStreams);
+        }
+        let for_consumer = channels.get(consumer).map_or(0, |s| s.receiver_count());
+        if for_consumer >= self.limits.streams_per_consumer {
+            return Err(Refused::TooManyForConsumer);
+        }
+        let receiver = channels
             .entry(consumer.to_owned())
             .or_insert_with(|| broadcast::channel(self.capacity).0)
             .subscribe();
-        Subscription {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Ok(Subscription {
             receiver: Some(receiver),
             consumer: consumer.to_owned(),
             router: Arc::clone(self),
-        }
+        })
     }
 
     /// Hands a batch of frames, in id order, to the channels of their consumers; a frame with no
@@ -66,6 +103,11 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// Open streams.
+    pub fn streams(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
     }
 
     /// Consumers with at least one open stream.
@@ -95,6 +137,7 @@ impl Drop for Subscription {
         // a count of zero here means nobody can be about to use this channel.
         drop(self.receiver.take());
         let mut channels = self.router.channels();
+        self.router.open.fetch_sub(1, Ordering::Relaxed);
         if channels
             .get(&self.consumer)
             .is_some_and(|sender| sender.receiver_count() == 0)
@@ -118,10 +161,10 @@ mod tests {
 
     #[test]
     fn channels_live_as_long_as_their_subscriptions() {
-        let router = Router::new(8);
-        let mut a1 = router.subscribe("a");
-        let mut a2 = router.subscribe("a");
-        let mut b = router.subscribe("b");
+        let router = Router::new(8, Limits::NONE);
+        let mut a1 = router.subscribe("a").unwrap();
+        let mut a2 = router.subscribe("a").unwrap();
+        let mut b = router.subscribe("b").unwrap();
         assert_eq!(router.consumers(), 2);
 
         router.route([
@@ -144,5 +187,26 @@ mod tests {
         assert_eq!(router.consumers(), 1);
         drop(b);
         assert_eq!(router.consumers(), 0);
+    }
+
+    #[test]
+    fn limits_are_enforced_and_freed() {
+        let router = Router::new(
+            8,
+            Limits {
+                streams: 3,
+                streams_per_consumer: 2,
+            },
+        );
+        let a1 = router.subscribe("a").unwrap();
+        let _a2 = router.subscribe("a").unwrap();
+        assert_eq!(
+            router.subscribe("a").err(),
+            Some(Refused::TooManyForConsumer)
+        );
+        let _b = router.subscribe("b").unwrap();
+        assert_eq!(router.subscribe("c").err(), Some(Refused::TooManyStreams));
+        drop(a1);
+        assert!(router.subscribe("c").is_ok());
     }
 }

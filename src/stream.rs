@@ -23,7 +23,7 @@ use tokio::time::MissedTickBehavior;
 
 use crate::hub::Published;
 use crate::metrics::Metrics;
-use crate::router::Router;
+use crate::router::{Refused, Router};
 use crate::sse::{self, Frame};
 use crate::store::{EventRow, Store, StoreError};
 
@@ -56,6 +56,8 @@ pub enum OpenError {
     NotReady,
     #[error("cannot replay from the database right now: {0}")]
     Replay(#[from] StoreError),
+    #[error(transparent)]
+    Refused(#[from] Refused),
 }
 
 /// How long a new stream waits for the hub to become ready before it is refused with 503.
@@ -75,7 +77,7 @@ impl Streams {
         cursor: Option<i64>,
     ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
         // Subscribe before reading the published id, so that no frame published after it is missed.
-        let mut subscription = self.router.subscribe(&consumer);
+        let mut subscription = self.router.subscribe(&consumer)?;
         // Just after start-up the hub may need a moment to find its starting point; a client
         // that connects then (a browser reconnecting to a restarted service) waits rather than
         // being refused.
