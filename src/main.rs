@@ -1,6 +1,7 @@
 //! The event-piper binary: parse the configuration, set up logging, run until a signal.
 
 use std::io::IsTerminal;
+use std::process::ExitCode;
 
 use clap::Parser;
 use event_piper::Config;
@@ -8,8 +9,18 @@ use event_piper::config::{Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let config = Config::parse();
+async fn main() -> ExitCode {
+    match run(Config::parse()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line a person can act on, not a Debug dump.
+            eprintln!("event-piper: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
     if let Some(Command::Token { sub, ttl, publish }) = &config.command {
         let secret = config.jwt_secret.as_deref().ok_or_else(|| {
             anyhow::anyhow!("event-piper token needs --jwt-secret (or EVENT_PIPER_JWT_SECRET)")
