@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             // One line a person can act on, not a Debug dump.
-            eprintln!("event-piper: {error:#}");
+            eprintln!("event-piper: {error}");
             ExitCode::FAILURE
         }
     }
