@@ -21,22 +21,29 @@ impl Frame {
     /// them, so they are replaced rather than allowed to break the framing.
     pub fn render(id: i64, event_type: &str, payload: &str) -> Frame {
         let mut buf = BytesMut::with_capacity(32 + event_type.len() + payload.len());
-        buf.put_slice(b"id: ");
-        buf.put_slice(itoa::Buffer::new().format(id).as_bytes());
-        buf.put_slice(b"\nevent: ");
-        if event_type.contains(['\r', '\n']) {
-            buf.put_slice(event_type.replace(['\r', '\n'], " ").as_bytes());
-        } else {
-            buf.put_slice(event_type.as_bytes());
-        }
-        buf.put_slice(b"\ndata: ");
-        put_compact_json(&mut buf, payload);
-        buf.put_slice(b"\n\n");
+        put_event(&mut buf, id, event_type, payload);
         Frame {
             id,
             bytes: buf.freeze(),
         }
     }
+}
+
+/// Appends one event's frame to `buf` (see [`Frame::render`]); a replay renders a whole page into
+/// one buffer this way, so that a page costs one write instead of one per event.
+pub fn put_event(buf: &mut BytesMut, id: i64, event_type: &str, payload: &str) {
+    buf.reserve(32 + event_type.len() + payload.len());
+    buf.put_slice(b"id: ");
+    buf.put_slice(itoa::Buffer::new().format(id).as_bytes());
+    buf.put_slice(b"\nevent: ");
+    if event_type.contains(['\r', '\n']) {
+        buf.put_slice(event_type.replace(['\r', '\n'], " ").as_bytes());
+    } else {
+        buf.put_slice(event_type.as_bytes());
+    }
+    buf.put_slice(b"\ndata: ");
+    put_compact_json(buf, payload);
+    buf.put_slice(b"\n\n");
 }
 
 /// The `retry:` hint sent first on every stream.

@@ -15,7 +15,7 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use metrics::Gauge;
 use tokio::sync::{broadcast, watch};
@@ -148,9 +148,9 @@ impl Streams {
                     let complete = (rows.len() as i64) < streams.page_size;
                     streams.metrics.replay_rows.increment(rows.len() as u64);
                     streams.metrics.frames_delivered.increment(rows.len() as u64);
-                    for row in rows {
-                        floor = row.id;
-                        yield Ok(row.frame().bytes);
+                    if let Some(last) = rows.last() {
+                        floor = last.id;
+                        yield Ok(render_page(&rows));
                     }
                     if complete {
                         floor = replay_upto;
@@ -209,6 +209,19 @@ impl Streams {
             .read_consumer(consumer, after, upto, self.page_size)
             .await
     }
+}
+
+/// A page of replayed rows as one buffer of frames.
+fn render_page(rows: &[EventRow]) -> Bytes {
+    let size: usize = rows
+        .iter()
+        .map(|row| 32 + row.event_type.len() + row.payload.len())
+        .sum();
+    let mut buf = BytesMut::with_capacity(size);
+    for row in rows {
+        sse::put_event(&mut buf, row.id, &row.event_type, &row.payload);
+    }
+    buf.freeze()
 }
 
 /// Logs a stream's opening and closing, and keeps the open-streams gauges by state.

@@ -139,7 +139,7 @@ async fn an_id_in_flight_holds_back_the_ids_after_it() {
     slow_tx.commit().await.unwrap();
     assert_eq!(stream.ids(2).await, vec![first, second]);
 
-    // A client that resumes after the second never needs the first: same order for everyone.
+    // Replay gives the same order as live delivery did.
     let mut replay = app.consume("c", Some(0)).await;
     assert_eq!(replay.ids(2).await, vec![first, second]);
 }
