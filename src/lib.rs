@@ -56,6 +56,8 @@ const MANAGED_DATABASE: &str = "event_piper";
 /// The whole service: a managed PostgreSQL when no database URL is configured, the HTTP server on
 /// the configured address, until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), Error> {
+    // Fail on a bad key before starting anything.
+    config.auth()?;
     raise_open_files_limit();
     let mut managed = None;
     let database_url = match &config.database_url {
