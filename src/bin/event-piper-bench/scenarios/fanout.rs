@@ -92,10 +92,7 @@ async fn shape(bench: &mut Bench, database: &str, plan: Plan, title: String) -> 
         .info("latency p50", ms(outcome.latency.p50))
         .info("latency p99.9", ms(outcome.latency.p999))
         .info("latency max", ms(outcome.latency.max))
-        .info(
-            "connections opened and live in",
-            format!("{:.1} s", outcome.connect_time.as_secs_f64()),
-        );
+        .info("connections opened and live in", ms(outcome.connect_time));
     live::describe(&mut table, &outcome, rate, bench.args.producers);
     Ok(table)
 }

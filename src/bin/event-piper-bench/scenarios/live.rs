@@ -64,6 +64,7 @@ pub async fn run(bench: &Bench, service: &Service, url: &str, plan: Plan) -> Res
     let ledger = Arc::new(Ledger::new(next_id(url).await?, bench.epoch));
     let shared = Shared::new(Arc::clone(&ledger), true);
     let connections = plan.specs.len();
+    super::wait_for_quiet(bench.args.quiet_timeout).await;
     // A backstop: every connection task ends by itself at the latest here.
     let deadline = Instant::now() + duration + Duration::from_secs(600);
     let fleet = Fleet::open(
@@ -73,7 +74,6 @@ pub async fn run(bench: &Bench, service: &Service, url: &str, plan: Plan) -> Res
         bench.args.connect_concurrency,
         deadline,
     );
-    super::wait_for_quiet(bench.args.quiet_timeout).await;
     let counter = Arc::new(AtomicU64::new(0));
     let progress = Progress::start(
         plan.label.clone(),
