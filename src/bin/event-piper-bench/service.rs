@@ -96,10 +96,10 @@ impl Service {
             }
             let probe =
                 tokio::time::timeout(Duration::from_secs(2), client::status(self.addr, "/ready"));
-            if let Ok(Ok(status)) = probe.await {
-                if status.is_success() {
-                    return Ok(());
-                }
+            if let Ok(Ok(status)) = probe.await
+                && status.is_success()
+            {
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -168,7 +168,7 @@ pub fn describe(table: &mut Table, outcome: &Outcome, rate: f64, producers: usiz
             "last frame after producers stopped",
             outcome
                 .drain
-                .map_or("never (timed out)".into(), |drain| ms(drain)),
+                .map_or("never (timed out)".into(), ms),
         );
     let delivery = &outcome.settled.delivery;
     table.check(
