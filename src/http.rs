@@ -16,6 +16,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
 use crate::router::Refused;
+use crate::sse::Format;
 use crate::store::{Store, StoreError};
 use crate::stream::{OpenError, Streams};
 
@@ -215,6 +216,8 @@ pub struct EventsQuery {
     pub last_event_id: Option<String>,
     /// A token, for `EventSource` (which cannot send an Authorization header).
     pub access_token: Option<String>,
+    /// `true`: events as `data: {"type", "payload"}` without an `event:` line (see [`Format`]).
+    pub envelope: Option<String>,
 }
 
 /// `GET /events`: the consumer's event stream.
@@ -242,10 +245,19 @@ async fn events(
         }
     };
     let cursor = last_event_id(&headers, &query)?;
+    let format = match query.envelope.as_deref() {
+        None | Some("false") => Format::Named,
+        Some("true") => Format::Envelope,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "envelope must be true or false".into(),
+            ));
+        }
+    };
     let streams = &state.streams;
     let retry_after = streams.retry_after();
     let stream = streams
-        .open(consumer, cursor)
+        .open(consumer, cursor, format)
         .await
         .map_err(|error| match error {
             OpenError::Refused(Refused::TooManyForConsumer) => ApiError::TooManyRequests {

@@ -7,6 +7,7 @@
 //! integration tests start the real app on port 0; [`run`] is the whole binary.
 
 pub mod auth;
+pub mod channel;
 pub mod config;
 pub mod http;
 pub mod hub;

@@ -2,20 +2,19 @@
 //!
 //! A consumer's channel exists while at least one of its streams is open: created by the first
 //! subscription and dropped with the last, so an event costs work only for consumers that are
-//! listening. Each channel is a bounded `broadcast`: every open stream of the consumer receives
-//! every frame, and a stream that falls too far behind is told so (lag) instead of holding the
-//! others back.
+//! listening. Each channel is a bounded broadcast ([`crate::channel`]): every open stream of the
+//! consumer receives every frame, and a stream that falls too far behind is told so (lag) instead
+//! of holding the others back.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::broadcast;
-
+use crate::channel::{self, Receiver, Sender};
 use crate::sse::Frame;
 
 pub struct Router {
-    channels: Mutex<HashMap<String, broadcast::Sender<Frame>>>,
+    channels: Mutex<HashMap<String, Sender>>,
     capacity: usize,
     limits: Limits,
     /// Open subscriptions; changed only under the `channels` lock.
@@ -55,7 +54,7 @@ impl Router {
         })
     }
 
-    fn channels(&self) -> MutexGuard<'_, HashMap<String, broadcast::Sender<Frame>>> {
+    fn channels(&self) -> MutexGuard<'_, HashMap<String, Sender>> {
         // The map stays consistent even if a holder panicked: every critical section is a single
         // map operation.
         self.channels.lock().unwrap_or_else(PoisonError::into_inner)
@@ -73,7 +72,7 @@ impl Router {
         }
         let receiver = channels
             .entry(consumer.to_owned())
-            .or_insert_with(|| broadcast::channel(self.capacity).0)
+            .or_insert_with(|| channel::channel(self.capacity))
             .subscribe();
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
@@ -89,16 +88,15 @@ impl Router {
     pub fn route<'a>(&self, frames: impl IntoIterator<Item = (Option<&'a str>, Frame)>) {
         let channels = self.channels();
         for (consumer, frame) in frames {
-            // A send error means no receiver is left: the last one is about to remove the channel.
             match consumer {
                 Some(consumer) => {
                     if let Some(sender) = channels.get(consumer) {
-                        let _ = sender.send(frame);
+                        sender.send(frame);
                     }
                 }
                 None => {
                     for sender in channels.values() {
-                        let _ = sender.send(frame.clone());
+                        sender.send(frame.clone());
                     }
                 }
             }
@@ -118,13 +116,13 @@ impl Router {
 
 /// A stream's end of its consumer's channel. Dropping the last one removes the channel.
 pub struct Subscription {
-    receiver: Option<broadcast::Receiver<Frame>>,
+    receiver: Option<Receiver>,
     consumer: String,
     router: Arc<Router>,
 }
 
 impl Subscription {
-    pub fn receiver(&mut self) -> &mut broadcast::Receiver<Frame> {
+    pub fn receiver(&mut self) -> &mut Receiver {
         self.receiver
             .as_mut()
             .expect("the receiver is only taken in drop")
@@ -173,13 +171,13 @@ mod tests {
             (Some("c"), frame(3)),
             (None, frame(4)),
         ]);
-        assert_eq!(a1.receiver().try_recv().unwrap().id, 1);
-        assert_eq!(a1.receiver().try_recv().unwrap().id, 4);
-        assert_eq!(a2.receiver().try_recv().unwrap().id, 1);
-        assert_eq!(a2.receiver().try_recv().unwrap().id, 4);
-        assert_eq!(b.receiver().try_recv().unwrap().id, 2);
-        assert_eq!(b.receiver().try_recv().unwrap().id, 4);
-        assert!(b.receiver().try_recv().is_err());
+        assert_eq!(a1.receiver().try_recv().unwrap().unwrap().id, 1);
+        assert_eq!(a1.receiver().try_recv().unwrap().unwrap().id, 4);
+        assert_eq!(a2.receiver().try_recv().unwrap().unwrap().id, 1);
+        assert_eq!(a2.receiver().try_recv().unwrap().unwrap().id, 4);
+        assert_eq!(b.receiver().try_recv().unwrap().unwrap().id, 2);
+        assert_eq!(b.receiver().try_recv().unwrap().unwrap().id, 4);
+        assert!(b.receiver().try_recv().is_none());
 
         drop(a1);
         assert_eq!(router.consumers(), 2);

@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use std::time::Duration;
 
 /// A rendered event: its id (for ordering and de-duplication) and its bytes on the wire.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
     pub id: i64,
     pub bytes: Bytes,
@@ -46,17 +46,88 @@ pub fn put_event(buf: &mut BytesMut, id: i64, event_type: &str, payload: &str) {
     buf.put_slice(b"\n\n");
 }
 
+/// How a stream writes events. Browsers' `EventSource` fires `onmessage` only for frames without
+/// an `event:` line and offers no listener for "any type", so a page that shows every type asks
+/// for the envelope (`GET /events?envelope=true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    /// `id:`, `event:` type, `data:` payload: the default, as EventPiper sends it.
+    #[default]
+    Named,
+    /// `id:` and `data: {"type": ..., "payload": ...}`, no `event:` line.
+    Envelope,
+}
+
+impl Format {
+    /// Appends one event (a replay renders its page through this).
+    pub fn put_event(self, buf: &mut BytesMut, id: i64, event_type: &str, payload: &str) {
+        match self {
+            Format::Named => put_event(buf, id, event_type, payload),
+            Format::Envelope => put_envelope(buf, Some(id), event_type, payload),
+        }
+    }
+
+    /// A live frame as this stream sends it. The hub renders every frame once in the named
+    /// format and streams share those bytes; only envelope streams pay for a rewrite.
+    pub fn live(self, frame: Bytes) -> Bytes {
+        match self {
+            Format::Named => frame,
+            Format::Envelope => {
+                let Some((id, event_type, data)) = split_named(&frame) else {
+                    return frame;
+                };
+                let mut buf = BytesMut::with_capacity(frame.len() + 24);
+                // `data` is already compact: put_envelope's compaction finds nothing to strip.
+                put_envelope(&mut buf, Some(id), event_type, data);
+                buf.freeze()
+            }
+        }
+    }
+
+    /// The notice a resuming client gets when retention deleted events after its resume point:
+    /// an event without an `id:` line, so it does not move the client's Last-Event-ID.
+    pub fn truncated(self, last_event_id: i64, deleted_upto: i64) -> Bytes {
+        let data = format!("{{\"last_event_id\":{last_event_id},\"deleted_upto\":{deleted_upto}}}");
+        let mut buf = BytesMut::new();
+        match self {
+            Format::Named => {
+                buf.put_slice(format!("event: {TRUNCATED_EVENT}\ndata: {data}\n\n").as_bytes())
+            }
+            Format::Envelope => put_envelope(&mut buf, None, TRUNCATED_EVENT, &data),
+        }
+        buf.freeze()
+    }
+}
+
+fn put_envelope(buf: &mut BytesMut, id: Option<i64>, event_type: &str, payload: &str) {
+    buf.reserve(48 + event_type.len() + payload.len());
+    if let Some(id) = id {
+        buf.put_slice(b"id: ");
+        buf.put_slice(itoa::Buffer::new().format(id).as_bytes());
+        buf.put_slice(b"\n");
+    }
+    buf.put_slice(b"data: {\"type\":");
+    // A JSON string escapes line breaks, so any type is safe inside the data line.
+    let quoted = serde_json::Value::from(event_type).to_string();
+    buf.put_slice(quoted.as_bytes());
+    buf.put_slice(b",\"payload\":");
+    put_compact_json(buf, payload);
+    buf.put_slice(b"}\n\n");
+}
+
+/// Takes a frame rendered by [`put_event`] apart: id, type, compact payload.
+fn split_named(frame: &[u8]) -> Option<(i64, &str, &str)> {
+    let text = std::str::from_utf8(frame).ok()?;
+    let rest = text.strip_prefix("id: ")?;
+    let (id, rest) = rest.split_once("\nevent: ")?;
+    let (event_type, rest) = rest.split_once("\ndata: ")?;
+    let data = rest.strip_suffix("\n\n")?;
+    Some((id.parse().ok()?, event_type, data))
+}
+
 /// The `retry:` hint sent first on every stream.
 pub fn retry(delay: Duration) -> Bytes {
     Bytes::from(format!("retry: {}\n\n", delay.as_millis()))
-}
-
-/// The notice a resuming client gets when retention deleted events after its resume point: an
-/// event without an `id:` line, so it does not move the client's Last-Event-ID.
-pub fn truncated(last_event_id: i64, deleted_upto: i64) -> Bytes {
-    Bytes::from(format!(
-        "event: {TRUNCATED_EVENT}\ndata: {{\"last_event_id\":{last_event_id},\"deleted_upto\":{deleted_upto}}}\n\n"
-    ))
 }
 
 /// The event type of the retention notice.
@@ -130,5 +201,32 @@ mod tests {
     fn line_breaks_in_types_cannot_break_framing() {
         let frame = Frame::render(7, "a\nb\rc", "null");
         assert_eq!(text(&frame), "id: 7\nevent: a b c\ndata: null\n\n");
+    }
+
+    #[test]
+    fn envelope_carries_the_type_in_the_data() {
+        let frame = Frame::render(3, "say \"hi\"", r#"{"foo": "bar"}"#);
+        let live = Format::Envelope.live(frame.bytes);
+        let expected =
+            "id: 3\ndata: {\"type\":\"say \\\"hi\\\"\",\"payload\":{\"foo\":\"bar\"}}\n\n";
+        assert_eq!(std::str::from_utf8(&live).unwrap(), expected);
+        // A replayed page renders the same bytes as the live path.
+        let mut replayed = BytesMut::new();
+        Format::Envelope.put_event(&mut replayed, 3, "say \"hi\"", r#"{"foo": "bar"}"#);
+        assert_eq!(&replayed[..], expected.as_bytes());
+    }
+
+    #[test]
+    fn truncated_notice_has_no_id_in_either_format() {
+        let named = Format::Named.truncated(5, 9);
+        assert_eq!(
+            &named[..],
+            b"event: event-piper.truncated\ndata: {\"last_event_id\":5,\"deleted_upto\":9}\n\n"
+        );
+        let envelope = Format::Envelope.truncated(5, 9);
+        assert_eq!(
+            &envelope[..],
+            b"data: {\"type\":\"event-piper.truncated\",\"payload\":{\"last_event_id\":5,\"deleted_upto\":9}}\n\n"
+        );
     }
 }

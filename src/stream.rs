@@ -18,13 +18,14 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures::Stream;
 use metrics::Gauge;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
+use crate::channel::RecvError;
 use crate::hub::Published;
 use crate::metrics::Metrics;
 use crate::router::{Refused, Router};
-use crate::sse::{self, Frame};
+use crate::sse::{self, Format, Frame};
 use crate::store::{EventRow, Store, StoreError};
 
 /// What every stream shares.
@@ -67,7 +68,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Streams {
     /// Opens the body of `GET /events` for `consumer`, resuming after `cursor` when given (live
-    /// only otherwise). The first page of a replay is read here, so that a resume point the
+    /// only otherwise), writing events in `format`. The first page of a replay is read here, so that a resume point the
     /// database cannot serve now is refused up front instead of starting a stream that would
     /// stall. Once open, the stream survives database outages (later pages are retried while
     /// heartbeats continue) and ends only on shutdown.
@@ -75,6 +76,7 @@ impl Streams {
         self: &Arc<Self>,
         consumer: String,
         cursor: Option<i64>,
+        format: Format,
     ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
         // Subscribe before reading the published id, so that no frame published after it is missed.
         let mut subscription = self.router.subscribe(&consumer)?;
@@ -100,7 +102,7 @@ impl Streams {
         let truncated = match cursor {
             Some(cursor) => {
                 let deleted_upto = self.store.deleted_upto().await?;
-                (cursor < deleted_upto).then(|| sse::truncated(cursor, deleted_upto))
+                (cursor < deleted_upto).then(|| format.truncated(cursor, deleted_upto))
             }
             None => None,
         };
@@ -150,7 +152,7 @@ impl Streams {
                     streams.metrics.frames_delivered.increment(rows.len() as u64);
                     if let Some(last) = rows.last() {
                         floor = last.id;
-                        yield Ok(render_page(&rows));
+                        yield Ok(render_page(&rows, format));
                     }
                     if complete {
                         floor = replay_upto;
@@ -165,8 +167,8 @@ impl Streams {
                         _ = shutdown.wait_for(|stop| *stop) => Live::End,
                         received = subscription.receiver().recv() => match received {
                             Ok(frame) => Live::Frame(frame),
-                            Err(broadcast::error::RecvError::Lagged(_)) => Live::Lagged,
-                            Err(broadcast::error::RecvError::Closed) => Live::End,
+                            Err(RecvError::Lagged(_)) => Live::Lagged,
+                            Err(RecvError::Closed) => Live::End,
                         },
                         _ = heartbeat.tick() => Live::Heartbeat,
                     };
@@ -174,7 +176,7 @@ impl Streams {
                         Live::Frame(frame) if frame.id > floor => {
                             floor = frame.id;
                             streams.metrics.frames_delivered.increment(1);
-                            yield Ok(frame.bytes);
+                            yield Ok(format.live(frame.bytes));
                         }
                         Live::Frame(_) => {} // already covered by the replay
                         Live::Heartbeat => yield Ok(sse::HEARTBEAT),
@@ -212,14 +214,14 @@ impl Streams {
 }
 
 /// A page of replayed rows as one buffer of frames.
-fn render_page(rows: &[EventRow]) -> Bytes {
+fn render_page(rows: &[EventRow], format: Format) -> Bytes {
     let size: usize = rows
         .iter()
         .map(|row| 32 + row.event_type.len() + row.payload.len())
         .sum();
     let mut buf = BytesMut::with_capacity(size);
     for row in rows {
-        sse::put_event(&mut buf, row.id, &row.event_type, &row.payload);
+        format.put_event(&mut buf, row.id, &row.event_type, &row.payload);
     }
     buf.freeze()
 }

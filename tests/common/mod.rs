@@ -75,13 +75,22 @@ impl TestApp {
     /// Stops the app and starts it again on the same address and database, as an operator's
     /// restart would (clients see their streams end and reconnect).
     pub async fn restart(self, flags: &[&str]) -> TestApp {
-        let address = self.base.trim_start_matches("http://").to_owned();
-        let db_url = self.db_url.clone();
+        let (address, db_url) = (self.address(), self.db_url.clone());
         self.stop().await.expect("clean shutdown");
-        let listener = TcpListener::bind(&address)
+        TestApp::start_at(&address, &db_url, flags).await
+    }
+
+    /// Starts the app on a given address (where a stopped one ran) against an existing database.
+    pub async fn start_at(address: &str, db_url: &str, flags: &[&str]) -> TestApp {
+        let listener = TcpListener::bind(address)
             .await
             .expect("rebinding the address");
-        TestApp::start_on_listener(listener, &db_url, flags).await
+        TestApp::start_on_listener(listener, db_url, flags).await
+    }
+
+    /// `host:port` the app listens on.
+    pub fn address(&self) -> String {
+        self.base.trim_start_matches("http://").to_owned()
     }
 
     async fn start_on_listener(listener: TcpListener, db_url: &str, flags: &[&str]) -> TestApp {

@@ -67,6 +67,9 @@ impl Service {
             .arg(addr.to_string())
             .args(&launch.extra_args)
             .env("RUST_LOG", &launch.log_level)
+            // Scenario 3a holds 1,000 streams of one consumer, over the default per-consumer
+            // limit. An environment variable, so that --service-arg can still set the flag.
+            .env("EVENT_PIPER_MAX_STREAMS_PER_CONSUMER", "1000000")
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)

@@ -1,0 +1,337 @@
+//! The built-in page in a real headless Chromium, driven through chromedriver's WebDriver HTTP
+//! API: the page connects with EventSource, publishes through its form and shows the event; then
+//! the service is stopped and started again under the open page, events are inserted while it is
+//! down, and the browser's own reconnect (EventSource sending `Last-Event-ID`) brings every one of
+//! them, once, in order.
+//!
+//! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them the test
+//! prints SKIPPED and passes, unless `EVENT_PIPER_REQUIRE_BROWSER=1` (set by `.ci/run`) makes
+//! their absence a failure. `CHROMEDRIVER` and `CHROMIUM` override where they are looked for.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{PATIENCE, TestApp, insert};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+/// A chromedriver process and one browser session in it.
+struct Browser {
+    driver: Child,
+    http: reqwest::Client,
+    /// `http://127.0.0.1:PORT/session/ID`
+    session: String,
+    _profile: TempDir,
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium; None (with the reason) when they are missing.
+    async fn start() -> Result<Browser, String> {
+        let driver_path = find("CHROMEDRIVER", &["chromedriver"])
+            .ok_or("chromedriver not found (Debian package chromium-driver)")?;
+        let chromium = find(
+            "CHROMIUM",
+            &["chromium", "chromium-browser", "google-chrome"],
+        )
+        .ok_or("chromium not found (Debian package chromium)")?;
+        let port = free_port();
+        let driver = Command::new(&driver_path)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|error| format!("starting {}: {error}", driver_path.display()))?;
+        let http = reqwest::Client::new();
+        let root = format!("http://127.0.0.1:{port}");
+        let ready = async {
+            loop {
+                let status = http.get(format!("{root}/status")).send().await;
+                if let Ok(status) = status
+                    && let Ok(body) = status.json::<Value>().await
+                    && body["value"]["ready"] == json!(true)
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, ready)
+            .await
+            .map_err(|_| "chromedriver did not become ready".to_owned())?;
+
+        let profile = TempDir::new("event-piper-chromium");
+        let capabilities = json!({
+            "capabilities": { "alwaysMatch": {
+                "goog:chromeOptions": {
+                    "binary": chromium,
+                    // Root has no sandbox; /dev/shm may be small in containers.
+                    "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                             format!("--user-data-dir={}", profile.0.display())]
+                }
+            }}
+        });
+        let created: Value = http
+            .post(format!("{root}/session"))
+            .json(&capabilities)
+            .send()
+            .await
+            .map_err(|error| format!("creating a browser session: {error}"))?
+            .json()
+            .await
+            .map_err(|error| format!("creating a browser session: {error}"))?;
+        let id = created["value"]["sessionId"]
+            .as_str()
+            .ok_or_else(|| format!("chromedriver refused the session: {created}"))?;
+        Ok(Browser {
+            driver,
+            http,
+            session: format!("{root}/session/{id}"),
+            _profile: profile,
+        })
+    }
+
+    async fn command(&self, path: &str, body: Value) -> Value {
+        let response: Value = self
+            .http
+            .post(format!("{}/{path}", self.session))
+            .json(&body)
+            .send()
+            .await
+            .expect("a WebDriver command")
+            .json()
+            .await
+            .expect("a WebDriver answer");
+        assert!(
+            response["value"]["error"].is_null(),
+            "WebDriver {path} failed: {response}"
+        );
+        response["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        self.command("url", json!({ "url": url })).await;
+    }
+
+    /// Runs `script` (a function body; `arguments[i]` are `args`) in the page, returns its value.
+    async fn run(&self, script: &str, args: Value) -> Value {
+        self.command("execute/sync", json!({ "script": script, "args": args }))
+            .await
+    }
+
+    /// Polls `script` until it returns something other than null/false; returns that.
+    async fn wait_for(&self, what: &str, script: &str) -> Value {
+        let poll = async {
+            loop {
+                let value = self.run(script, json!([])).await;
+                if !(value.is_null() || value == json!(false)) {
+                    return value;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        match tokio::time::timeout(PATIENCE, poll).await {
+            Ok(value) => value,
+            Err(_) => {
+                let state = self
+                    .run("return JSON.stringify(window.piper)", json!([]))
+                    .await;
+                panic!("timed out waiting for {what}; page state: {state}");
+            }
+        }
+    }
+
+    /// The ids the page received, in arrival order.
+    async fn received(&self) -> Vec<i64> {
+        serde_json::from_value(self.run("return piper.received", json!([])).await).unwrap()
+    }
+
+    async fn quit(mut self) {
+        let _ = self.http.delete(&self.session).send().await;
+        let _ = self.driver.kill().await;
+    }
+}
+
+/// A directory removed on drop (the browser profile).
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        std::fs::create_dir_all(&path).expect("creating a profile directory");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An executable named by `variable`, or the first of `names` on PATH.
+fn find(variable: &str, names: &[&str]) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(variable) {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .flat_map(|dir| names.iter().map(move |name| dir.join(name)))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_publishes_shows_and_resumes_across_a_restart() {
+    let browser = match Browser::start().await {
+        Ok(browser) => browser,
+        Err(reason) if std::env::var_os("EVENT_PIPER_REQUIRE_BROWSER").is_none() => {
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+        Err(reason) => panic!("EVENT_PIPER_REQUIRE_BROWSER is set, but: {reason}"),
+    };
+    let app = TestApp::start().await;
+    let producer = app.producer().await;
+
+    browser
+        .open(&format!("{}/?consumer=browser", app.base))
+        .await;
+    browser
+        .wait_for(
+            "the page's stream to be live",
+            "return piper.state === 'live'",
+        )
+        .await;
+
+    // Publish through the page's form; the payload would run script if the page rendered it
+    // as HTML.
+    let hostile = r#"{"n": 1, "html": "<img src=x onerror=\"window.injected = true\">"}"#;
+    browser
+        .run(
+            "document.getElementById('pub-payload').value = arguments[0];
+             document.getElementById('pub-send').click();",
+            json!([hostile]),
+        )
+        .await;
+    let result = browser
+        .wait_for(
+            "the publish result",
+            "const text = document.getElementById('publish-result').textContent;
+             return text.startsWith('Published') ? text : null;",
+        )
+        .await;
+    let published: i64 = result
+        .as_str()
+        .and_then(|text| text.strip_prefix("Published: id "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|id| id.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected publish result {result}"));
+    browser
+        .wait_for(
+            "the published event on the page",
+            &format!("return piper.received.includes({published})"),
+        )
+        .await;
+    let row = browser
+        .run(
+            "const row = document.querySelector('#events tr');
+             return { cells: [...row.cells].map(cell => cell.textContent),
+                      images: document.querySelectorAll('#events img').length,
+                      injected: window.injected === true };",
+            json!([]),
+        )
+        .await;
+    assert_eq!(row["cells"][0], json!(published.to_string()));
+    assert_eq!(row["cells"][1], json!("insert"));
+    assert!(
+        row["cells"][3].as_str().unwrap().contains("<img src=x"),
+        "payload shown as text: {row}"
+    );
+    assert_eq!(row["images"], json!(0), "payload must not become HTML");
+    assert_eq!(row["injected"], json!(false));
+
+    // Another consumer's event is not shown; a broadcast is.
+    insert(&producer, "someone-else", r#"{"n": 2}"#).await;
+    let broadcast: i64 = producer
+        .query_one(
+            "INSERT INTO events (type, timestamp, subscriber, payload) \
+             VALUES ('notice', now(), NULL, '{\"n\": 3}') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    browser
+        .wait_for(
+            "the broadcast",
+            &format!("return piper.received.includes({broadcast})"),
+        )
+        .await;
+
+    // Stop the service under the open page, insert while it is down, start it again.
+    let (address, db_url) = (app.address(), app.db_url.clone());
+    app.stop().await.expect("clean shutdown");
+    browser
+        .wait_for(
+            "the page to see the stream end",
+            "return piper.state === 'reconnecting'",
+        )
+        .await;
+    let mut missed = Vec::new();
+    for n in 0..3 {
+        missed.push(insert(&producer, "browser", &format!(r#"{{"missed": {n}}}"#)).await);
+        insert(&producer, "someone-else", r#"{"missed": true}"#).await;
+    }
+    let app = TestApp::start_at(&address, &db_url, &[]).await;
+
+    // The page opened its stream without a resume point, so the missed events can only come
+    // from the Last-Event-ID header that the browser's own reconnect sends.
+    let last_missed = *missed.last().unwrap();
+    browser
+        .wait_for(
+            "the events inserted while the service was down",
+            &format!("return piper.received.includes({last_missed})"),
+        )
+        .await;
+    let live = insert(&producer, "browser", r#"{"after": "restart"}"#).await;
+    browser
+        .wait_for(
+            "a live event after the restart",
+            &format!("return piper.received.includes({live})"),
+        )
+        .await;
+
+    let mut expected = vec![published, broadcast];
+    expected.extend(&missed);
+    expected.push(live);
+    assert_eq!(
+        browser.received().await,
+        expected,
+        "every event once, in order"
+    );
+    let page_reconnects = browser.run("return piper.pageReconnects", json!([])).await;
+    assert_eq!(
+        page_reconnects,
+        json!(0),
+        "the browser's own reconnect resumed, not the page's fallback"
+    );
+
+    browser.quit().await;
+    app.stop().await.expect("clean shutdown");
+}
