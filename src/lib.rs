@@ -60,6 +60,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Fail on a bad key before starting anything.
     config.auth()?;
     raise_open_files_limit();
+    map_connection_buffers_lazily();
     let mut managed = None;
     let database_url = match &config.database_url {
         Some(url) => {
@@ -262,6 +263,19 @@ fn raise_open_files_limit() {
                 );
             }
         }
+    }
+}
+
+/// Every HTTP connection holds two buffers hyper allocates at 8 and 16 kB and rarely fills past
+/// the first few hundred bytes (the request head, the response head). Served by glibc from the
+/// heap, each costs its full size in resident memory; mapped on their own, only the pages written
+/// are resident. With the threshold at 8 kB an idle stream costs about half the memory (see
+/// BENCHMARKS.md, scenario 4); larger buffers (replay pages) were mapped already.
+fn map_connection_buffers_lazily() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets a tuning parameter of the allocator.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 * 1024);
     }
 }
 

@@ -8,14 +8,18 @@
 //! - A header read timeout (slow-header clients are dropped) and a cap on the header size.
 //! - Graceful shutdown: stop accepting, let open connections finish (streams end on their own
 //!   when the service stops), then return.
+//!
+//! HTTP/1.1 only: browsers speak HTTP/2 only over TLS, which a proxy in front terminates, and
+//! every open stream's task is sized for the largest connection state it could hold; without
+//! HTTP/2 an idle stream costs about 2 kB less (BENCHMARKS.md, scenario 4).
 
 use std::future::Future;
 use std::io;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -36,9 +40,8 @@ pub async fn serve(
     settings: ServeSettings,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = http1::Builder::new();
     builder
-        .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(settings.header_timeout)
         // hyper refuses less than 8 KiB.
@@ -66,9 +69,7 @@ pub async fn serve(
         socket.set_write_timeout(Some(settings.write_timeout));
         let io = TokioIo::new(Box::pin(socket));
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
+        let connection = builder.serve_connection(io, service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {

@@ -130,7 +130,9 @@ impl Streams {
                     }
                     let rows = match page.take() {
                         Some(rows) => rows,
-                        None => match streams.read_page(&consumer, floor, replay_upto).await {
+                        // Boxed: a query future is large, and every idle stream would carry
+                        // its space in its state all its life.
+                        None => match Box::pin(streams.read_page(&consumer, floor, replay_upto)).await {
                             Ok(rows) => rows,
                             Err(error) => {
                                 tracing::warn!(%consumer, %error, after = floor, retry_in = ?backoff, "replay page failed");
