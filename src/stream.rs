@@ -21,7 +21,7 @@ use metrics::Gauge;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 
-use crate::channel::RecvError;
+use crate::channel::{Receiver, RecvError};
 use crate::hub::Published;
 use crate::metrics::Metrics;
 use crate::router::{Refused, Router};
@@ -163,8 +163,10 @@ impl Streams {
                 floor = floor.max(replay_upto);
                 guard.set_live(true);
 
+                // A lag seen while taking queued frames, handled once those are sent.
+                let mut lagged = false;
                 loop {
-                    let next = tokio::select! {
+                    let next = if lagged { Live::Lagged } else { tokio::select! {
                         biased;
                         _ = shutdown.wait_for(|stop| *stop) => Live::End,
                         received = subscription.receiver().recv() => match received {
@@ -173,12 +175,14 @@ impl Streams {
                             Err(RecvError::Closed) => Live::End,
                         },
                         _ = heartbeat.tick() => Live::Heartbeat,
-                    };
+                    }};
                     match next {
                         Live::Frame(frame) if frame.id > floor => {
-                            floor = frame.id;
-                            streams.metrics.frames_delivered.increment(1);
-                            yield Ok(format.live(frame.bytes));
+                            let (bytes, count, lag) =
+                                take_queued(subscription.receiver(), format, frame, &mut floor);
+                            lagged = lag;
+                            streams.metrics.frames_delivered.increment(count);
+                            yield Ok(bytes);
                         }
                         Live::Frame(_) => {} // already covered by the replay
                         Live::Heartbeat => yield Ok(sse::HEARTBEAT),
@@ -213,6 +217,44 @@ impl Streams {
             .read_consumer(consumer, after, upto, self.page_size)
             .await
     }
+}
+
+/// At most this much is gathered into one write (see [`take_queued`]).
+const GATHER_BYTES: usize = 64 * 1024;
+
+/// `first` and the frames already queued behind it, as one buffer: under load a stream sends
+/// many frames per wake-up and per write instead of one (the copy costs less than the write).
+/// Returns the bytes, how many frames they hold, and whether the channel reported a lag.
+fn take_queued(
+    receiver: &mut Receiver,
+    format: Format,
+    first: Frame,
+    floor: &mut i64,
+) -> (Bytes, u64, bool) {
+    *floor = first.id;
+    let first = format.live(first.bytes);
+    let mut gathered: Option<BytesMut> = None;
+    let mut count = 1;
+    while gathered.as_ref().map_or(first.len(), BytesMut::len) < GATHER_BYTES {
+        match receiver.try_recv() {
+            Some(Ok(frame)) if frame.id > *floor => {
+                *floor = frame.id;
+                count += 1;
+                let buf = gathered.get_or_insert_with(|| {
+                    let mut buf = BytesMut::with_capacity(GATHER_BYTES.min(first.len() * 16));
+                    buf.extend_from_slice(&first);
+                    buf
+                });
+                buf.extend_from_slice(&format.live(frame.bytes));
+            }
+            Some(Ok(_)) => {} // already covered by the replay
+            Some(Err(RecvError::Lagged(_))) => {
+                return (gathered.map_or(first, BytesMut::freeze), count, true);
+            }
+            Some(Err(RecvError::Closed)) | None => break,
+        }
+    }
+    (gathered.map_or(first, BytesMut::freeze), count, false)
 }
 
 /// A page of replayed rows as one buffer of frames.
@@ -267,5 +309,45 @@ impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
         self.gauge().decrement(1.0);
         tracing::info!(consumer = self.consumer, "stream closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel;
+
+    fn frame(id: i64) -> Frame {
+        Frame::render(id, "t", "1")
+    }
+
+    #[test]
+    fn queued_frames_go_out_in_one_buffer() {
+        let sender = channel::channel(8);
+        let mut receiver = sender.subscribe();
+        for id in [2, 3, 4] {
+            sender.send(frame(id));
+        }
+        let mut floor = 1;
+        let first = receiver.try_recv().unwrap().unwrap();
+        let (bytes, count, lagged) = take_queued(&mut receiver, Format::Named, first, &mut floor);
+        assert_eq!((count, lagged, floor), (3, false, 4));
+        let expected = [frame(2).bytes, frame(3).bytes, frame(4).bytes].concat();
+        assert_eq!(&bytes[..], &expected[..]);
+    }
+
+    #[test]
+    fn a_lag_met_while_gathering_is_reported_after_what_was_taken() {
+        let sender = channel::channel(2);
+        let mut receiver = sender.subscribe();
+        sender.send(frame(1));
+        let first = receiver.try_recv().unwrap().unwrap();
+        for id in 2..=4 {
+            sender.send(frame(id));
+        }
+        let mut floor = 0;
+        let (bytes, count, lagged) = take_queued(&mut receiver, Format::Named, first, &mut floor);
+        assert_eq!((count, lagged, floor), (1, true, 1));
+        assert_eq!(bytes, frame(1).bytes);
     }
 }
