@@ -244,7 +244,8 @@ async fn apply_schema(store: &Store, patience: std::time::Duration) -> Result<()
 
 /// Every open stream is a socket: lift the soft limit on open files to the hard limit (often 1024
 /// and 524288 on Linux), or the service would refuse connections long before memory runs out.
-fn raise_open_files_limit() {
+/// Returns the limit now in force (None if it cannot be read).
+pub fn raise_open_files_limit() -> Option<u64> {
     let mut limit = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -263,6 +264,7 @@ fn raise_open_files_limit() {
                 );
             }
         }
+        (libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0).then_some(limit.rlim_cur)
     }
 }
 

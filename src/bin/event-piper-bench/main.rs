@@ -41,7 +41,11 @@ use service::Launch;
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    raise_open_files_limit();
+    // The bench opens thousands of sockets (and the service, its child, inherits the limit).
+    match event_piper::raise_open_files_limit() {
+        Some(limit) => eprintln!("open files limit: {limit}"),
+        None => eprintln!("warning: cannot read the open files limit"),
+    }
     // Producers get a runtime thread of their own: see producer.rs.
     let producers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -133,25 +137,4 @@ async fn run(args: Args, producers: tokio::runtime::Handle) -> Result<u64> {
         anyhow::bail!("scenarios failed:\n{}", failures.join("\n"));
     }
     Ok(tables.iter().map(|table| table.delivery_errors).sum())
-}
-
-/// The bench opens thousands of sockets (and the service, its child, inherits the limit).
-fn raise_open_files_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                eprintln!("warning: cannot raise the open files limit");
-            }
-        }
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            eprintln!("open files limit: {}", limit.rlim_cur);
-        }
-    }
 }

@@ -11,9 +11,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use super::Bench;
 use super::live::{self, Plan};
-use super::{Bench, names};
-use crate::consumer::ConnSpec;
 use crate::database;
 use crate::latency::ms;
 use crate::report::{Table, count};
@@ -145,22 +144,12 @@ async fn measure_with(
     }
     let xact_before = xact_commit(&monitor).await?;
 
-    let consumers = names("cost", connections);
-    let specs = consumers
-        .iter()
-        .enumerate()
-        .map(|(index, consumer)| ConnSpec {
-            consumer: consumer.clone(),
-            index: index as u32,
-            last_event_id: None,
-        })
-        .collect();
-    let plan = Plan {
-        label: format!("dbcost {connections}"),
-        consumers,
-        specs,
-        rate: bench.args.rate,
-    };
+    let plan = Plan::one_connection_each(
+        format!("dbcost {connections}"),
+        "cost",
+        connections,
+        bench.args.rate,
+    );
     let outcome = live::run(bench, service, url, plan).await?;
 
     tokio::time::sleep(STATS_FLUSH).await;

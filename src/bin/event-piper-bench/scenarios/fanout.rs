@@ -36,21 +36,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
     ))
     .await?;
 
-    let many = names("fan-b", n);
-    let shape_b = Plan {
-        label: "fanout b".into(),
-        specs: many
-            .iter()
-            .enumerate()
-            .map(|(index, consumer)| ConnSpec {
-                consumer: consumer.clone(),
-                index: index as u32,
-                last_event_id: None,
-            })
-            .collect(),
-        consumers: many,
-        rate,
-    };
+    let shape_b = Plan::one_connection_each("fanout b".into(), "fan-b", n, rate);
     let b = shape(bench, "bench_fanout_b", shape_b, format!(
         "3b. fan-out: {n} consumers × 1 connection, {rate} events/s in total (each event to one)"
     ))

@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use super::Bench;
 use super::live::{self, Plan};
-use super::{Bench, names};
-use crate::consumer::ConnSpec;
 use crate::latency::ms;
 use crate::report::Table;
 use crate::service::Service;
@@ -17,22 +16,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
     let rate = bench.args.rate;
     let url = bench.db.fresh("bench_latency").await?;
     let service = Service::start(&bench.launch, &url, "latency").await?;
-    let consumers_list = names("lat", consumers);
-    let specs = consumers_list
-        .iter()
-        .enumerate()
-        .map(|(index, consumer)| ConnSpec {
-            consumer: consumer.clone(),
-            index: index as u32,
-            last_event_id: None,
-        })
-        .collect();
-    let plan = Plan {
-        label: "latency".into(),
-        consumers: consumers_list,
-        specs,
-        rate,
-    };
+    let plan = Plan::one_connection_each("latency".into(), "lat", consumers, rate);
     let outcome = live::run(bench, &service, &url, plan).await;
     service.stop().await?;
     let outcome = outcome?;

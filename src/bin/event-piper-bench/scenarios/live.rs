@@ -29,6 +29,28 @@ pub struct Plan {
     pub rate: f64,
 }
 
+impl Plan {
+    /// `n` consumers named `prefix-i`, one connection each, none resuming.
+    pub fn one_connection_each(label: String, prefix: &str, n: usize, rate: f64) -> Plan {
+        let consumers = super::names(prefix, n);
+        let specs = consumers
+            .iter()
+            .enumerate()
+            .map(|(index, consumer)| ConnSpec {
+                consumer: consumer.clone(),
+                index: index as u32,
+                last_event_id: None,
+            })
+            .collect();
+        Plan {
+            label,
+            consumers,
+            specs,
+            rate,
+        }
+    }
+}
+
 pub struct Outcome {
     pub produced: Produced,
     pub settled: Settled,
