@@ -61,8 +61,8 @@ pub struct Config {
     #[arg(long, env = "EVENT_PIPER_RETRY", default_value = "2s", value_parser = parse_duration)]
     pub retry: Duration,
 
-    /// Frames buffered per consumer for live delivery. A stream that falls further behind catches
-    /// up from the table instead.
+    /// At most this many frames are held per consumer for live delivery (memory is taken only
+    /// for frames actually waiting). A stream that falls further behind catches up from the table.
     #[arg(long, env = "EVENT_PIPER_CHANNEL_CAPACITY", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub channel_capacity: u32,

@@ -68,9 +68,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 impl Streams {
     /// Opens the body of `GET /events` for `consumer`, resuming after `cursor` when given (live
-    /// only otherwise), writing events in `format`. The first page of a replay is read here, so that a resume point the
-    /// database cannot serve now is refused up front instead of starting a stream that would
-    /// stall. Once open, the stream survives database outages (later pages are retried while
+    /// only otherwise), writing events in `format`. The first page of a replay is read here, so
+    /// that a resume point the database cannot serve now is refused up front instead of starting
+    /// a stream that would stall. Once open, the stream survives database outages (later pages are retried while
     /// heartbeats continue) and ends only on shutdown.
     pub async fn open(
         self: &Arc<Self>,
@@ -132,7 +132,9 @@ impl Streams {
                         Some(rows) => rows,
                         // Boxed: a query future is large, and every idle stream would carry
                         // its space in its state all its life.
-                        None => match Box::pin(streams.read_page(&consumer, floor, replay_upto)).await {
+                        None => match Box::pin(streams.read_page(&consumer, floor, replay_upto))
+                            .await
+                        {
                             Ok(rows) => rows,
                             Err(error) => {
                                 tracing::warn!(%consumer, %error, after = floor, retry_in = ?backoff, "replay page failed");
