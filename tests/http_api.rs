@@ -141,6 +141,36 @@ async fn eventsource_style_query_parameters() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelope_carries_the_type_for_pages() {
+    let app = TestApp::start().await;
+    let producer = app.producer().await;
+    let replayed = insert(&producer, "toto", r#"{"n": 1}"#).await;
+    let response = reqwest::get(format!(
+        "{}/events?consumer=toto&last_event_id=0&envelope=true",
+        app.base
+    ))
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = common::SseClient::from_response(response).await;
+    let live = insert(&producer, "toto", r#"{"n": 2}"#).await;
+    // Replayed and live events look the same: no `event:` line, the type inside the data.
+    for (id, n) in [(replayed, 1), (live, 2)] {
+        let event = stream.next().await;
+        assert_eq!((event.id, event.event.as_str()), (id, "message"));
+        let data: serde_json::Value = serde_json::from_str(&event.data).unwrap();
+        assert_eq!(
+            data,
+            serde_json::json!({"type": "insert", "payload": {"n": n}})
+        );
+    }
+
+    let response = app.get("/events?consumer=toto&envelope=yes").await;
+    assert_eq!(response.status(), 400);
+    assert!(response.text().await.unwrap().contains("envelope"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_metrics_and_page() {
     let app = TestApp::start().await;
     let health = app.get("/health").await;

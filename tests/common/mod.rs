@@ -334,6 +334,8 @@ fn parse_block(text: &str) -> Block {
             other => panic!("unexpected SSE field {other:?} in {text:?}"),
         }
     }
+    // A frame without an `event:` line is of the default type, as EventSource sees it.
+    let event = event.or_else(|| data.is_some().then(|| "message".to_owned()));
     match (id, event, data) {
         (Some(id), Some(event), Some(data)) => Block::Event(Event { id, event, data }),
         (None, Some(event), Some(data)) => Block::Notice(event, data),
