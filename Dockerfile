@@ -5,6 +5,8 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
+# The built-in page is compiled into the binary (include_str!).
+COPY static ./static
 COPY postgresql ./postgresql
 COPY tests ./tests
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
