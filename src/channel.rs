@@ -191,13 +191,9 @@ impl Drop for Receiver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn frame(id: i64) -> Frame {
-        Frame {
-            id,
-            bytes: Bytes::from(id.to_string()),
-        }
+        Frame::render(id, "t", "1")
     }
 
     fn ids(receiver: &mut Receiver) -> Vec<i64> {

@@ -252,8 +252,10 @@ pub fn raise_open_files_limit() -> Option<u64> {
     };
     // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
             let before = limit.rlim_cur;
             limit.rlim_cur = limit.rlim_max;
             if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
@@ -262,10 +264,12 @@ pub fn raise_open_files_limit() -> Option<u64> {
                     to = limit.rlim_cur,
                     "raised the open files limit"
                 );
+            } else {
+                limit.rlim_cur = before;
             }
         }
-        (libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0).then_some(limit.rlim_cur)
     }
+    Some(limit.rlim_cur)
 }
 
 /// Every HTTP connection holds two buffers hyper allocates at 8 and 16 kB and rarely fills past

@@ -11,7 +11,6 @@
 
 use std::fs;
 use std::io;
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -194,7 +193,7 @@ impl ManagedPostgres {
             data_dir,
             bin_dir,
             run_as,
-            port: free_port()?,
+            port: crate::net::free_loopback_port().map_err(io_error("finding a free port"))?,
             watchdog,
         };
         postgres.start_server()?;
@@ -290,17 +289,6 @@ impl ManagedPostgres {
             tracing::warn!(%error, "waiting for the PostgreSQL watchdog");
         }
     }
-}
-
-fn free_port() -> Result<u16> {
-    // The port is free now; PostgreSQL binds it a moment later. The window is tiny, and a clash
-    // fails the start loudly rather than silently.
-    let listener = TcpListener::bind("127.0.0.1:0").map_err(io_error("finding a free port"))?;
-    let port = listener
-        .local_addr()
-        .map_err(io_error("finding a free port"))?
-        .port();
-    Ok(port)
 }
 
 fn spawn_watchdog(

@@ -25,6 +25,14 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_io_timeout::TimeoutStream;
 
+/// A loopback port that is free now. Whoever binds it a moment later may find it taken: the
+/// window is tiny, and a clash fails loudly at start rather than silently.
+pub fn free_loopback_port() -> io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// Connection-level bounds.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeSettings {

@@ -148,13 +148,9 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn frame(id: i64) -> Frame {
-        Frame {
-            id,
-            bytes: Bytes::new(),
-        }
+        Frame::render(id, "t", "1")
     }
 
     #[test]

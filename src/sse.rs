@@ -4,14 +4,19 @@
 //! open stream. The hub renders each event exactly once here, and every stream that carries it
 //! sends the same reference-counted `Bytes`.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// A rendered event: its id (for ordering and de-duplication) and its bytes on the wire.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
     pub id: i64,
     pub bytes: Bytes,
+    /// The same event in [`Format::Envelope`], rendered by the first stream that sends it in that
+    /// format and shared with the others, like `bytes`.
+    envelope: Arc<OnceLock<Bytes>>,
 }
 
 impl Frame {
@@ -25,6 +30,7 @@ impl Frame {
         Frame {
             id,
             bytes: buf.freeze(),
+            envelope: Arc::default(),
         }
     }
 }
@@ -68,19 +74,22 @@ impl Format {
     }
 
     /// A live frame as this stream sends it. The hub renders every frame once in the named
-    /// format and streams share those bytes; only envelope streams pay for a rewrite.
-    pub fn live(self, frame: Bytes) -> Bytes {
+    /// format; its envelope is rendered from that at most once, whatever the number of streams.
+    pub fn live(self, frame: Frame) -> Bytes {
         match self {
-            Format::Named => frame,
-            Format::Envelope => {
-                let Some((id, event_type, data)) = split_named(&frame) else {
-                    return frame;
-                };
-                let mut buf = BytesMut::with_capacity(frame.len() + 24);
-                // `data` is already compact: put_envelope's compaction finds nothing to strip.
-                put_envelope(&mut buf, Some(id), event_type, data);
-                buf.freeze()
-            }
+            Format::Named => frame.bytes,
+            Format::Envelope => frame
+                .envelope
+                .get_or_init(|| {
+                    let Some((id, event_type, data)) = split_named(&frame.bytes) else {
+                        return frame.bytes.clone();
+                    };
+                    let mut buf = BytesMut::with_capacity(frame.bytes.len() + 24);
+                    // `data` is already compact: put_envelope's compaction finds nothing to strip.
+                    put_envelope(&mut buf, Some(id), event_type, data);
+                    buf.freeze()
+                })
+                .clone(),
         }
     }
 
@@ -206,7 +215,7 @@ mod tests {
     #[test]
     fn envelope_carries_the_type_in_the_data() {
         let frame = Frame::render(3, "say \"hi\"", r#"{"foo": "bar"}"#);
-        let live = Format::Envelope.live(frame.bytes);
+        let live = Format::Envelope.live(frame.clone());
         let expected =
             "id: 3\ndata: {\"type\":\"say \\\"hi\\\"\",\"payload\":{\"foo\":\"bar\"}}\n\n";
         assert_eq!(std::str::from_utf8(&live).unwrap(), expected);
@@ -214,6 +223,9 @@ mod tests {
         let mut replayed = BytesMut::new();
         Format::Envelope.put_event(&mut replayed, 3, "say \"hi\"", r#"{"foo": "bar"}"#);
         assert_eq!(&replayed[..], expected.as_bytes());
+        // Rendered once: another stream sending the same frame gets the same bytes.
+        let again = Format::Envelope.live(frame);
+        assert_eq!(again.as_ptr(), live.as_ptr());
     }
 
     #[test]

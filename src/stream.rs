@@ -70,8 +70,8 @@ impl Streams {
     /// Opens the body of `GET /events` for `consumer`, resuming after `cursor` when given (live
     /// only otherwise), writing events in `format`. The first page of a replay is read here, so
     /// that a resume point the database cannot serve now is refused up front instead of starting
-    /// a stream that would stall. Once open, the stream survives database outages (later pages are retried while
-    /// heartbeats continue) and ends only on shutdown.
+    /// a stream that would stall. Once open, the stream survives database outages (later pages
+    /// are retried while heartbeats continue) and ends only on shutdown.
     pub async fn open(
         self: &Arc<Self>,
         consumer: String,
@@ -234,9 +234,10 @@ fn take_queued(
     floor: &mut i64,
 ) -> (Bytes, u64, bool) {
     *floor = first.id;
-    let first = format.live(first.bytes);
+    let first = format.live(first);
     let mut gathered: Option<BytesMut> = None;
     let mut count = 1;
+    let mut lagged = false;
     while gathered.as_ref().map_or(first.len(), BytesMut::len) < GATHER_BYTES {
         match receiver.try_recv() {
             Some(Ok(frame)) if frame.id > *floor => {
@@ -247,16 +248,17 @@ fn take_queued(
                     buf.extend_from_slice(&first);
                     buf
                 });
-                buf.extend_from_slice(&format.live(frame.bytes));
+                buf.extend_from_slice(&format.live(frame));
             }
             Some(Ok(_)) => {} // already covered by the replay
             Some(Err(RecvError::Lagged(_))) => {
-                return (gathered.map_or(first, BytesMut::freeze), count, true);
+                lagged = true;
+                break;
             }
             Some(Err(RecvError::Closed)) | None => break,
         }
     }
-    (gathered.map_or(first, BytesMut::freeze), count, false)
+    (gathered.map_or(first, BytesMut::freeze), count, lagged)
 }
 
 /// A page of replayed rows as one buffer of frames.

@@ -37,7 +37,7 @@ impl Browser {
             &["chromium", "chromium-browser", "google-chrome"],
         )
         .ok_or("chromium not found (Debian package chromium)")?;
-        let port = free_port();
+        let port = event_piper::net::free_loopback_port().expect("a free port");
         let driver = Command::new(&driver_path)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -187,13 +187,6 @@ fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     path.metadata()
         .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

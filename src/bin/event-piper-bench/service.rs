@@ -5,7 +5,7 @@
 //! runs exactly as it does in production: its own runtime, its own allocator state.
 
 use std::fs::File;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -56,7 +56,7 @@ impl Launch {
 impl Service {
     /// Starts the service against `database_url` and waits until `GET /ready` answers 200.
     pub async fn start(launch: &Launch, database_url: &str, label: &str) -> Result<Service> {
-        let port = free_port()?;
+        let port = event_piper::net::free_loopback_port().context("finding a free port")?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = launch.log_dir.join(format!("service-{label}.log"));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
@@ -139,10 +139,4 @@ impl Service {
             }
         }
     }
-}
-
-fn free_port() -> Result<u16> {
-    // Free now, bound by the service a moment later; a clash fails loudly at start.
-    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
 }
