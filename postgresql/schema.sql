@@ -9,10 +9,27 @@
 -- transaction that holds an id it has not committed yet also holds a shared advisory lock with the
 -- key 7311142570156910960 ("eventpip" read as a big-endian integer), so the service can tell an id
 -- still in flight from one that will never commit by looking at pg_locks.
+--
+-- Why a producer rings only sometimes ("The doorbell" in the README): a transaction that runs
+-- NOTIFY takes, at commit, a lock that serializes every notifying commit of the cluster through its
+-- WAL flush. So the id trigger rings only while the bell is armed, which a hub does just before it
+-- goes to sleep; a hub that is awake reads by itself. The bell is a sequence because reading one is
+-- not transactional: a producer sees the current value, whatever its snapshot.
 
 SELECT pg_advisory_xact_lock(7311142570156910963);
 
 CREATE SEQUENCE IF NOT EXISTS events_id_seq CACHE 1;
+
+-- 0: no hub is asleep, nobody rings. Anything else (or never set): ring. Hubs set it
+-- (src/bell.rs); producers only read it, so every role that inserts events may.
+DO $bell$
+BEGIN
+    IF to_regclass('event_piper_bell') IS NULL THEN
+        CREATE SEQUENCE event_piper_bell MINVALUE 0;
+        GRANT SELECT ON SEQUENCE event_piper_bell TO PUBLIC;
+    END IF;
+END
+$bell$;
 
 CREATE TABLE IF NOT EXISTS events (
     id         bigint      PRIMARY KEY,
@@ -54,6 +71,12 @@ BEGIN
     -- other, so producers do not contend; the lock is released when the transaction ends, after
     -- its commit became visible. An id chosen by the producer would bypass the lock and could be
     -- older than what the service already published, so it is refused.
+    --
+    -- Then it rings the doorbell if a hub is asleep. The bell is read after the lock is taken:
+    -- a hub arms the bell, then looks for holders of the lock, so a producer that read the bell
+    -- before it was armed is either still seen holding the lock or has already committed (and
+    -- the hub's next read finds its rows). PostgreSQL folds repeated NOTIFYs of a transaction
+    -- into one, and the payload is empty: the service reads the rows from the table.
     EXECUTE format($fn$
         CREATE OR REPLACE FUNCTION %1$s.event_piper_assign_id() RETURNS trigger
         LANGUAGE plpgsql AS $body$
@@ -65,22 +88,13 @@ BEGIN
                 END IF;
                 PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311142570156910960);
                 NEW.id := pg_catalog.nextval('%1$s.events_id_seq');
+                IF pg_catalog.pg_sequence_last_value('%1$s.event_piper_bell') IS DISTINCT FROM 0 THEN
+                    PERFORM pg_catalog.pg_notify('new_events', '');
+                END IF;
             ELSIF NEW.id IS DISTINCT FROM OLD.id THEN
                 RAISE EXCEPTION 'events.id cannot be changed' USING ERRCODE = 'check_violation';
             END IF;
             RETURN NEW;
-        END
-        $body$ $fn$, here);
-
-    -- One doorbell per statement (PostgreSQL folds repeats within a transaction). The payload is
-    -- empty: the service reads the rows from the table, so NOTIFY's 8000-byte limit never limits
-    -- an event.
-    EXECUTE format($fn$
-        CREATE OR REPLACE FUNCTION %1$s.event_piper_notify() RETURNS trigger
-        LANGUAGE plpgsql AS $body$
-        BEGIN
-            PERFORM pg_catalog.pg_notify('new_events', '');
-            RETURN NULL;
         END
         $body$ $fn$, here);
 
@@ -89,10 +103,11 @@ BEGIN
         EXECUTE format('CREATE TRIGGER events_assign_id BEFORE INSERT OR UPDATE OF id ON events '
                        'FOR EACH ROW EXECUTE FUNCTION %s.event_piper_assign_id()', here);
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger
-                   WHERE tgrelid = 'events'::regclass AND tgname = 'events_notify') THEN
-        EXECUTE format('CREATE TRIGGER events_notify AFTER INSERT ON events '
-                       'FOR EACH STATEMENT EXECUTE FUNCTION %s.event_piper_notify()', here);
+    -- Earlier versions rang on every statement, from a trigger of its own.
+    IF EXISTS (SELECT 1 FROM pg_trigger
+               WHERE tgrelid = 'events'::regclass AND tgname = 'events_notify') THEN
+        DROP TRIGGER events_notify ON events;
+        EXECUTE format('DROP FUNCTION IF EXISTS %s.event_piper_notify()', here);
     END IF;
 END
 $schema$;

@@ -132,9 +132,24 @@ pub struct Config {
     #[arg(long)]
     pub dump_config: bool,
 
-    /// How often the hub re-checks an id that is still in flight (a gap in the id sequence).
-    #[arg(long, env = "EVENT_PIPER_GAP_POLL", default_value = "10ms", value_parser = parse_duration)]
+    /// How soon the hub re-checks an id that is still in flight (a gap in the id sequence) when
+    /// its reads stop moving past it; it backs off to 100ms.
+    #[arg(long, env = "EVENT_PIPER_GAP_POLL", default_value = "2ms", value_parser = parse_duration)]
     pub gap_poll: Duration,
+
+    /// While events keep coming, the hub reads new events this often by itself, and producers
+    /// do not ring the doorbell (NOTIFY), which would serialize their commits.
+    #[arg(long, env = "EVENT_PIPER_POLL_INTERVAL", default_value = "1ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// After this long without a new event the hub arms the doorbell and sleeps until a producer
+    /// rings it.
+    #[arg(long, env = "EVENT_PIPER_IDLE_AFTER", default_value = "20ms", value_parser = parse_duration)]
+    pub idle_after: Duration,
+
+    /// A sleeping hub reads anyway this often, in case a ring was lost.
+    #[arg(long, env = "EVENT_PIPER_IDLE_POLL", default_value = "5s", value_parser = parse_duration)]
+    pub idle_poll: Duration,
 
     /// How long to keep retrying the first database connection at start-up.
     #[arg(long, env = "EVENT_PIPER_CONNECT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
@@ -164,6 +179,16 @@ pub enum LogFormat {
 }
 
 impl Config {
+    /// When the hub reads.
+    pub fn hub_timing(&self) -> crate::hub::Timing {
+        crate::hub::Timing {
+            gap_poll: self.gap_poll,
+            poll_interval: self.poll_interval,
+            idle_after: self.idle_after,
+            idle_poll: self.idle_poll,
+        }
+    }
+
     /// The token verifier, if authentication is configured.
     pub fn auth(&self) -> Result<Option<Auth>, KeyError> {
         match (&self.jwt_secret, &self.jwt_public_key) {
@@ -200,6 +225,9 @@ impl Config {
             "jwt_secret": self.jwt_secret.as_ref().map(|_| "***"),
             "jwt_public_key": self.jwt_public_key,
             "gap_poll": text(self.gap_poll),
+            "poll_interval": text(self.poll_interval),
+            "idle_after": text(self.idle_after),
+            "idle_poll": text(self.idle_poll),
             "connect_timeout": text(self.connect_timeout),
         })
     }

@@ -1,8 +1,22 @@
 //! The hub: the only reader of new events.
 //!
-//! One task, one cursor. Woken by the listener's doorbell, it reads everything after its cursor
-//! in bounded batches, publishes only a gap-free prefix of ids, renders each event's frame once and
-//! hands the batch to the router. Database work is per batch, never per consumer or per stream.
+//! One task, one cursor. It reads everything after its cursor in bounded batches, publishes only a
+//! gap-free prefix of ids, renders each event's frame once and hands the batch to the router.
+//! Database work is per batch, never per consumer or per stream.
+//!
+//! # Awake and asleep
+//! While events keep coming the hub is awake: it reads again as soon as a batch is done, or after
+//! `poll_interval` when there was nothing new, and producers do not ring ([`crate::bell`]). After
+//! `idle_after` without a new event it arms the bell and sleeps until a producer rings (or
+//! `idle_poll` passes, a safety net). Ringing costs producers a cluster-wide serialization of
+//! their commits, so it is kept to the moments when the hub is idle anyway.
+//!
+//! A producer decides whether to ring when it inserts, so one that read the bell just before it
+//! was armed will commit without ringing. Every producer takes the in-flight lock (below) before
+//! it reads the bell, and holds it until its commit is visible. So after arming, the hub notes the
+//! holders of that lock and reads once more: a producer that is not among the holders has already
+//! committed and that read finds its rows; the hub stays up, re-checking, until each noted holder
+//! has gone and a read after that found nothing. Only then does it sleep.
 //!
 //! # Gaps
 //! Ids are handed out in order but commit in any order, so a read may show id 7 while 6 is
@@ -13,14 +27,17 @@
 //! of those holders or by a transaction already finished. Once all of the noted holders are gone,
 //! a fresh read is final: an id still missing up to that horizon never commits and is skipped.
 //! Transactions that started later can only hold higher ids, and transactions that never insert
-//! events never take the lock, so they hold nothing back.
+//! events never take the lock, so they hold nothing back. While the reads keep moving past gaps
+//! the hub does not look at the holders at all: most gaps close on their own within a poll.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::{Notify, watch};
 
+use crate::bell::Bell;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::store::{Store, StoreError};
@@ -33,20 +50,31 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 /// A gap is re-checked at `gap_poll` at first, backing off to this: a rolled-back id is resolved
 /// within about this long, and a long producer transaction costs ten cheap queries a second.
 const MAX_GAP_POLL: Duration = Duration::from_millis(100);
-/// When nothing rings, the hub reads anyway this often: a safety net for a notification lost in
-/// a way the listener could not see. One cheap indexed query.
-const IDLE_POLL: Duration = Duration::from_secs(5);
 /// A pass that takes longer than this is abandoned and retried (a hung pooled connection).
 const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 /// A gap held open this long is logged with the pids of the transactions holding it.
 const SLOW_GAP: Duration = Duration::from_secs(5);
+
+/// When the hub reads.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// First re-check of a gap that a read did not move past.
+    pub gap_poll: Duration,
+    /// Between reads while awake.
+    pub poll_interval: Duration,
+    /// How long without a new event before the hub sleeps.
+    pub idle_after: Duration,
+    /// How often a sleeping hub reads anyway: a safety net for a ring lost in a way the listener
+    /// could not see. One cheap indexed query.
+    pub idle_poll: Duration,
+}
 
 pub struct Hub {
     store: Store,
     router: Arc<Router>,
     published: watch::Sender<Published>,
     batch_size: i64,
-    gap_poll: Duration,
+    timing: Timing,
     /// Every id at or below it is published or known never to commit.
     cursor: i64,
     /// Ids at or below it that are missing from the table will never appear.
@@ -67,11 +95,24 @@ struct PendingGap {
     reported: bool,
 }
 
-/// What a pass over the new events ended with.
-enum Caught {
-    Up,
-    /// Blocked on an id that is still in flight; check again after this long.
-    Waiting(Duration),
+/// What a pass over the new events did.
+struct Pass {
+    /// Events handed to the router.
+    published: usize,
+    /// Stopped at an id that is still in flight: read again after this long.
+    blocked: Option<Duration>,
+}
+
+impl Pass {
+    fn found_nothing(&self) -> bool {
+        self.published == 0 && self.blocked.is_none()
+    }
+}
+
+/// Why the hub stopped sleeping.
+enum Woken {
+    Events,
+    Shutdown,
 }
 
 impl Hub {
@@ -80,7 +121,7 @@ impl Hub {
         router: Arc<Router>,
         published: watch::Sender<Published>,
         batch_size: u32,
-        gap_poll: Duration,
+        timing: Timing,
         metrics: Metrics,
     ) -> Hub {
         Hub {
@@ -88,7 +129,7 @@ impl Hub {
             router,
             published,
             batch_size: i64::from(batch_size),
-            gap_poll,
+            timing,
             cursor: 0,
             dead_upto: 0,
             pending: None,
@@ -96,8 +137,13 @@ impl Hub {
         }
     }
 
-    /// Runs until `shutdown` turns true.
-    pub async fn run(mut self, doorbell: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` turns true. `doorbell` is rung by the listener.
+    pub async fn run(
+        mut self,
+        mut bell: Bell,
+        doorbell: Arc<Notify>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut retry = Duration::from_millis(100);
         let start = loop {
             let attempt = tokio::select! {
@@ -121,22 +167,28 @@ impl Hub {
         self.published.send_replace(Some(start));
         tracing::info!(published = start, "hub ready");
 
-        let mut wait = IDLE_POLL;
+        let mut last_event = Instant::now();
         loop {
-            tokio::select! {
-                _ = doorbell.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
-            }
-            let pass = tokio::time::timeout(PASS_TIMEOUT, self.catch_up())
-                .await
-                .unwrap_or(Err(StoreError::Timeout(PASS_TIMEOUT)));
-            wait = match pass {
-                Ok(Caught::Up) => {
+            let wait = match self.pass().await {
+                Ok(pass) => {
                     retry = Duration::from_millis(100);
-                    IDLE_POLL
+                    if pass.published > 0 {
+                        last_event = Instant::now();
+                    }
+                    match pass.blocked {
+                        Some(poll) => poll,
+                        None if last_event.elapsed() < self.timing.idle_after => {
+                            self.timing.poll_interval
+                        }
+                        None => match self.sleep(&mut bell, &doorbell, &mut shutdown).await {
+                            Woken::Shutdown => return,
+                            Woken::Events => {
+                                last_event = Instant::now();
+                                continue;
+                            }
+                        },
+                    }
                 }
-                Ok(Caught::Waiting(poll)) => poll,
                 Err(error) => {
                     tracing::warn!(%error, retry_in = ?retry, "hub cannot read new events");
                     let delay = retry;
@@ -144,7 +196,91 @@ impl Hub {
                     delay
                 }
             };
+            // Awake, nobody rings for new events; the doorbell still rings after the listener
+            // reconnects.
+            tokio::select! {
+                _ = doorbell.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
         }
+    }
+
+    /// Arms the bell and sleeps until it rings, then disarms it. The caller has just read and
+    /// found nothing new.
+    async fn sleep(
+        &mut self,
+        bell: &mut Bell,
+        doorbell: &Notify,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Woken {
+        // A ring heard while awake is stale: the read after arming covers whatever it was for.
+        let _ = doorbell.notified().now_or_never();
+        if let Err(error) = bell.arm().await {
+            // Nobody could ring: stay awake, reading at the slowest gap poll, until the listener
+            // is back (it rings the doorbell when it is).
+            tracing::debug!(%error, "cannot arm the doorbell");
+            return tokio::select! {
+                _ = tokio::time::sleep(MAX_GAP_POLL) => Woken::Events,
+                _ = doorbell.notified() => Woken::Events,
+                _ = shutdown.wait_for(|stop| *stop) => Woken::Shutdown,
+            };
+        }
+        self.metrics.hub_sleeps.increment(1);
+        let woken = self.sleep_armed(doorbell, shutdown).await;
+        if let Woken::Events = woken {
+            // Read at once, while the bell is disarmed: a ring is not worth a round trip of
+            // latency.
+            let (disarmed, pass) = tokio::join!(bell.disarm(), self.pass());
+            if let Err(error) = disarmed {
+                tracing::debug!(%error, "cannot disarm the doorbell");
+            }
+            if let Err(error) = pass {
+                tracing::warn!(%error, "hub cannot read new events");
+            }
+        }
+        woken
+    }
+
+    /// The armed part of [`Hub::sleep`]: settles the producers that may have missed the arming
+    /// (module doc), then waits for the bell.
+    async fn sleep_armed(&mut self, doorbell: &Notify, shutdown: &mut watch::Receiver<bool>) -> Woken {
+        // The holders first, then the read: the other order misses a producer that commits in
+        // between.
+        let Ok(mut unsettled) = self.store.in_flight_holders().await else {
+            return Woken::Events;
+        };
+        let mut poll = self.timing.gap_poll;
+        loop {
+            match self.pass().await {
+                Ok(pass) if pass.found_nothing() => {}
+                _ => return Woken::Events,
+            }
+            let wait = if unsettled.is_empty() {
+                self.timing.idle_poll
+            } else {
+                poll
+            };
+            tokio::select! {
+                _ = doorbell.notified() => return Woken::Events,
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return Woken::Shutdown,
+            }
+            if !unsettled.is_empty() {
+                let Ok(current) = self.store.in_flight_holders().await else {
+                    return Woken::Events;
+                };
+                unsettled.retain(|holder, _| current.contains_key(holder));
+                poll = (poll * 2).min(MAX_GAP_POLL);
+            }
+        }
+    }
+
+    /// One [`Hub::catch_up`], bounded in time.
+    async fn pass(&mut self) -> Result<Pass, StoreError> {
+        tokio::time::timeout(PASS_TIMEOUT, self.catch_up())
+            .await
+            .unwrap_or(Err(StoreError::Timeout(PASS_TIMEOUT)))
     }
 
     /// The id to start publishing after: the current maximum, once every transaction that might
@@ -154,7 +290,7 @@ impl Hub {
         let max = self.store.max_id().await?;
         let mut holders = self.store.in_flight_holders().await?;
         while !holders.is_empty() {
-            tokio::time::sleep(self.gap_poll).await;
+            tokio::time::sleep(self.timing.gap_poll).await;
             let current = self.store.in_flight_holders().await?;
             holders.retain(|holder, _| current.contains_key(holder));
         }
@@ -162,13 +298,17 @@ impl Hub {
     }
 
     /// Reads and publishes until it is up to date or blocked on an id in flight.
-    async fn catch_up(&mut self) -> Result<Caught, StoreError> {
+    async fn catch_up(&mut self) -> Result<Pass, StoreError> {
+        let mut published = 0;
         loop {
             let rows = self.store.read_after(self.cursor, self.batch_size).await?;
             let full = rows.len() as i64 == self.batch_size;
             let Some(highest_seen) = rows.last().map(|row| row.id) else {
                 self.pending = None;
-                return Ok(Caught::Up);
+                return Ok(Pass {
+                    published,
+                    blocked: None,
+                });
             };
 
             let mut batch = Vec::with_capacity(rows.len());
@@ -184,6 +324,7 @@ impl Hub {
                 batch.push((row.subscriber, frame));
             }
             if !batch.is_empty() {
+                published += batch.len();
                 self.metrics.events_published.increment(batch.len() as u64);
                 self.metrics.hub_batch_size.record(batch.len() as f64);
                 // Publish the new cursor before routing: a stream that subscribes meanwhile and
@@ -202,12 +343,31 @@ impl Hub {
                     continue;
                 }
                 self.pending = None;
-                return Ok(Caught::Up);
+                return Ok(Pass {
+                    published,
+                    blocked: None,
+                });
+            }
+            if published > 0 {
+                // Moving along: the id at the gap most likely commits within a poll, and asking
+                // pg_locks about every gap would cost a query per pass under load.
+                if let Some(pending) = &mut self.pending {
+                    pending.poll = self.timing.gap_poll;
+                }
+                return Ok(Pass {
+                    published,
+                    blocked: Some(self.timing.poll_interval),
+                });
             }
             match self.gap_resolved(highest_seen).await? {
                 // Everything up to the horizon is final now: read again, skipping what is missing.
                 None => continue,
-                Some(poll) => return Ok(Caught::Waiting(poll)),
+                Some(poll) => {
+                    return Ok(Pass {
+                        published,
+                        blocked: Some(poll),
+                    });
+                }
             }
         }
     }
@@ -222,14 +382,14 @@ impl Hub {
                 pending
                     .holders
                     .retain(|holder, _| current.contains_key(holder));
-                pending.poll = (pending.poll * 2).min(MAX_GAP_POLL.max(self.gap_poll));
+                pending.poll = (pending.poll * 2).min(MAX_GAP_POLL.max(self.timing.gap_poll));
                 pending
             }
             _ => self.pending.insert(PendingGap {
                 horizon: highest_seen,
                 holders: current,
                 since: Instant::now(),
-                poll: self.gap_poll,
+                poll: self.timing.gap_poll,
                 reported: false,
             }),
         };

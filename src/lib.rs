@@ -1,12 +1,14 @@
 //! event-piper: streams PostgreSQL events to HTTP clients over Server-Sent Events.
 //!
-//! Producers insert rows into `events`; a trigger sends `NOTIFY new_events`; the [`listener`]
-//! (one connection) rings the [`hub`], which reads new events in batches, publishes a gap-free
-//! prefix in id order and hands rendered frames to the [`router`]; every open [`stream`] of the
+//! Producers insert rows into `events`; while the [`hub`] sleeps, their id trigger sends
+//! `NOTIFY new_events` ([`bell`]) and the [`listener`] (one connection) wakes it; while it is
+//! awake it reads by itself. It reads new events in batches, publishes a gap-free prefix in id
+//! order and hands rendered frames to the [`router`]; every open [`stream`] of the
 //! event's consumer sends them on. [`serve`] runs all of it on a given listener, which is how the
 //! integration tests start the real app on port 0; [`run`] is the whole binary.
 
 pub mod auth;
+pub mod bell;
 pub mod channel;
 pub mod config;
 pub mod http;
@@ -153,13 +155,16 @@ pub async fn serve(
         },
     );
     let (published_tx, published_rx) = watch::channel(None);
-    let (listening_tx, listening_rx) = watch::channel(false);
+    let (line_tx, line_rx) = watch::channel(None);
 
     let listener_task = tokio::spawn(listener::run(
         pg_config,
         Arc::clone(&doorbell),
-        listening_tx,
-        metrics.listener_reconnects.clone(),
+        line_tx,
+        listener::Counters {
+            reconnects: metrics.listener_reconnects.clone(),
+            rings: metrics.bell_rings.clone(),
+        },
         stop_rx.clone(),
     ));
     let hub = hub::Hub::new(
@@ -167,10 +172,11 @@ pub async fn serve(
         Arc::clone(&router),
         published_tx,
         config.batch_size,
-        config.gap_poll,
+        config.hub_timing(),
         metrics.clone(),
     );
-    let hub_task = tokio::spawn(hub.run(doorbell, stop_rx.clone()));
+    let bell = bell::Bell::new(line_rx.clone());
+    let hub_task = tokio::spawn(hub.run(bell, doorbell, stop_rx.clone()));
 
     let retention_task = config.retention.map(|max_age| {
         tokio::spawn(retention::run(
@@ -185,7 +191,7 @@ pub async fn serve(
         store: store.clone(),
         router,
         published: published_rx,
-        listening: listening_rx,
+        listening: line_rx,
         shutdown: stop_rx,
         heartbeat: config.heartbeat,
         retry: config.retry,

@@ -15,7 +15,7 @@ use crate::sse::Frame;
 pub const SCHEMA: &str = include_str!("../postgresql/schema.sql");
 
 /// The key of the shared advisory lock every transaction holding an uncommitted event id holds
-/// (see schema.sql). In pg_locks a bigint key shows as classid (high half) and objid (low half).
+/// (see schema.sql).
 const IN_FLIGHT_LOCK_KEY: i64 = 7311142570156910960;
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +62,12 @@ impl EventRow {
 /// Coalesced so that a table from an older setup with NULLs in these columns cannot wedge the hub
 /// on a row it cannot decode.
 const COLUMNS: &str = "id, coalesce(type, ''), subscriber, coalesce(payload::text, 'null')";
+
+/// How pg_locks shows the bigint key of an advisory lock: classid is its high half and objid its
+/// low half (with objsubid 1).
+pub(crate) fn lock_key_parts(key: i64) -> (i64, i64) {
+    (key >> 32, key & 0xffff_ffff)
+}
 
 /// Makes a dead peer show up as a failed connection within about half a minute, instead of the
 /// operating system's default of many minutes: a silently dead notification connection would
@@ -300,8 +306,7 @@ impl Store {
                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
             .await?;
-        let high = IN_FLIGHT_LOCK_KEY >> 32;
-        let low = IN_FLIGHT_LOCK_KEY & 0xffff_ffff;
+        let (high, low) = lock_key_parts(IN_FLIGHT_LOCK_KEY);
         let rows = client.query(&statement, &[&high, &low]).await?;
         rows.iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
