@@ -168,6 +168,8 @@ impl Hub {
         tracing::info!(published = start, "hub ready");
 
         let mut last_event = Instant::now();
+        // When the bell was last found disarmed (or cleared) while awake.
+        let mut checked_bell: Option<Instant> = None;
         loop {
             let wait = match self.pass().await {
                 Ok(pass) => {
@@ -184,6 +186,7 @@ impl Hub {
                             Woken::Shutdown => return,
                             Woken::Events => {
                                 last_event = Instant::now();
+                                checked_bell = Some(last_event);
                                 continue;
                             }
                         },
@@ -196,6 +199,13 @@ impl Hub {
                     delay
                 }
             };
+            // A bell left armed by a hub that died (or never set, in a new database) makes every
+            // producer ring while this hub is awake; clear it now and then.
+            if checked_bell.is_none_or(|at| at.elapsed() >= self.timing.idle_poll)
+                && bell.disarm().await.is_ok()
+            {
+                checked_bell = Some(Instant::now());
+            }
             // Awake, nobody rings for new events; the doorbell still rings after the listener
             // reconnects.
             tokio::select! {
@@ -244,7 +254,11 @@ impl Hub {
 
     /// The armed part of [`Hub::sleep`]: settles the producers that may have missed the arming
     /// (module doc), then waits for the bell.
-    async fn sleep_armed(&mut self, doorbell: &Notify, shutdown: &mut watch::Receiver<bool>) -> Woken {
+    async fn sleep_armed(
+        &mut self,
+        doorbell: &Notify,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Woken {
         // The holders first, then the read: the other order misses a producer that commits in
         // between.
         let Ok(mut unsettled) = self.store.in_flight_holders().await else {

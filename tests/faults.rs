@@ -50,18 +50,26 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
 
     let db_url = common::fresh_database().await;
     // A small live channel so that the slow consumer falls behind it and recovers from the
-    // table; small batches so that the hub reads in many steps.
-    let flags = [
-        "--channel-capacity",
-        "32",
-        "--batch-size",
-        "100",
-        "--heartbeat",
-        "1s",
-    ];
+    // table; small batches so that the hub reads in many steps. No safety read within the run:
+    // a hub that slept through a ring it needed would stall its streams and fail the run. The
+    // two hubs fall asleep after different idle times, so that one wakes while the other sleeps.
+    let flags = |idle_after| {
+        [
+            "--channel-capacity",
+            "32",
+            "--batch-size",
+            "100",
+            "--heartbeat",
+            "1s",
+            "--idle-poll",
+            "1h",
+            "--idle-after",
+            idle_after,
+        ]
+    };
     let instances = [
-        TestApp::start_on(&db_url, &flags).await,
-        TestApp::start_on(&db_url, &flags).await,
+        TestApp::start_on(&db_url, &flags("5ms")).await,
+        TestApp::start_on(&db_url, &flags("200ms")).await,
     ];
     let bases: Arc<Vec<String>> = Arc::new(instances.iter().map(|a| a.base.clone()).collect());
     let counters = Arc::new(Counters::default());
