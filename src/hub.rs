@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use tokio::sync::{Notify, watch};
 
-use crate::bell::Bell;
+use crate::bell::{Bell, BellError};
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::store::{Store, StoreError};
@@ -80,6 +80,8 @@ pub struct Hub {
     /// Ids at or below it that are missing from the table will never appear.
     dead_upto: i64,
     pending: Option<PendingGap>,
+    /// Whether a failure to arm the bell has been logged since it last worked.
+    arm_failure_logged: bool,
     metrics: Metrics,
 }
 
@@ -112,6 +114,8 @@ impl Pass {
 /// Why the hub stopped sleeping.
 enum Woken {
     Events,
+    /// It could not arm the bell, and waited a little instead.
+    NotArmed,
     Shutdown,
 }
 
@@ -133,6 +137,7 @@ impl Hub {
             cursor: 0,
             dead_upto: 0,
             pending: None,
+            arm_failure_logged: false,
             metrics,
         }
     }
@@ -184,6 +189,7 @@ impl Hub {
                         }
                         None => match self.sleep(&mut bell, &doorbell, &mut shutdown).await {
                             Woken::Shutdown => return,
+                            Woken::NotArmed => continue,
                             Woken::Events => {
                                 last_event = Instant::now();
                                 checked_bell = Some(last_event);
@@ -201,10 +207,17 @@ impl Hub {
             };
             // A bell left armed by a hub that died (or never set, in a new database) makes every
             // producer ring while this hub is awake; clear it now and then.
-            if checked_bell.is_none_or(|at| at.elapsed() >= self.timing.idle_poll)
-                && bell.disarm().await.is_ok()
-            {
-                checked_bell = Some(Instant::now());
+            if checked_bell.is_none_or(|at| at.elapsed() >= self.timing.idle_poll) {
+                match bell.disarm().await {
+                    // Costs no query; the listener is about to connect.
+                    Err(BellError::NoConnection) => {}
+                    result => {
+                        if let Err(error) = result {
+                            tracing::debug!(%error, "cannot clear the doorbell");
+                        }
+                        checked_bell = Some(Instant::now());
+                    }
+                }
             }
             // Awake, nobody rings for new events; the doorbell still rings after the listener
             // reconnects.
@@ -227,15 +240,21 @@ impl Hub {
         // A ring heard while awake is stale: the read after arming covers whatever it was for.
         let _ = doorbell.notified().now_or_never();
         if let Err(error) = bell.arm().await {
-            // Nobody could ring: stay awake, reading at the slowest gap poll, until the listener
-            // is back (it rings the doorbell when it is).
-            tracing::debug!(%error, "cannot arm the doorbell");
+            // Nobody could ring: stay up, reading at the slowest gap poll, until the listener is
+            // back (it rings the doorbell when it is) or the database lets the bell be armed.
+            if matches!(error, BellError::NoConnection) || self.arm_failure_logged {
+                tracing::debug!(%error, "cannot arm the doorbell");
+            } else {
+                self.arm_failure_logged = true;
+                tracing::warn!(%error, "cannot arm the doorbell; reading every {MAX_GAP_POLL:?}");
+            }
             return tokio::select! {
-                _ = tokio::time::sleep(MAX_GAP_POLL) => Woken::Events,
-                _ = doorbell.notified() => Woken::Events,
+                _ = tokio::time::sleep(MAX_GAP_POLL) => Woken::NotArmed,
+                _ = doorbell.notified() => Woken::NotArmed,
                 _ = shutdown.wait_for(|stop| *stop) => Woken::Shutdown,
             };
         }
+        self.arm_failure_logged = false;
         self.metrics.hub_sleeps.increment(1);
         let woken = self.sleep_armed(doorbell, shutdown).await;
         if let Woken::Events = woken {
