@@ -20,8 +20,10 @@ SELECT pg_advisory_xact_lock(7311142570156910963);
 
 CREATE SEQUENCE IF NOT EXISTS events_id_seq CACHE 1;
 
--- 0: no hub is asleep, nobody rings. Anything else (or never set): ring. Hubs set it
--- (src/bell.rs); producers only read it, so every role that inserts events may.
+-- The bell: until when (milliseconds since the epoch, by the database's clock) producers ring.
+-- A sleeping hub sets it a lease ahead and renews it; a waking hub sets it to 0 (src/bell.rs). A
+-- hub that dies asleep leaves it armed for the rest of its lease at most. Producers only read it,
+-- so every role that inserts events may.
 DO $bell$
 BEGIN
     IF to_regclass('event_piper_bell') IS NULL THEN
@@ -88,7 +90,8 @@ BEGIN
                 END IF;
                 PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311142570156910960);
                 NEW.id := pg_catalog.nextval('%1$s.events_id_seq');
-                IF pg_catalog.pg_sequence_last_value('%1$s.event_piper_bell') IS DISTINCT FROM 0 THEN
+                IF pg_catalog.pg_sequence_last_value('%1$s.event_piper_bell')
+                   > pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000 THEN
                     PERFORM pg_catalog.pg_notify('new_events', '');
                 END IF;
             ELSIF NEW.id IS DISTINCT FROM OLD.id THEN

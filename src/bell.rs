@@ -2,9 +2,10 @@
 //!
 //! A transaction that notifies takes, at commit, a lock that serializes every notifying commit of
 //! the cluster through its WAL flush, so a bell rung by every producer caps them all at about one
-//! fsync at a time. Instead the id trigger (schema.sql) reads the sequence `event_piper_bell` and
-//! rings only when it is not 0. A hub that is awake reads new events by itself (hub.rs); it arms
-//! the bell just before it goes to sleep and disarms it when it wakes.
+//! fsync at a time. Instead the id trigger (schema.sql) reads the sequence `event_piper_bell`, a
+//! deadline in milliseconds by the database's clock, and rings only before it. A hub that is awake
+//! reads new events by itself (hub.rs); it arms the bell just before it goes to sleep, renews the
+//! lease while it sleeps and disarms the bell (0) when it wakes.
 //!
 //! Several instances may share the database, and the bell must stay armed while any of their hubs
 //! sleeps. A sleeping hub therefore holds a shared session-level advisory lock ("asleep") on its
@@ -13,10 +14,11 @@
 //! and another's arming cannot interleave. Producers never take either lock.
 //!
 //! The asleep lock lives and dies with the notification connection: a hub whose connection drops
-//! (or whose process dies) stops counting as asleep. A stale armed bell only makes producers ring
-//! needlessly until the next hub disarms it; it never costs an event.
+//! (or whose process dies) stops counting as asleep. The bell it left armed makes producers ring
+//! needlessly until the lease ends or another hub disarms it; it never costs an event.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_postgres::Client;
@@ -54,23 +56,34 @@ impl Bell {
         }
     }
 
-    /// Arms the bell: every producer that reads it from now on rings. Fails when the notification
-    /// connection is down, since no ring could be heard anyway.
-    pub async fn arm(&mut self) -> Result<(), BellError> {
+    /// Whether this hub holds the bell armed.
+    pub fn is_armed(&self) -> bool {
+        self.armed_on.is_some()
+    }
+
+    /// Arms the bell for `lease` from now, or renews it: every producer that reads it before the
+    /// lease ends rings. Fails when the notification connection is down, since no ring could be
+    /// heard anyway.
+    pub async fn arm(&mut self, lease: Duration) -> Result<(), BellError> {
         let client = self.line.borrow().clone().ok_or(BellError::NoConnection)?;
-        if self
+        let held = self
             .armed_on
             .as_ref()
-            .is_some_and(|armed| Arc::ptr_eq(armed, &client))
-        {
-            return Ok(());
-        }
+            .is_some_and(|armed| Arc::ptr_eq(armed, &client));
+        let take = if held {
+            String::new()
+        } else {
+            format!("SELECT pg_advisory_lock_shared({ASLEEP_LOCK_KEY});")
+        };
+        let lease_ms = lease.as_millis();
         // One simple query is one transaction: the switch lock is held until all of it is done.
+        // Another hub's longer lease is kept.
         client
             .simple_query(&format!(
-                "SELECT pg_advisory_xact_lock({SWITCH_LOCK_KEY}); \
-                 SELECT pg_advisory_lock_shared({ASLEEP_LOCK_KEY}); \
-                 SELECT setval('event_piper_bell', 1)"
+                "SELECT pg_advisory_xact_lock({SWITCH_LOCK_KEY}); {take} \
+                 SELECT setval('event_piper_bell', greatest( \
+                   coalesce(pg_sequence_last_value('event_piper_bell'), 0), \
+                   (date_part('epoch', clock_timestamp()) * 1000)::bigint + {lease_ms}))"
             ))
             .await?;
         self.armed_on = Some(client);

@@ -7,9 +7,10 @@
 //! # Awake and asleep
 //! While events keep coming the hub is awake: it reads again as soon as a batch is done, or after
 //! `poll_interval` when there was nothing new, and producers do not ring ([`crate::bell`]). After
-//! `idle_after` without a new event it arms the bell and sleeps until a producer rings (or
-//! `idle_poll` passes, a safety net). Ringing costs producers a cluster-wide serialization of
-//! their commits, so it is kept to the moments when the hub is idle anyway.
+//! `idle_after` without a new event it arms the bell and sleeps until a producer rings. Every
+//! `idle_poll` it renews the bell's lease and reads anyway (a safety net for a lost ring).
+//! Ringing costs producers a cluster-wide serialization of their commits, so it is kept to the
+//! moments when the hub is idle anyway.
 //!
 //! A producer decides whether to ring when it inserts, so one that read the bell just before it
 //! was armed will commit without ringing. Every producer takes the in-flight lock (below) before
@@ -111,6 +112,13 @@ impl Pass {
     }
 }
 
+/// How an armed sleep ended.
+enum Slept {
+    /// `idle_poll` passed: renew the bell's lease and read (the safety read).
+    Renew,
+    Woken(Woken),
+}
+
 /// Why the hub stopped sleeping.
 enum Woken {
     Events,
@@ -176,7 +184,19 @@ impl Hub {
         // When the bell was last found disarmed (or cleared) while awake.
         let mut checked_bell: Option<Instant> = None;
         loop {
-            let wait = match self.pass().await {
+            let pass = if bell.is_armed() {
+                // Just woken: read at once, and disarm meanwhile; a ring is not worth a round trip
+                // of latency.
+                let (disarmed, pass) = tokio::join!(bell.disarm(), self.pass());
+                if let Err(error) = disarmed {
+                    tracing::debug!(%error, "cannot disarm the doorbell");
+                }
+                checked_bell = Some(Instant::now());
+                pass
+            } else {
+                self.pass().await
+            };
+            let wait = match pass {
                 Ok(pass) => {
                     retry = Duration::from_millis(100);
                     if pass.published > 0 {
@@ -192,7 +212,6 @@ impl Hub {
                             Woken::NotArmed => continue,
                             Woken::Events => {
                                 last_event = Instant::now();
-                                checked_bell = Some(last_event);
                                 continue;
                             }
                         },
@@ -205,8 +224,8 @@ impl Hub {
                     delay
                 }
             };
-            // A bell left armed by a hub that died (or never set, in a new database) makes every
-            // producer ring while this hub is awake; clear it now and then.
+            // A bell left armed by a hub that died makes every producer ring while this hub is
+            // awake, until its lease ends; clear it now and then.
             if checked_bell.is_none_or(|at| at.elapsed() >= self.timing.idle_poll) {
                 match bell.disarm().await {
                     // Costs no query; the listener is about to connect.
@@ -229,8 +248,8 @@ impl Hub {
         }
     }
 
-    /// Arms the bell and sleeps until it rings, then disarms it. The caller has just read and
-    /// found nothing new.
+    /// Arms the bell and sleeps until it rings, renewing the bell's lease every `idle_poll`. The
+    /// caller has just read and found nothing new; it disarms the bell when this returns.
     async fn sleep(
         &mut self,
         bell: &mut Bell,
@@ -239,73 +258,70 @@ impl Hub {
     ) -> Woken {
         // A ring heard while awake is stale: the read after arming covers whatever it was for.
         let _ = doorbell.notified().now_or_never();
-        if let Err(error) = bell.arm().await {
-            // Nobody could ring: stay up, reading at the slowest gap poll, until the listener is
-            // back (it rings the doorbell when it is) or the database lets the bell be armed.
-            if matches!(error, BellError::NoConnection) || self.arm_failure_logged {
-                tracing::debug!(%error, "cannot arm the doorbell");
-            } else {
-                self.arm_failure_logged = true;
-                tracing::warn!(%error, "cannot arm the doorbell; reading every {MAX_GAP_POLL:?}");
-            }
-            return tokio::select! {
-                _ = tokio::time::sleep(MAX_GAP_POLL) => Woken::NotArmed,
-                _ = doorbell.notified() => Woken::NotArmed,
-                _ = shutdown.wait_for(|stop| *stop) => Woken::Shutdown,
-            };
-        }
-        self.arm_failure_logged = false;
+        // Long enough that a renewal comes well before the lease ends.
+        let lease = self.timing.idle_poll * 2;
         self.metrics.hub_sleeps.increment(1);
-        let woken = self.sleep_armed(doorbell, shutdown).await;
-        if let Woken::Events = woken {
-            // Read at once, while the bell is disarmed: a ring is not worth a round trip of
-            // latency.
-            let (disarmed, pass) = tokio::join!(bell.disarm(), self.pass());
-            if let Err(error) = disarmed {
-                tracing::debug!(%error, "cannot disarm the doorbell");
+        loop {
+            if let Err(error) = bell.arm(lease).await {
+                // Nobody could ring: stay up, reading at the slowest gap poll, until the listener
+                // is back (it rings the doorbell when it is) or the bell can be armed.
+                if matches!(error, BellError::NoConnection) || self.arm_failure_logged {
+                    tracing::debug!(%error, "cannot arm the doorbell");
+                } else {
+                    self.arm_failure_logged = true;
+                    tracing::warn!(%error, "cannot arm the doorbell; reading every {MAX_GAP_POLL:?}");
+                }
+                return tokio::select! {
+                    _ = tokio::time::sleep(MAX_GAP_POLL) => Woken::NotArmed,
+                    _ = doorbell.notified() => Woken::NotArmed,
+                    _ = shutdown.wait_for(|stop| *stop) => Woken::Shutdown,
+                };
             }
-            if let Err(error) = pass {
-                tracing::warn!(%error, "hub cannot read new events");
+            self.arm_failure_logged = false;
+            match self.sleep_armed(doorbell, shutdown).await {
+                // The lease is up for renewal; whatever a renewal that came late let through, the
+                // settling after it catches, as after the first arming.
+                Slept::Renew => {}
+                Slept::Woken(woken) => return woken,
             }
         }
-        woken
     }
 
     /// The armed part of [`Hub::sleep`]: settles the producers that may have missed the arming
-    /// (module doc), then waits for the bell.
+    /// (module doc), then waits for the bell, at most `idle_poll`.
     async fn sleep_armed(
         &mut self,
         doorbell: &Notify,
         shutdown: &mut watch::Receiver<bool>,
-    ) -> Woken {
+    ) -> Slept {
         // The holders first, then the read: the other order misses a producer that commits in
         // between.
         let Ok(mut unsettled) = self.store.in_flight_holders().await else {
-            return Woken::Events;
+            return Slept::Woken(Woken::Events);
         };
         let mut poll = self.timing.gap_poll;
         loop {
             match self.pass().await {
                 Ok(pass) if pass.found_nothing() => {}
-                _ => return Woken::Events,
+                _ => return Slept::Woken(Woken::Events),
             }
-            let wait = if unsettled.is_empty() {
-                self.timing.idle_poll
-            } else {
-                poll
-            };
-            tokio::select! {
-                _ = doorbell.notified() => return Woken::Events,
-                _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return Woken::Shutdown,
-            }
-            if !unsettled.is_empty() {
-                let Ok(current) = self.store.in_flight_holders().await else {
-                    return Woken::Events;
+            if unsettled.is_empty() {
+                return tokio::select! {
+                    _ = doorbell.notified() => Slept::Woken(Woken::Events),
+                    _ = tokio::time::sleep(self.timing.idle_poll) => Slept::Renew,
+                    _ = shutdown.wait_for(|stop| *stop) => Slept::Woken(Woken::Shutdown),
                 };
-                unsettled.retain(|holder, _| current.contains_key(holder));
-                poll = (poll * 2).min(MAX_GAP_POLL);
             }
+            tokio::select! {
+                _ = doorbell.notified() => return Slept::Woken(Woken::Events),
+                _ = tokio::time::sleep(poll) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return Slept::Woken(Woken::Shutdown),
+            }
+            let Ok(current) = self.store.in_flight_holders().await else {
+                return Slept::Woken(Woken::Events);
+            };
+            unsettled.retain(|holder, _| current.contains_key(holder));
+            poll = (poll * 2).min(MAX_GAP_POLL);
         }
     }
 

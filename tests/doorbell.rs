@@ -19,25 +19,36 @@ async fn insert(client: &impl GenericClient, consumer: &str) -> i64 {
     common::insert(client, consumer, "{}").await
 }
 
-/// The bell as producers read it: None (never set: ring), 0 (silent) or 1 (armed).
-async fn bell(client: &impl GenericClient) -> Option<i64> {
+const ARMED: bool = true;
+const SILENT: bool = false;
+
+/// Whether producers ring now: the bell is a deadline in milliseconds (schema.sql).
+async fn bell(client: &impl GenericClient) -> bool {
     client
-        .query_one("select pg_sequence_last_value('event_piper_bell')", &[])
+        .query_one(
+            "select coalesce(pg_sequence_last_value('event_piper_bell') \
+                            > date_part('epoch', clock_timestamp()) * 1000, false)",
+            &[],
+        )
         .await
         .unwrap()
         .get(0)
 }
 
-async fn wait_for_bell(client: &Client, want: i64) {
+async fn wait_for_bell(client: &Client, want: bool) {
     let poll = async {
-        while bell(client).await != Some(want) {
+        while bell(client).await != want {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
+    let state = if want { "armed" } else { "silent" };
     tokio::time::timeout(PATIENCE, poll)
         .await
-        .unwrap_or_else(|_| panic!("the bell never read {want}"));
+        .unwrap_or_else(|_| panic!("the bell never became {state}"));
 }
+
+/// Lease of the hand-driven bells below.
+const LEASE: Duration = Duration::from_secs(600);
 
 /// A connection that listens on `new_events`, as the service's listener does; each ring arrives
 /// on the returned channel.
@@ -75,7 +86,7 @@ async fn a_sleeping_hub_is_woken_by_a_producer() {
 
     for _ in 0..3 {
         // Idle: the hub has armed the bell and sleeps.
-        wait_for_bell(&producer, 1).await;
+        wait_for_bell(&producer, ARMED).await;
         let id = insert(&producer, "c").await;
         assert_eq!(stream.next().await.id, id);
         assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
@@ -88,8 +99,7 @@ async fn producers_do_not_ring_while_the_hub_is_awake() {
     let app = TestApp::start_with(&["--idle-poll", "1h", "--idle-after", "60s"]).await;
     let producer = app.producer().await;
     let mut stream = app.consume("c", None).await;
-    // A new database's bell was never set, which makes producers ring: the awake hub clears it.
-    wait_for_bell(&producer, 0).await;
+    assert_eq!(bell(&producer).await, SILENT);
     let (listener, mut rung) = listen(&app.db_url).await;
 
     let mut ids = Vec::new();
@@ -108,27 +118,27 @@ async fn a_producer_that_decided_not_to_ring_before_the_hub_slept_is_not_lost() 
     let mut stream = app.consume("c", None).await;
 
     // Wake the hub, and wait until it has disarmed the bell.
-    wait_for_bell(&probe, 1).await;
+    wait_for_bell(&probe, ARMED).await;
     let first = insert(&probe, "c").await;
     assert_eq!(stream.next().await.id, first);
-    wait_for_bell(&probe, 0).await;
+    wait_for_bell(&probe, SILENT).await;
 
     // A producer inserts while the hub is awake: it reads a silent bell and will not ring.
     let transaction = late.transaction().await.unwrap();
     let held = insert(&transaction, "c").await;
     assert_eq!(
         bell(&transaction).await,
-        Some(0),
+        SILENT,
         "the producer saw a silent bell"
     );
 
     // The hub falls idle and arms the bell while that producer is still open; then it commits.
-    wait_for_bell(&probe, 1).await;
+    wait_for_bell(&probe, ARMED).await;
     transaction.commit().await.unwrap();
     assert_eq!(stream.next().await.id, held);
 
     // And the hub sleeps again, woken by the next producer as usual.
-    wait_for_bell(&probe, 1).await;
+    wait_for_bell(&probe, ARMED).await;
     let next = insert(&probe, "c").await;
     assert_eq!(stream.next().await.id, next);
 }
@@ -161,27 +171,27 @@ async fn the_bell_stays_armed_while_any_hub_sleeps() {
     let (mut b, _, _b_line) = hub_bell(&url).await;
 
     a.disarm().await.unwrap();
-    assert_eq!(bell(&admin).await, Some(0));
+    assert_eq!(bell(&admin).await, SILENT);
     insert(&admin, "c").await;
     assert_eq!(rings_so_far(&listener, &mut rung).await, 0);
 
-    a.arm().await.unwrap();
-    b.arm().await.unwrap();
-    assert_eq!(bell(&admin).await, Some(1));
+    a.arm(LEASE).await.unwrap();
+    b.arm(LEASE).await.unwrap();
+    assert_eq!(bell(&admin).await, ARMED);
     insert(&admin, "c").await;
     assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
 
     // B wakes; A still sleeps, so producers must go on ringing.
     b.disarm().await.unwrap();
-    assert_eq!(bell(&admin).await, Some(1));
+    assert_eq!(bell(&admin).await, ARMED);
     insert(&admin, "c").await;
     assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
 
     a.disarm().await.unwrap();
-    assert_eq!(bell(&admin).await, Some(0));
+    assert_eq!(bell(&admin).await, SILENT);
 
     // A hub whose connection dies stops counting as asleep.
-    a.arm().await.unwrap();
+    a.arm(LEASE).await.unwrap();
     admin
         .execute("select pg_terminate_backend($1)", &[&a_pid])
         .await
@@ -201,7 +211,32 @@ async fn the_bell_stays_armed_while_any_hub_sleeps() {
         }
     };
     tokio::time::timeout(PATIENCE, gone).await.unwrap();
-    b.arm().await.unwrap();
+    b.arm(LEASE).await.unwrap();
     b.disarm().await.unwrap();
-    assert_eq!(bell(&admin).await, Some(0));
+    assert_eq!(bell(&admin).await, SILENT);
+
+    // A hub that dies asleep with nobody left to disarm after it: its lease runs out.
+    b.arm(Duration::from_millis(300)).await.unwrap();
+    insert(&admin, "c").await;
+    assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(bell(&admin).await, SILENT);
+    insert(&admin, "c").await;
+    assert_eq!(rings_so_far(&listener, &mut rung).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_hub_renews_the_bells_lease() {
+    // A lease of two seconds, renewed every second.
+    let app = TestApp::start_with(&["--idle-poll", "1s"]).await;
+    let producer = app.producer().await;
+    let mut stream = app.consume("c", None).await;
+    let (listener, mut rung) = listen(&app.db_url).await;
+
+    wait_for_bell(&producer, ARMED).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(bell(&producer).await, ARMED);
+    let id = insert(&producer, "c").await;
+    assert_eq!(stream.next().await.id, id);
+    assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
 }
