@@ -22,6 +22,7 @@ mod ledger;
 mod procfs;
 mod producer;
 mod progress;
+mod publisher;
 mod report;
 mod scenarios;
 mod service;
