@@ -220,7 +220,8 @@ pub async fn walkthrough_sinks(
 
 /// Single-row transactions at `rate` per second in total for `duration`, spread over `producers`
 /// connections on a fixed schedule: event k is due at start + k / rate. A producer that falls
-/// behind sends the overdue ones at once, so the average rate holds if PostgreSQL can take it.
+/// behind sends the overdue ones at once, so the average rate holds if PostgreSQL can take it;
+/// one that is still sending at twice the duration stops there (the rate shows it fell short).
 pub async fn paced(
     url: &str,
     producers: usize,
@@ -245,12 +246,16 @@ pub async fn paced_with<S: Sink>(
     let producers = sinks.len();
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let total = (rate * duration.as_secs_f64()).round() as u64;
+    let cutoff = start + duration * 2;
     let consumers = targets.consumers.len();
     let workers = sinks.into_iter().enumerate().map(|(p, mut sink)| {
         let targets = targets.clone();
         async move {
             let mut worker = Worker::new(consumers);
             for k in (p as u64..total).step_by(producers) {
+                if tokio::time::Instant::now() >= cutoff {
+                    break;
+                }
                 let due = start + Duration::from_secs_f64(k as f64 / rate);
                 tokio::time::sleep_until(due).await;
                 let sent = Instant::now();
