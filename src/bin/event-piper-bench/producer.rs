@@ -278,7 +278,6 @@ pub async fn flood_with<S: Sink>(
     duration: Duration,
     targets: Targets,
 ) -> Result<Produced> {
-    let producers = sinks.len();
     let start = Instant::now();
     let end = start + duration;
     let consumers = targets.consumers.len();
@@ -289,7 +288,8 @@ pub async fn flood_with<S: Sink>(
             let mut seq = p as i64 * 1_000_000_000;
             // Bounded by time; each iteration is one round trip.
             while Instant::now() < end {
-                let consumer = (p + worker.transactions as usize * producers) % consumers;
+                // Every connection cycles through all consumers, each starting at its own.
+                let consumer = (p + worker.transactions as usize) % consumers;
                 let sent = Instant::now();
                 let id = sink.send(&targets.consumers[consumer], seq).await?;
                 worker.committed(&targets, consumer, &[id], sent);
