@@ -24,7 +24,8 @@ pub struct Args {
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub duration: Duration,
 
-    /// Events per second for the paced scenarios (latency, fanout, dbcost).
+    /// Events per second for the paced scenarios (latency, fanout, dbcost, and the paced phases of
+    /// producers and publish).
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
 
@@ -64,6 +65,15 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "10,1000")]
     pub dbcost_connections: Vec<usize>,
 
+    /// Producer connections compared by the producers scenario (single-row producers as fast as
+    /// they go, and paced), and publishing connections of the publish scenario's paced phase.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
+    pub producer_connections: Vec<usize>,
+
+    /// Publishing connections of the publish scenario's as-fast-as-they-go phase.
+    #[arg(long, value_delimiter = ',', default_value = "16,64")]
+    pub publish_connections: Vec<usize>,
+
     /// Consumer connections being opened at once.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
@@ -94,6 +104,8 @@ pub enum Scenario {
     Connections,
     Replay,
     Dbcost,
+    Producers,
+    Publish,
     All,
 }
 
@@ -101,8 +113,18 @@ impl Scenario {
     pub fn expand(self) -> Vec<Scenario> {
         use Scenario::*;
         match self {
-            // dbcost last: it restarts the managed PostgreSQL with pg_stat_statements loaded.
-            All => vec![Latency, Throughput, Fanout, Connections, Replay, Dbcost],
+            // dbcost last: it restarts the managed PostgreSQL with pg_stat_statements loaded, which
+            // would add its own cost to every producer's statement.
+            All => vec![
+                Latency,
+                Throughput,
+                Fanout,
+                Connections,
+                Replay,
+                Producers,
+                Publish,
+                Dbcost,
+            ],
             one => vec![one],
         }
     }

@@ -51,6 +51,39 @@ impl Database {
         text.lines().next()?.trim().parse().ok()
     }
 
+    /// Where the cluster keeps its data and how it makes commits durable, for the write-path
+    /// tables: a data directory on tmpfs, or `fsync = off`, would hide the cost being measured.
+    pub async fn storage(&self) -> Result<String> {
+        let client = connect(&self.base_url).await?;
+        let row = client
+            .query_one(
+                "SELECT current_setting('fsync'), current_setting('wal_sync_method'), \
+                 current_setting('synchronous_commit'), current_setting('commit_delay')",
+                &[],
+            )
+            .await?;
+        let (fsync, method, commit, delay): (String, String, String, String) = (
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+        );
+        let place = match &self.managed {
+            Some(managed) => {
+                let dir = managed.data_dir();
+                match crate::procfs::filesystem(dir) {
+                    Some((kind, device)) => format!("{} ({kind} on {device})", dir.display()),
+                    None => format!("{} (filesystem unknown)", dir.display()),
+                }
+            }
+            None => "an external server (--database-url)".into(),
+        };
+        Ok(format!(
+            "PostgreSQL data: {place}; fsync {fsync}, wal_sync_method {method}, \
+             synchronous_commit {commit} by default, commit_delay {delay}"
+        ))
+    }
+
     /// Drops and recreates database `name`, applies the service's schema (producers may insert
     /// before the service first starts) and returns its URL.
     pub async fn fresh(&self, name: &str) -> Result<String> {

@@ -6,6 +6,14 @@
 //! order at every connection, and measures latency (producer's commit returned -> consumer read
 //! the frame), throughput and the service's memory. One markdown table per scenario at the end.
 //!
+//! Scenarios (`--help` for their knobs): `latency`, `throughput`, `fanout`, `connections`,
+//! `replay`, `dbcost` (issue 4: what consumers get), and `producers` and `publish` (issue 9: what
+//! the application's writers pay). `producers` compares single-row producers on a plain table with
+//! the same producers on `events` (service streaming every event), for `synchronous_commit` on
+//! and off and 1 to 64 connections, checks multi-row INSERTs and COPY beside them, and runs 1,000
+//! events/s from 1 to 64 connections; `publish` does the same over `POST /events`. Their latency
+//! is timed from the insert or request being sent, so it includes the producer's own commit.
+//!
 //! ```text
 //! cargo build --release
 //! target/release/event-piper-bench all
@@ -22,6 +30,7 @@ mod ledger;
 mod procfs;
 mod producer;
 mod progress;
+mod publisher;
 mod report;
 mod scenarios;
 mod service;

@@ -120,6 +120,21 @@ pub fn machine_busy() -> Duration {
     ticks(busy)
 }
 
+/// The filesystem type and device of the mount holding `path` (the longest mount point that is
+/// a prefix of it), from /proc/self/mounts.
+pub fn filesystem(path: &std::path::Path) -> Option<(String, String)> {
+    let text = fs::read_to_string("/proc/self/mounts").ok()?;
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let (device, mount, kind) = (fields.next()?, fields.next()?, fields.next()?);
+            path.starts_with(mount)
+                .then(|| (mount.len(), kind.to_owned(), device.to_owned()))
+        })
+        .max_by_key(|(len, _, _)| *len)
+        .map(|(_, kind, device)| (kind, device))
+}
+
 /// CPU time of this process.
 pub fn own_cpu() -> Duration {
     cpu(std::process::id())

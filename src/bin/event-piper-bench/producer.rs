@@ -2,9 +2,14 @@
 //!
 //! They run on their own runtime thread (see main.rs) so that the commit-return instant is taken
 //! as soon as PostgreSQL answers, not whenever a worker busy with a thousand consumer sockets gets
-//! round to it. Every insert uses `RETURNING id`, and the id, its consumer and the instant the
-//! commit returned go into the ledger.
+//! round to it. Every insert uses `RETURNING id`, and the id, its consumer and an instant go into
+//! the ledger: the commit returning, or (for the write-path scenarios, [`Stamp::Sent`]) the insert
+//! being sent, so that latency includes what the producer's own commit cost.
+//!
+//! A [`Sink`] is one connection that turns an event into an id: a SQL connection here, an HTTP
+//! keep-alive connection in publisher.rs. The paced and as-fast-as-possible drivers are shared.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,6 +25,14 @@ use crate::ledger::Ledger;
 /// One autocommit statement is one transaction: the response to it is the commit returning.
 const INSERT_ONE: &str = "INSERT INTO events (type, subscriber, payload) \
      VALUES ('bench', $1, jsonb_build_object('seq', $2::bigint)) RETURNING id";
+
+/// The EventPiper walkthrough's insert, into `table` (`events`, or the bench's plain table).
+fn insert_walkthrough(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (type, timestamp, subscriber, payload) \
+         VALUES ('bench', now(), $1, jsonb_build_object('seq', $2::bigint)) RETURNING id"
+    )
+}
 
 const INSERT_MANY: &str = "INSERT INTO events (type, subscriber, payload) \
      SELECT 'bench', $1, jsonb_build_object('seq', g) \
@@ -45,6 +58,26 @@ impl Produced {
     pub fn rate(&self) -> f64 {
         self.rows as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+
+    /// Adds the rows of producers that ran beside these (bulk ones: their round trips are not
+    /// single-event ones, so the histogram is left as it is).
+    pub fn absorb(&mut self, other: Produced) {
+        self.rows += other.rows;
+        self.transactions += other.transactions;
+        self.unrecorded += other.unrecorded;
+        for (total, rows) in self.per_consumer.iter_mut().zip(other.per_consumer) {
+            *total += rows;
+        }
+    }
+}
+
+/// Which instant of an insert the ledger keeps, and latency is measured from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stamp {
+    /// The commit returned to the producer: what the service adds.
+    Committed,
+    /// The insert was sent: what a producer waits for end to end, its own commit included.
+    Sent,
 }
 
 /// Where events go: consumer `i % len` gets the i-th event.
@@ -54,6 +87,7 @@ pub struct Targets {
     pub ledger: Option<Arc<Ledger>>,
     /// Rows committed so far, for the progress line.
     pub counter: Arc<AtomicU64>,
+    pub stamp: Stamp,
 }
 
 pub async fn connect(url: &str) -> Result<Client> {
@@ -94,8 +128,12 @@ impl Worker {
         self.commit
             .saturating_record((now - sent).as_micros().max(1) as u64);
         if let Some(ledger) = &targets.ledger {
+            let at = match targets.stamp {
+                Stamp::Committed => now,
+                Stamp::Sent => sent,
+            };
             for &id in ids {
-                if !ledger.record(id, consumer as u32, Some(now)) {
+                if !ledger.record(id, consumer as u32, Some(at)) {
                     self.unrecorded += 1;
                 }
             }
@@ -130,9 +168,60 @@ fn combine(workers: Vec<Worker>, elapsed: Duration, consumers: usize) -> Produce
     produced
 }
 
+/// One producer connection: sends one event and returns its id once it is durable (the commit
+/// returned, or the service answered 201).
+pub trait Sink: Send + 'static {
+    fn send(&mut self, consumer: &str, seq: i64) -> impl Future<Output = Result<i64>> + Send;
+}
+
+/// A PostgreSQL connection inserting single-row autocommit transactions.
+pub struct SqlSink {
+    client: Client,
+    statement: tokio_postgres::Statement,
+}
+
+impl SqlSink {
+    async fn new(client: Client, sql: &str) -> Result<SqlSink> {
+        let statement = client.prepare(sql).await?;
+        Ok(SqlSink { client, statement })
+    }
+}
+
+impl Sink for SqlSink {
+    async fn send(&mut self, consumer: &str, seq: i64) -> Result<i64> {
+        let row = self
+            .client
+            .query_one(&self.statement, &[&consumer, &seq])
+            .await
+            .context("inserting an event")?;
+        Ok(row.try_get(0)?)
+    }
+}
+
+/// `producers` connections inserting the walkthrough's single-row form into `table`, with
+/// `synchronous_commit` set on each (it is a per-session setting a producer chooses).
+pub async fn walkthrough_sinks(
+    url: &str,
+    producers: usize,
+    table: &str,
+    synchronous_commit: bool,
+) -> Result<Vec<SqlSink>> {
+    let sql = insert_walkthrough(table);
+    let setting = if synchronous_commit { "on" } else { "off" };
+    try_join_all((0..producers).map(|_| async {
+        let client = connect(url).await?;
+        client
+            .batch_execute(&format!("SET synchronous_commit = {setting}"))
+            .await?;
+        SqlSink::new(client, &sql).await
+    }))
+    .await
+}
+
 /// Single-row transactions at `rate` per second in total for `duration`, spread over `producers`
 /// connections on a fixed schedule: event k is due at start + k / rate. A producer that falls
-/// behind sends the overdue ones at once, so the average rate holds if PostgreSQL can take it.
+/// behind sends the overdue ones at once, so the average rate holds if PostgreSQL can take it;
+/// one that is still sending at twice the duration stops there (the rate shows it fell short).
 pub async fn paced(
     url: &str,
     producers: usize,
@@ -140,26 +229,71 @@ pub async fn paced(
     duration: Duration,
     targets: Targets,
 ) -> Result<Produced> {
-    let clients = try_join_all((0..producers).map(|_| connect(url))).await?;
+    let sinks = try_join_all(
+        (0..producers).map(|_| async { SqlSink::new(connect(url).await?, INSERT_ONE).await }),
+    )
+    .await?;
+    paced_with(sinks, rate, duration, targets).await
+}
+
+/// The paced schedule of [`paced`] over any sinks.
+pub async fn paced_with<S: Sink>(
+    sinks: Vec<S>,
+    rate: f64,
+    duration: Duration,
+    targets: Targets,
+) -> Result<Produced> {
+    let producers = sinks.len();
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let total = (rate * duration.as_secs_f64()).round() as u64;
+    let cutoff = start + duration * 2;
     let consumers = targets.consumers.len();
-    let workers = clients.into_iter().enumerate().map(|(p, client)| {
+    let workers = sinks.into_iter().enumerate().map(|(p, mut sink)| {
         let targets = targets.clone();
         async move {
-            let statement = client.prepare(INSERT_ONE).await?;
             let mut worker = Worker::new(consumers);
             for k in (p as u64..total).step_by(producers) {
+                if tokio::time::Instant::now() >= cutoff {
+                    break;
+                }
                 let due = start + Duration::from_secs_f64(k as f64 / rate);
                 tokio::time::sleep_until(due).await;
                 let sent = Instant::now();
                 worker.max_behind = worker.max_behind.max(sent - due.into_std());
                 let consumer = (k % consumers as u64) as usize;
-                let row = client
-                    .query_one(&statement, &[&&*targets.consumers[consumer], &(k as i64)])
-                    .await
-                    .context("inserting an event")?;
-                worker.committed(&targets, consumer, &[row.try_get(0)?], sent);
+                let id = sink.send(&targets.consumers[consumer], k as i64).await?;
+                worker.committed(&targets, consumer, &[id], sent);
+            }
+            anyhow::Ok(worker)
+        }
+    });
+    let workers = try_join_all(workers).await?;
+    let elapsed = start.elapsed();
+    Ok(combine(workers, elapsed, consumers))
+}
+
+/// Every sink sends single events back to back for `duration`: as fast as they are taken.
+pub async fn flood_with<S: Sink>(
+    sinks: Vec<S>,
+    duration: Duration,
+    targets: Targets,
+) -> Result<Produced> {
+    let start = Instant::now();
+    let end = start + duration;
+    let consumers = targets.consumers.len();
+    let workers = sinks.into_iter().enumerate().map(|(p, mut sink)| {
+        let targets = targets.clone();
+        async move {
+            let mut worker = Worker::new(consumers);
+            let mut seq = p as i64 * 1_000_000_000;
+            // Bounded by time; each iteration is one round trip.
+            while Instant::now() < end {
+                // Every connection cycles through all consumers, each starting at its own.
+                let consumer = (p + worker.transactions as usize) % consumers;
+                let sent = Instant::now();
+                let id = sink.send(&targets.consumers[consumer], seq).await?;
+                worker.committed(&targets, consumer, &[id], sent);
+                seq += 1;
             }
             anyhow::Ok(worker)
         }
@@ -265,4 +399,103 @@ pub async fn history(
         }
     }
     Ok(recorded)
+}
+
+/// What [`bulk`] did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Bulk {
+    pub statements: u64,
+    pub statement_rows: u64,
+    pub copies: u64,
+    pub copy_rows: u64,
+}
+
+/// The other ways users fill `events`, beside single-row producers: a multi-row `INSERT ...
+/// SELECT generate_series` and a `COPY ... FROM STDIN`, alternately, `chunk` rows each, one every
+/// `pause`, for `duration`. COPY returns no ids, so each COPY tags its rows and reads their ids
+/// back (through the (subscriber, id) index) to put them in the ledger.
+pub async fn bulk(
+    url: &str,
+    chunk: u64,
+    pause: Duration,
+    duration: Duration,
+    targets: Targets,
+) -> Result<(Produced, Bulk)> {
+    use futures::SinkExt;
+
+    let client = connect(url).await?;
+    let many = client
+        .prepare(
+            "INSERT INTO events (type, timestamp, subscriber, payload) \
+             SELECT 'bulk', now(), $1, jsonb_build_object('seq', g) \
+             FROM generate_series($2::bigint, $3::bigint) AS g RETURNING id",
+        )
+        .await?;
+    let floor = client
+        .prepare("SELECT coalesce(max(id), 0) FROM events")
+        .await?;
+    let tagged = client
+        .prepare(
+            "SELECT id FROM events WHERE subscriber = $1 AND id > $2 \
+             AND payload->>'copy' = $3::bigint::text ORDER BY id",
+        )
+        .await?;
+    let consumers = targets.consumers.len();
+    let mut worker = Worker::new(consumers);
+    let mut counts = Bulk::default();
+    let start = Instant::now();
+    let end = start + duration;
+    let mut round = 0i64;
+    // Bounded by time: every iteration is two statements and a pause.
+    while Instant::now() < end {
+        let consumer = (round as usize) % consumers;
+        let name = &*targets.consumers[consumer];
+        let first = round * chunk as i64;
+        let sent = Instant::now();
+        let rows = client
+            .query(&many, &[&name, &first, &(first + chunk as i64 - 1)])
+            .await
+            .context("multi-row INSERT ... SELECT")?;
+        let ids = rows
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<Vec<i64>, _>>()?;
+        worker.committed(&targets, consumer, &ids, sent);
+        counts.statements += 1;
+        counts.statement_rows += ids.len() as u64;
+        tokio::time::sleep(pause).await;
+
+        // Every id handed out after this reading is above it.
+        let below: i64 = client.query_one(&floor, &[]).await?.try_get(0)?;
+        let mut text = String::with_capacity(chunk as usize * 48);
+        for seq in 0..chunk {
+            text.push_str(&format!(
+                "copy\t{name}\t{{\"copy\": {round}, \"seq\": {seq}}}\n"
+            ));
+        }
+        let sent = Instant::now();
+        let sink = client
+            .copy_in::<_, bytes::Bytes>("COPY events (type, subscriber, payload) FROM STDIN")
+            .await?;
+        let mut sink = std::pin::pin!(sink);
+        sink.send(bytes::Bytes::from(text)).await?;
+        let copied = sink.finish().await.context("COPY into events")?;
+        let ids = client
+            .query(&tagged, &[&name, &below, &round])
+            .await?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<Result<Vec<i64>, _>>()?;
+        anyhow::ensure!(
+            ids.len() as u64 == copied,
+            "COPY wrote {copied} rows but {} carry its tag",
+            ids.len()
+        );
+        worker.committed(&targets, consumer, &ids, sent);
+        counts.copies += 1;
+        counts.copy_rows += copied;
+        round += 1;
+        tokio::time::sleep(pause).await;
+    }
+    Ok((combine(vec![worker], start.elapsed(), consumers), counts))
 }

@@ -30,6 +30,7 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
             .collect(),
         consumers: one,
         rate,
+        stamp: crate::producer::Stamp::Committed,
     };
     let a = shape(bench, "bench_fanout_a", shape_a, format!(
         "3a. fan-out: 1 consumer × {n} connections, {rate} events/s (each event to every connection)"

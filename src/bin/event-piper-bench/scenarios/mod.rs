@@ -1,11 +1,14 @@
-//! The scenarios of issue 4, and what they share: the bench context, the paced live run, CPU
-//! accounting.
+//! The scenarios of issue 4 (latency ... dbcost) and issue 9 (producers, publish: what
+//! event-piper costs the application's writers), and what they share: the bench context, the live
+//! run, CPU accounting.
 
 mod connections;
 mod dbcost;
 mod fanout;
 mod latency;
 mod live;
+mod producers;
+mod publish;
 mod replay;
 mod throughput;
 
@@ -39,6 +42,8 @@ pub async fn run(scenario: Scenario, bench: &mut Bench) -> Result<Vec<Table>> {
         Scenario::Connections => connections::run(bench).await,
         Scenario::Replay => replay::run(bench).await,
         Scenario::Dbcost => dbcost::run(bench).await,
+        Scenario::Producers => producers::run(bench).await,
+        Scenario::Publish => publish::run(bench).await,
         Scenario::All => unreachable!("expanded by the caller"),
     }
 }

@@ -15,7 +15,7 @@ use crate::consumer::{self, ConnSpec, Shared};
 use crate::fleet::Fleet;
 use crate::latency::ms;
 use crate::ledger::Ledger;
-use crate::producer::{self, Produced, Targets};
+use crate::producer::{self, Produced, Stamp, Targets};
 use crate::progress::Progress;
 use crate::report::{Table, count};
 use crate::service::Service;
@@ -115,6 +115,7 @@ async fn ceiling(bench: &Bench, database: &str) -> Result<(Produced, String)> {
         consumers: names("ceiling", 1),
         ledger: None,
         counter,
+        stamp: Stamp::Committed,
     };
     let produced = flood(bench, &url, targets).await?;
     let cpu = cpu.describe();
@@ -172,6 +173,7 @@ async fn deliver(bench: &Bench, service: &Service, url: &str) -> Result<Measured
         consumers,
         ledger: Some(Arc::clone(&ledger)),
         counter,
+        stamp: Stamp::Committed,
     };
     let produced = flood(bench, url, targets).await?;
     let stopped = Instant::now();
