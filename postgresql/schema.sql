@@ -12,26 +12,13 @@
 --
 -- Why a producer rings only sometimes ("The doorbell" in the README): a transaction that runs
 -- NOTIFY takes, at commit, a lock that serializes every notifying commit of the cluster through its
--- WAL flush. So the id trigger rings only while the bell is armed, which a hub does just before it
--- goes to sleep; a hub that is awake reads by itself. The bell is a sequence because reading one is
--- not transactional: a producer sees the current value, whatever its snapshot.
+-- WAL flush. So the id trigger rings only while a hub sleeps, which it tells by failing to take
+-- that same shared lock: a sleeping hub holds it exclusively (or waits for it). Such a producer
+-- takes a second shared lock (key 7311142570156910961) instead, so it is still seen in flight.
 
 SELECT pg_advisory_xact_lock(7311142570156910963);
 
 CREATE SEQUENCE IF NOT EXISTS events_id_seq CACHE 1;
-
--- The bell: until when (milliseconds since the epoch, by the database's clock) producers ring.
--- A sleeping hub sets it a lease ahead and renews it; a waking hub sets it to 0 (src/bell.rs). A
--- hub that dies asleep leaves it armed for the rest of its lease at most. Producers only read it,
--- so every role that inserts events may.
-DO $bell$
-BEGIN
-    IF to_regclass('event_piper_bell') IS NULL THEN
-        CREATE SEQUENCE event_piper_bell MINVALUE 0;
-        GRANT SELECT ON SEQUENCE event_piper_bell TO PUBLIC;
-    END IF;
-END
-$bell$;
 
 CREATE TABLE IF NOT EXISTS events (
     id         bigint      PRIMARY KEY,
@@ -74,10 +61,10 @@ BEGIN
     -- its commit became visible. An id chosen by the producer would bypass the lock and could be
     -- older than what the service already published, so it is refused.
     --
-    -- Then it rings the doorbell if a hub is asleep. The bell is read after the lock is taken:
-    -- a hub arms the bell, then looks for holders of the lock, so a producer that read the bell
-    -- before it was armed is either still seen holding the lock or has already committed (and
-    -- the hub's next read finds its rows). PostgreSQL folds repeated NOTIFYs of a transaction
+    -- A hub that goes to sleep asks for the lock exclusively, and shared requests fail from then
+    -- on: the producer rings, and shows it is in flight with the second lock. The hub's request
+    -- is granted once every producer that took the first lock has ended, so it then reads
+    -- whatever they committed without a ring. PostgreSQL folds repeated NOTIFYs of a transaction
     -- into one, and the payload is empty: the service reads the rows from the table.
     EXECUTE format($fn$
         CREATE OR REPLACE FUNCTION %1$s.event_piper_assign_id() RETURNS trigger
@@ -88,12 +75,11 @@ BEGIN
                     RAISE EXCEPTION 'events.id is assigned by the database; leave it out of the insert'
                         USING ERRCODE = 'check_violation';
                 END IF;
-                PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311142570156910960);
-                NEW.id := pg_catalog.nextval('%1$s.events_id_seq');
-                IF pg_catalog.pg_sequence_last_value('%1$s.event_piper_bell')
-                   > pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000 THEN
+                IF NOT pg_catalog.pg_try_advisory_xact_lock_shared(7311142570156910960) THEN
+                    PERFORM pg_catalog.pg_advisory_xact_lock_shared(7311142570156910961);
                     PERFORM pg_catalog.pg_notify('new_events', '');
                 END IF;
+                NEW.id := pg_catalog.nextval('%1$s.events_id_seq');
             ELSIF NEW.id IS DISTINCT FROM OLD.id THEN
                 RAISE EXCEPTION 'events.id cannot be changed' USING ERRCODE = 'check_violation';
             END IF;

@@ -1,123 +1,129 @@
-//! The doorbell's switch: producers ring (`NOTIFY new_events`) only while a hub is asleep.
+//! The doorbell's switch: producers ring (`NOTIFY new_events`) only while a hub sleeps.
 //!
 //! A transaction that notifies takes, at commit, a lock that serializes every notifying commit of
 //! the cluster through its WAL flush, so a bell rung by every producer caps them all at about one
-//! fsync at a time. Instead the id trigger (schema.sql) reads the sequence `event_piper_bell`, a
-//! deadline in milliseconds by the database's clock, and rings only before it. A hub that is awake
-//! reads new events by itself (hub.rs); it arms the bell just before it goes to sleep, renews the
-//! lease while it sleeps and disarms the bell (0) when it wakes.
+//! fsync at a time. A hub that is awake reads new events by itself (hub.rs) and nobody rings.
 //!
-//! Several instances may share the database, and the bell must stay armed while any of their hubs
-//! sleeps. A sleeping hub therefore holds a shared session-level advisory lock ("asleep") on its
-//! notification connection, and a waking hub clears the bell only when no other hub holds it.
-//! Arming and disarming take an exclusive transaction lock ("switch") first, so one hub's check
-//! and another's arming cannot interleave. Producers never take either lock.
+//! Every producer tries to take the shared "in flight" advisory lock (schema.sql); a hub that goes
+//! to sleep asks for that lock exclusively, on a connection of its own. From the moment its
+//! request is queued, producers' shared requests fail, so they ring (and hold a second lock to be
+//! seen in flight). The request is granted once every producer that did take the shared lock has
+//! ended, and their commits are visible by then: the hub reads once more after the grant, and
+//! sleeps until a ring. So no producer is missed, and the lock itself is the whole state: it is
+//! held (or waited for) exactly as long as the hub sleeps and its connection lives.
 //!
-//! The asleep lock lives and dies with the notification connection: a hub whose connection drops
-//! (or whose process dies) stops counting as asleep. The bell it left armed makes producers ring
-//! needlessly until the lease ends or another hub disarms it; it never costs an event.
+//! Several hubs: a second one's request waits behind the first one's, which keeps producers
+//! ringing; when the first wakes, the second's is granted at once. A hub whose connection drops
+//! (or whose process dies) loses the lock with it; the connection's end rings the hub's own
+//! doorbell, so that it wakes and reads.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use tokio::sync::watch;
-use tokio_postgres::Client;
+use tokio::sync::Notify;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
 
-use crate::store::lock_key_parts;
+use crate::store::IN_FLIGHT_LOCK_KEY;
 
-/// Exclusive, per transaction: orders arming and disarming across hubs.
-const SWITCH_LOCK_KEY: i64 = 7311142570156910961;
-/// Shared, per session: held by every hub that sleeps, on its notification connection.
-const ASLEEP_LOCK_KEY: i64 = 7311142570156910962;
-
-/// The notification connection while it is up (None while it reconnects).
-pub type Line = Option<Arc<Client>>;
+/// The bell connection's `application_name`, so operators (and tests) can find its backend.
+pub const APPLICATION_NAME: &str = "event-piper-bell";
 
 #[derive(Debug, thiserror::Error)]
-pub enum BellError {
-    #[error("the notification connection is down")]
-    NoConnection,
-    #[error("database: {0}")]
-    Db(#[from] tokio_postgres::Error),
+#[error("doorbell connection: {0}")]
+pub struct BellError(#[from] tokio_postgres::Error);
+
+/// Where the hub stands with the lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Disarmed,
+    /// A request was sent and not seen through: it may be waiting, granted, or done with.
+    Pending,
+    Armed,
 }
 
-/// One hub's switch for the bell.
+/// One hub's switch for the bell, with its own connection (opened on first use).
 pub struct Bell {
-    line: watch::Receiver<Line>,
-    /// The connection that holds this hub's asleep lock, if it holds one.
-    armed_on: Option<Arc<Client>>,
+    pg_config: tokio_postgres::Config,
+    doorbell: Arc<Notify>,
+    client: Option<Client>,
+    state: State,
 }
 
 impl Bell {
-    pub fn new(line: watch::Receiver<Line>) -> Bell {
+    /// `doorbell` is rung when the bell's connection ends.
+    pub fn new(mut pg_config: tokio_postgres::Config, doorbell: Arc<Notify>) -> Bell {
+        pg_config.application_name(APPLICATION_NAME);
+        crate::store::harden(&mut pg_config);
         Bell {
-            line,
-            armed_on: None,
+            pg_config,
+            doorbell,
+            client: None,
+            state: State::Disarmed,
         }
     }
 
-    /// Whether this hub holds the bell armed.
+    /// Whether the lock may be held or requested: the hub must [`Bell::disarm`] when it wakes.
     pub fn is_armed(&self) -> bool {
-        self.armed_on.is_some()
+        self.state != State::Disarmed
     }
 
-    /// Arms the bell for `lease` from now, or renews it: every producer that reads it before the
-    /// lease ends rings. Fails when the notification connection is down, since no ring could be
-    /// heard anyway.
-    pub async fn arm(&mut self, lease: Duration) -> Result<(), BellError> {
-        let client = self.line.borrow().clone().ok_or(BellError::NoConnection)?;
-        let held = self
-            .armed_on
-            .as_ref()
-            .is_some_and(|armed| Arc::ptr_eq(armed, &client));
-        let take = if held {
-            String::new()
-        } else {
-            format!("SELECT pg_advisory_lock_shared({ASLEEP_LOCK_KEY});")
+    /// Asks for the lock and returns once it is granted: producers ring from the moment it is
+    /// asked for, and the ones that did not ring have all ended when it returns. Dropping the
+    /// future leaves the request standing; [`Bell::disarm`] withdraws it.
+    pub async fn arm(&mut self) -> Result<(), BellError> {
+        self.connect().await?;
+        let Some(client) = &self.client else {
+            unreachable!("connected above");
         };
-        let lease_ms = lease.as_millis();
-        // One simple query is one transaction: the switch lock is held until all of it is done.
-        // Another hub's longer lease is kept.
+        self.state = State::Pending;
         client
-            .simple_query(&format!(
-                "SELECT pg_advisory_xact_lock({SWITCH_LOCK_KEY}); {take} \
-                 SELECT setval('event_piper_bell', greatest( \
-                   coalesce(pg_sequence_last_value('event_piper_bell'), 0), \
-                   (date_part('epoch', clock_timestamp()) * 1000)::bigint + {lease_ms}))"
-            ))
+            .simple_query(&format!("SELECT pg_advisory_lock({IN_FLIGHT_LOCK_KEY})"))
             .await?;
-        self.armed_on = Some(client);
+        self.state = State::Armed;
         Ok(())
     }
 
-    /// Disarms: releases this hub's asleep lock, and clears the bell unless another hub still
-    /// sleeps. Also clears a bell left armed by a hub that died.
+    /// Withdraws the request or releases the lock, so producers stop ringing.
     pub async fn disarm(&mut self) -> Result<(), BellError> {
-        let client = self.line.borrow().clone().ok_or(BellError::NoConnection)?;
-        // A lock taken on an earlier connection went with it.
-        let release = match self.armed_on.take() {
-            Some(armed) if Arc::ptr_eq(&armed, &client) => {
-                format!("SELECT pg_advisory_unlock_shared({ASLEEP_LOCK_KEY});")
-            }
-            _ => String::new(),
+        let Some(client) = self.client.as_ref().filter(|c| !c.is_closed()) else {
+            // The lock went with the connection.
+            self.state = State::Disarmed;
+            return Ok(());
         };
-        let (high, low) = lock_key_parts(ASLEEP_LOCK_KEY);
-        let result = client
-            .simple_query(&format!(
-                "SELECT pg_advisory_xact_lock({SWITCH_LOCK_KEY}); {release} \
-                 SELECT setval('event_piper_bell', 0) WHERE NOT EXISTS ( \
-                   SELECT FROM pg_locks WHERE locktype = 'advisory' AND granted \
-                     AND classid = {high} AND objid = {low} AND objsubid = 1 \
-                     AND database = (SELECT oid FROM pg_database \
-                                     WHERE datname = current_database()))"
-            ))
-            .await;
-        if result.is_err() && !release.is_empty() {
-            // Unknown whether the unlock happened; if not, the connection still counts as asleep
-            // and the bell stays armed, which costs rings but never events.
-            self.armed_on = Some(client);
+        if self.state == State::Pending {
+            // The request may still be waiting: cancel it. A cancel that arrives after the grant
+            // finds the connection idle and is ignored, or cancels the release below once.
+            client.cancel_token().cancel_query(NoTls).await?;
         }
+        let release = "SELECT pg_advisory_unlock_all()";
+        let result = match client.simple_query(release).await {
+            Err(error) if error.code() == Some(&SqlState::QUERY_CANCELED) => {
+                client.simple_query(release).await
+            }
+            result => result,
+        };
         result?;
+        self.state = State::Disarmed;
+        Ok(())
+    }
+
+    /// Opens the connection unless it is open.
+    async fn connect(&mut self) -> Result<(), BellError> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let (client, connection) = self.pg_config.connect(NoTls).await?;
+            let doorbell = Arc::clone(&self.doorbell);
+            tokio::spawn(async move {
+                // A hub asleep on this connection is no longer: have it wake and read.
+                let _ = connection.await;
+                doorbell.notify_one();
+            });
+            // A lock wait may last as long as the hub sleeps.
+            client
+                .batch_execute("SET lock_timeout = 0; SET statement_timeout = 0")
+                .await?;
+            self.client = Some(client);
+            self.state = State::Disarmed;
+        }
         Ok(())
     }
 }

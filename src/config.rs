@@ -44,7 +44,7 @@ pub struct Config {
     pub skip_schema: bool,
 
     /// Maximum number of pooled query connections (replays, batch reads). The notification
-    /// connection comes on top of these.
+    /// connection and the doorbell's come on top of these.
     #[arg(long, env = "EVENT_PIPER_POOL_SIZE", default_value_t = 8)]
     pub pool_size: usize,
 

@@ -364,7 +364,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 /// listening, 503 before that and while it reconnects.
 async fn ready(State(state): State<AppState>) -> Response {
     let published = *state.streams.published.borrow();
-    let listening = state.streams.listening.borrow().is_some();
+    let listening = *state.streams.listening.borrow();
     let status = if published.is_some() && listening {
         StatusCode::OK
     } else {

@@ -7,17 +7,14 @@
 //! # Awake and asleep
 //! While events keep coming the hub is awake: it reads again as soon as a batch is done, or after
 //! `poll_interval` when there was nothing new, and producers do not ring ([`crate::bell`]). After
-//! `idle_after` without a new event it arms the bell and sleeps until a producer rings. Every
-//! `idle_poll` it renews the bell's lease and reads anyway (a safety net for a lost ring).
+//! `idle_after` without a new event it arms the bell and sleeps until a producer rings, reading
+//! anyway every `idle_poll` (a safety net for a ring lost in a way the listener could not see).
 //! Ringing costs producers a cluster-wide serialization of their commits, so it is kept to the
 //! moments when the hub is idle anyway.
 //!
-//! A producer decides whether to ring when it inserts, so one that read the bell just before it
-//! was armed will commit without ringing. Every producer takes the in-flight lock (below) before
-//! it reads the bell, and holds it until its commit is visible. So after arming, the hub notes the
-//! holders of that lock and reads once more: a producer that is not among the holders has already
-//! committed and that read finds its rows; the hub stays up, re-checking, until each noted holder
-//! has gone and a read after that found nothing. Only then does it sleep.
+//! A producer decides whether to ring when it inserts, so one that decided just before the hub
+//! armed the bell commits without ringing. Arming waits for exactly those producers to end
+//! ([`crate::bell`]), and the hub reads once more before it sleeps.
 //!
 //! # Gaps
 //! Ids are handed out in order but commit in any order, so a read may show id 7 while 6 is
@@ -38,7 +35,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use tokio::sync::{Notify, watch};
 
-use crate::bell::{Bell, BellError};
+use crate::bell::Bell;
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::store::{Store, StoreError};
@@ -112,13 +109,6 @@ impl Pass {
     }
 }
 
-/// How an armed sleep ended.
-enum Slept {
-    /// `idle_poll` passed: renew the bell's lease and read (the safety read).
-    Renew,
-    Woken(Woken),
-}
-
 /// Why the hub stopped sleeping.
 enum Woken {
     Events,
@@ -181,17 +171,14 @@ impl Hub {
         tracing::info!(published = start, "hub ready");
 
         let mut last_event = Instant::now();
-        // When the bell was last found disarmed (or cleared) while awake.
-        let mut checked_bell: Option<Instant> = None;
         loop {
             let pass = if bell.is_armed() {
                 // Just woken: read at once, and disarm meanwhile; a ring is not worth a round trip
                 // of latency.
                 let (disarmed, pass) = tokio::join!(bell.disarm(), self.pass());
                 if let Err(error) = disarmed {
-                    tracing::debug!(%error, "cannot disarm the doorbell");
+                    tracing::warn!(%error, "cannot disarm the doorbell");
                 }
-                checked_bell = Some(Instant::now());
                 pass
             } else {
                 self.pass().await
@@ -224,20 +211,6 @@ impl Hub {
                     delay
                 }
             };
-            // A bell left armed by a hub that died makes every producer ring while this hub is
-            // awake, until its lease ends; clear it now and then.
-            if checked_bell.is_none_or(|at| at.elapsed() >= self.timing.idle_poll) {
-                match bell.disarm().await {
-                    // Costs no query; the listener is about to connect.
-                    Err(BellError::NoConnection) => {}
-                    result => {
-                        if let Err(error) = result {
-                            tracing::debug!(%error, "cannot clear the doorbell");
-                        }
-                        checked_bell = Some(Instant::now());
-                    }
-                }
-            }
             // Awake, nobody rings for new events; the doorbell still rings after the listener
             // reconnects.
             tokio::select! {
@@ -248,8 +221,8 @@ impl Hub {
         }
     }
 
-    /// Arms the bell and sleeps until it rings, renewing the bell's lease every `idle_poll`. The
-    /// caller has just read and found nothing new; it disarms the bell when this returns.
+    /// Arms the bell and sleeps until it rings (reading anyway every `idle_poll`). The caller
+    /// has just read and found nothing new; it disarms the bell when this returns.
     async fn sleep(
         &mut self,
         bell: &mut Bell,
@@ -258,70 +231,41 @@ impl Hub {
     ) -> Woken {
         // A ring heard while awake is stale: the read after arming covers whatever it was for.
         let _ = doorbell.notified().now_or_never();
-        // Long enough that a renewal comes well before the lease ends.
-        let lease = self.timing.idle_poll * 2;
+        // Producers ring from the moment the lock is asked for. Its grant waits for the ones that
+        // did not ring; a long producer transaction can make that take a while, during which a
+        // ring still wakes the hub.
+        let armed = tokio::select! {
+            armed = bell.arm() => armed,
+            _ = doorbell.notified() => return Woken::Events,
+            _ = shutdown.wait_for(|stop| *stop) => return Woken::Shutdown,
+        };
+        if let Err(error) = armed {
+            // Nobody could ring: stay up, reading at the slowest gap poll.
+            if self.arm_failure_logged {
+                tracing::debug!(%error, "cannot arm the doorbell");
+            } else {
+                self.arm_failure_logged = true;
+                tracing::warn!(%error, "cannot arm the doorbell; reading every {MAX_GAP_POLL:?}");
+            }
+            return tokio::select! {
+                _ = tokio::time::sleep(MAX_GAP_POLL) => Woken::NotArmed,
+                _ = doorbell.notified() => Woken::NotArmed,
+                _ = shutdown.wait_for(|stop| *stop) => Woken::Shutdown,
+            };
+        }
+        self.arm_failure_logged = false;
         self.metrics.hub_sleeps.increment(1);
         loop {
-            if let Err(error) = bell.arm(lease).await {
-                // Nobody could ring: stay up, reading at the slowest gap poll, until the listener
-                // is back (it rings the doorbell when it is) or the bell can be armed.
-                if matches!(error, BellError::NoConnection) || self.arm_failure_logged {
-                    tracing::debug!(%error, "cannot arm the doorbell");
-                } else {
-                    self.arm_failure_logged = true;
-                    tracing::warn!(%error, "cannot arm the doorbell; reading every {MAX_GAP_POLL:?}");
-                }
-                return tokio::select! {
-                    _ = tokio::time::sleep(MAX_GAP_POLL) => Woken::NotArmed,
-                    _ = doorbell.notified() => Woken::NotArmed,
-                    _ = shutdown.wait_for(|stop| *stop) => Woken::Shutdown,
-                };
-            }
-            self.arm_failure_logged = false;
-            match self.sleep_armed(doorbell, shutdown).await {
-                // The lease is up for renewal; whatever a renewal that came late let through, the
-                // settling after it catches, as after the first arming.
-                Slept::Renew => {}
-                Slept::Woken(woken) => return woken,
-            }
-        }
-    }
-
-    /// The armed part of [`Hub::sleep`]: settles the producers that may have missed the arming
-    /// (module doc), then waits for the bell, at most `idle_poll`.
-    async fn sleep_armed(
-        &mut self,
-        doorbell: &Notify,
-        shutdown: &mut watch::Receiver<bool>,
-    ) -> Slept {
-        // The holders first, then the read: the other order misses a producer that commits in
-        // between.
-        let Ok(mut unsettled) = self.store.in_flight_holders().await else {
-            return Slept::Woken(Woken::Events);
-        };
-        let mut poll = self.timing.gap_poll;
-        loop {
+            // Every producer that did not ring has ended: this read sees what it committed.
             match self.pass().await {
                 Ok(pass) if pass.found_nothing() => {}
-                _ => return Slept::Woken(Woken::Events),
-            }
-            if unsettled.is_empty() {
-                return tokio::select! {
-                    _ = doorbell.notified() => Slept::Woken(Woken::Events),
-                    _ = tokio::time::sleep(self.timing.idle_poll) => Slept::Renew,
-                    _ = shutdown.wait_for(|stop| *stop) => Slept::Woken(Woken::Shutdown),
-                };
+                _ => return Woken::Events,
             }
             tokio::select! {
-                _ = doorbell.notified() => return Slept::Woken(Woken::Events),
-                _ = tokio::time::sleep(poll) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return Slept::Woken(Woken::Shutdown),
+                _ = doorbell.notified() => return Woken::Events,
+                _ = tokio::time::sleep(self.timing.idle_poll) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return Woken::Shutdown,
             }
-            let Ok(current) = self.store.in_flight_holders().await else {
-                return Slept::Woken(Woken::Events);
-            };
-            unsettled.retain(|holder, _| current.contains_key(holder));
-            poll = (poll * 2).min(MAX_GAP_POLL);
         }
     }
 

@@ -155,12 +155,12 @@ pub async fn serve(
         },
     );
     let (published_tx, published_rx) = watch::channel(None);
-    let (line_tx, line_rx) = watch::channel(None);
+    let (listening_tx, listening_rx) = watch::channel(false);
 
     let listener_task = tokio::spawn(listener::run(
-        pg_config,
+        pg_config.clone(),
         Arc::clone(&doorbell),
-        line_tx,
+        listening_tx,
         listener::Counters {
             reconnects: metrics.listener_reconnects.clone(),
             rings: metrics.bell_rings.clone(),
@@ -175,7 +175,7 @@ pub async fn serve(
         config.hub_timing(),
         metrics.clone(),
     );
-    let bell = bell::Bell::new(line_rx.clone());
+    let bell = bell::Bell::new(pg_config, Arc::clone(&doorbell));
     let hub_task = tokio::spawn(hub.run(bell, doorbell, stop_rx.clone()));
 
     let retention_task = config.retention.map(|max_age| {
@@ -191,7 +191,7 @@ pub async fn serve(
         store: store.clone(),
         router,
         published: published_rx,
-        listening: line_rx,
+        listening: listening_rx,
         shutdown: stop_rx,
         heartbeat: config.heartbeat,
         retry: config.retry,

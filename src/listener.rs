@@ -2,8 +2,7 @@
 //!
 //! A notification carries no data; it only rings the hub's doorbell. A pooled connection cannot
 //! receive notifications (they arrive through `Connection::poll_message`), hence a connection of
-//! its own. The hub also arms and disarms the bell on it ([`crate::bell`]), because a hub counts
-//! as asleep only as long as the connection that would hear the bell is alive. When it drops (network, `pg_terminate_backend`, server restart) the listener
+//! its own. When it drops (network, `pg_terminate_backend`, server restart) the listener
 //! reconnects with backoff and rings the doorbell after every (re)connect, so the hub reads
 //! whatever committed while nobody was listening: a lost connection delays events, never loses
 //! them.
@@ -14,8 +13,6 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
-
-use crate::bell::Line;
 
 pub const CHANNEL: &str = "new_events";
 /// The listener's `application_name`, so operators (and tests) can find its backend.
@@ -42,11 +39,11 @@ pub struct Counters {
     pub rings: metrics::Counter,
 }
 
-/// Runs until `shutdown` turns true. `line` holds the connection while LISTEN is in effect.
+/// Runs until `shutdown` turns true. `listening` reports whether LISTEN is in effect.
 pub async fn run(
     mut pg_config: tokio_postgres::Config,
     doorbell: Arc<Notify>,
-    line: watch::Sender<Line>,
+    listening: watch::Sender<bool>,
     counters: Counters,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -55,10 +52,10 @@ pub async fn run(
     let mut backoff = MIN_BACKOFF;
     loop {
         let result = tokio::select! {
-            result = listen(&pg_config, &doorbell, &line, &counters.rings, &mut backoff) => result,
+            result = listen(&pg_config, &doorbell, &listening, &counters.rings, &mut backoff) => result,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
-        line.send_replace(None);
+        listening.send_replace(false);
         counters.reconnects.increment(1);
         match result {
             Ok(()) => tracing::warn!("notification connection closed by the server; reconnecting"),
@@ -78,12 +75,11 @@ pub async fn run(
 async fn listen(
     pg_config: &tokio_postgres::Config,
     doorbell: &Notify,
-    line: &watch::Sender<Line>,
+    listening: &watch::Sender<bool>,
     rings: &metrics::Counter,
     backoff: &mut Duration,
 ) -> Result<(), ListenError> {
     let (client, mut connection) = pg_config.connect(NoTls).await?;
-    let client = Arc::new(client);
     // The connection must be polled for LISTEN to complete, and from then on for notifications.
     let drive = async move {
         loop {
@@ -105,7 +101,7 @@ async fn listen(
         result = &mut drive => return Ok(result?),
     }
     tracing::info!("listening for new events");
-    line.send_replace(Some(Arc::clone(&client)));
+    listening.send_replace(true);
     *backoff = MIN_BACKOFF;
     // Whatever committed while we were not listening is in the table: have the hub read it.
     doorbell.notify_one();

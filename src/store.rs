@@ -15,8 +15,10 @@ use crate::sse::Frame;
 pub const SCHEMA: &str = include_str!("../postgresql/schema.sql");
 
 /// The key of the shared advisory lock every transaction holding an uncommitted event id holds
-/// (see schema.sql).
-const IN_FLIGHT_LOCK_KEY: i64 = 7311142570156910960;
+/// (see schema.sql), unless a hub sleeps ([`crate::bell`]).
+pub(crate) const IN_FLIGHT_LOCK_KEY: i64 = 7311142570156910960;
+/// The key producers hold instead while a hub sleeps.
+const IN_FLIGHT_RINGING_LOCK_KEY: i64 = 7311142570156910961;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -65,7 +67,7 @@ const COLUMNS: &str = "id, coalesce(type, ''), subscriber, coalesce(payload::tex
 
 /// How pg_locks shows the bigint key of an advisory lock: classid is its high half and objid its
 /// low half (with objsubid 1).
-pub(crate) fn lock_key_parts(key: i64) -> (i64, i64) {
+fn lock_key_parts(key: i64) -> (i64, i64) {
     (key >> 32, key & 0xffff_ffff)
 }
 
@@ -295,19 +297,24 @@ impl Store {
     }
 
     /// The transactions (virtual transaction id -> backend pid) in this database that hold an
-    /// event id they have not committed yet.
+    /// event id they have not committed yet: the holders of either in-flight lock in shared mode
+    /// (a sleeping hub holds or waits for the first one exclusively).
     pub async fn in_flight_holders(&self) -> Result<HashMap<String, i32>> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
                 "SELECT virtualtransaction, coalesce(pid, 0) FROM pg_locks \
-                 WHERE locktype = 'advisory' AND objsubid = 1 \
-                   AND classid = $1::bigint::oid AND objid = $2::bigint::oid \
+                 WHERE locktype = 'advisory' AND objsubid = 1 AND mode = 'ShareLock' AND granted \
+                   AND classid = $1::bigint::oid AND objid IN ($2::bigint::oid, $3::bigint::oid) \
                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
             .await?;
         let (high, low) = lock_key_parts(IN_FLIGHT_LOCK_KEY);
-        let rows = client.query(&statement, &[&high, &low]).await?;
+        let (ringing_high, ringing_low) = lock_key_parts(IN_FLIGHT_RINGING_LOCK_KEY);
+        debug_assert_eq!(high, ringing_high);
+        let rows = client
+            .query(&statement, &[&high, &low, &ringing_low])
+            .await?;
         rows.iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect()

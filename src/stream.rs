@@ -33,8 +33,8 @@ pub struct Streams {
     pub store: Store,
     pub router: Arc<Router>,
     pub published: watch::Receiver<Published>,
-    /// The notification connection while it is listening (for readiness).
-    pub listening: watch::Receiver<crate::bell::Line>,
+    /// Whether the notification connection is listening (for readiness).
+    pub listening: watch::Receiver<bool>,
     pub shutdown: watch::Receiver<bool>,
     pub heartbeat: Duration,
     pub retry: Duration,

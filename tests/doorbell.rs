@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::{PATIENCE, TestApp, connect};
 use event_piper::bell::Bell;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc};
 use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls};
 
 async fn insert(client: &impl GenericClient, consumer: &str) -> i64 {
@@ -22,12 +22,16 @@ async fn insert(client: &impl GenericClient, consumer: &str) -> i64 {
 const ARMED: bool = true;
 const SILENT: bool = false;
 
-/// Whether producers ring now: the bell is a deadline in milliseconds (schema.sql).
+/// Whether producers ring now: whether some hub holds or waits for the in-flight lock
+/// exclusively (schema.sql, src/bell.rs).
 async fn bell(client: &impl GenericClient) -> bool {
     client
         .query_one(
-            "select coalesce(pg_sequence_last_value('event_piper_bell') \
-                            > date_part('epoch', clock_timestamp()) * 1000, false)",
+            "select exists (select from pg_locks where locktype = 'advisory' \
+               and mode = 'ExclusiveLock' and objsubid = 1 \
+               and database = (select oid from pg_database where datname = current_database()) \
+               and classid = (7311142570156910960 >> 32)::oid \
+               and objid = (7311142570156910960 & 4294967295)::oid)",
             &[],
         )
         .await
@@ -47,8 +51,42 @@ async fn wait_for_bell(client: &Client, want: bool) {
         .unwrap_or_else(|_| panic!("the bell never became {state}"));
 }
 
-/// Lease of the hand-driven bells below.
-const LEASE: Duration = Duration::from_secs(600);
+/// The backend of the connection that holds the bell (the in-flight lock, exclusively).
+async fn bell_backend(client: &Client) -> i32 {
+    client
+        .query_one(
+            "select pid from pg_locks where locktype = 'advisory' and granted \
+               and mode = 'ExclusiveLock' and objsubid = 1 \
+               and database = (select oid from pg_database where datname = current_database()) \
+               and objid = (7311142570156910960 & 4294967295)::oid",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn terminate(client: &Client, pid: i32) {
+    client
+        .execute("select pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    let gone = async {
+        while client
+            .query_one(
+                "select count(*) from pg_stat_activity where pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, gone).await.unwrap();
+}
 
 /// A connection that listens on `new_events`, as the service's listener does; each ring arrives
 /// on the returned channel.
@@ -123,18 +161,19 @@ async fn a_producer_that_decided_not_to_ring_before_the_hub_slept_is_not_lost() 
     assert_eq!(stream.next().await.id, first);
     wait_for_bell(&probe, SILENT).await;
 
-    // A producer inserts while the hub is awake: it reads a silent bell and will not ring.
+    // A producer inserts while the hub is awake: the bell is silent, so it will not ring.
+    let (listener, mut rung) = listen(&app.db_url).await;
     let transaction = late.transaction().await.unwrap();
     let held = insert(&transaction, "c").await;
-    assert_eq!(
-        bell(&transaction).await,
-        SILENT,
-        "the producer saw a silent bell"
-    );
 
     // The hub falls idle and arms the bell while that producer is still open; then it commits.
     wait_for_bell(&probe, ARMED).await;
     transaction.commit().await.unwrap();
+    assert_eq!(
+        rings_so_far(&listener, &mut rung).await,
+        0,
+        "it did not ring"
+    );
     assert_eq!(stream.next().await.id, held);
 
     // And the hub sleeps again, woken by the next producer as usual.
@@ -143,20 +182,14 @@ async fn a_producer_that_decided_not_to_ring_before_the_hub_slept_is_not_lost() 
     assert_eq!(stream.next().await.id, next);
 }
 
-/// A hub's switch on a connection of its own, as the service's listener would hold it.
-async fn hub_bell(url: &str) -> (Bell, i32, watch::Sender<event_piper::bell::Line>) {
-    let client = connect(url).await;
-    let pid: i32 = client
-        .query_one("select pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let (line, watched) = watch::channel(Some(Arc::new(client)));
-    (Bell::new(watched), pid, line)
+fn hub_bell(url: &str) -> (Bell, Arc<Notify>) {
+    let doorbell = Arc::new(Notify::new());
+    let config = url.parse().expect("a database URL");
+    (Bell::new(config, Arc::clone(&doorbell)), doorbell)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_bell_stays_armed_while_any_hub_sleeps() {
+async fn the_bell_rings_while_any_hub_sleeps() {
     // The schema only, no service: two hubs' switches driven by hand.
     let url = common::fresh_database().await;
     let mut admin = connect(&url).await;
@@ -167,75 +200,84 @@ async fn the_bell_stays_armed_while_any_hub_sleeps() {
         .unwrap();
     schema.commit().await.unwrap();
     let (listener, mut rung) = listen(&url).await;
-    let (mut a, a_pid, _a_line) = hub_bell(&url).await;
-    let (mut b, _, _b_line) = hub_bell(&url).await;
+    let (mut a, a_doorbell) = hub_bell(&url);
+    let (mut b, _) = hub_bell(&url);
 
+    insert(&admin, "c").await;
+    assert_eq!(rings_so_far(&listener, &mut rung).await, 0);
+
+    a.arm().await.unwrap();
+    assert_eq!(bell(&admin).await, ARMED);
+    insert(&admin, "c").await;
+    assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
+
+    // B goes to sleep too: its request waits behind A's.
+    let b_sleeps = tokio::spawn(async move {
+        b.arm().await.unwrap();
+        b
+    });
+    // A wakes; B's request is granted, so producers go on ringing.
+    tokio::time::sleep(Duration::from_millis(50)).await;
     a.disarm().await.unwrap();
+    let mut b = tokio::time::timeout(PATIENCE, b_sleeps)
+        .await
+        .expect("B's request is granted once A wakes")
+        .unwrap();
+    assert_eq!(bell(&admin).await, ARMED);
+    insert(&admin, "c").await;
+    assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
+
+    b.disarm().await.unwrap();
     assert_eq!(bell(&admin).await, SILENT);
     insert(&admin, "c").await;
     assert_eq!(rings_so_far(&listener, &mut rung).await, 0);
 
-    a.arm(LEASE).await.unwrap();
-    b.arm(LEASE).await.unwrap();
+    // A hub whose bell connection dies stops sleeping, and is told.
+    a.arm().await.unwrap();
+    let pid = bell_backend(&admin).await;
+    terminate(&admin, pid).await;
+    tokio::time::timeout(PATIENCE, a_doorbell.notified())
+        .await
+        .expect("the hub's doorbell rings when its bell connection ends");
+    assert_eq!(bell(&admin).await, SILENT);
+    a.disarm().await.unwrap();
+    a.arm().await.unwrap();
     assert_eq!(bell(&admin).await, ARMED);
-    insert(&admin, "c").await;
-    assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
+    a.disarm().await.unwrap();
 
-    // B wakes; A still sleeps, so producers must go on ringing.
-    b.disarm().await.unwrap();
+    // A request still waiting when the hub wakes is withdrawn.
+    let mut open = connect(&url).await;
+    let transaction = open.transaction().await.unwrap();
+    insert(&transaction, "c").await;
+    let waiting = tokio::time::timeout(Duration::from_millis(200), a.arm()).await;
+    assert!(waiting.is_err(), "the grant waits for the open producer");
     assert_eq!(bell(&admin).await, ARMED);
-    insert(&admin, "c").await;
-    assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
-
     a.disarm().await.unwrap();
     assert_eq!(bell(&admin).await, SILENT);
-
-    // A hub whose connection dies stops counting as asleep.
-    a.arm(LEASE).await.unwrap();
-    admin
-        .execute("select pg_terminate_backend($1)", &[&a_pid])
-        .await
-        .unwrap();
-    let gone = async {
-        while admin
-            .query_one(
-                "select count(*) from pg_stat_activity where pid = $1",
-                &[&a_pid],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-            > 0
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, gone).await.unwrap();
-    b.arm(LEASE).await.unwrap();
-    b.disarm().await.unwrap();
-    assert_eq!(bell(&admin).await, SILENT);
-
-    // A hub that dies asleep with nobody left to disarm after it: its lease runs out.
-    b.arm(Duration::from_millis(300)).await.unwrap();
-    insert(&admin, "c").await;
-    assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(bell(&admin).await, SILENT);
+    transaction.commit().await.unwrap();
     insert(&admin, "c").await;
     assert_eq!(rings_so_far(&listener, &mut rung).await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sleeping_hub_renews_the_bells_lease() {
-    // A lease of two seconds, renewed every second.
-    let app = TestApp::start_with(&["--idle-poll", "1s"]).await;
+async fn a_hub_whose_bell_connection_drops_sleeps_again() {
+    let app = TestApp::start_with(&["--idle-poll", "1h"]).await;
     let producer = app.producer().await;
     let mut stream = app.consume("c", None).await;
     let (listener, mut rung) = listen(&app.db_url).await;
 
     wait_for_bell(&producer, ARMED).await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert_eq!(bell(&producer).await, ARMED);
+    let first = bell_backend(&producer).await;
+    terminate(&producer, first).await;
+    // The hub wakes, reads, and sleeps again on a new connection.
+    let poll = async {
+        while !bell(&producer).await || bell_backend(&producer).await == first {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, poll)
+        .await
+        .expect("the hub re-arms");
     let id = insert(&producer, "c").await;
     assert_eq!(stream.next().await.id, id);
     assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
