@@ -15,6 +15,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
+use crate::publisher::{PublishError, Publisher};
 use crate::router::Refused;
 use crate::sse::Format;
 use crate::store::{Store, StoreError};
@@ -34,6 +35,7 @@ const PAGE: &str = include_str!("../static/index.html");
 pub struct AppState {
     pub streams: Arc<Streams>,
     pub store: Store,
+    pub publisher: Publisher,
     pub metrics: Metrics,
     /// None: authentication is off.
     pub auth: Option<Auth>,
@@ -87,11 +89,12 @@ pub enum ApiError {
 
 impl ApiError {
     /// A database failure: a connection problem is temporary (503), a refusal is not (500).
-    fn from_store(error: StoreError, retry_after: u64) -> ApiError {
-        match &error {
+    fn from_store(error: &StoreError, retry_after: u64) -> ApiError {
+        match error {
             StoreError::Db(db) if db.as_db_error().is_some() => {
                 ApiError::Internal(format!("the database refused the request: {error}"))
             }
+            StoreError::Unexpected(_) => ApiError::Internal(error.to_string()),
             _ => ApiError::Unavailable {
                 reason: format!("database unavailable: {error}"),
                 retry_after,
@@ -304,10 +307,16 @@ async fn publish(
     }
     let events = crate::publish::parse_body(&body)?;
     let ids = state
-        .store
-        .publish(&events)
+        .publisher
+        .publish(events)
         .await
-        .map_err(|error| ApiError::from_store(error, state.streams.retry_after()))?;
+        .map_err(|error| match error {
+            PublishError::Store(error) => ApiError::from_store(&error, state.streams.retry_after()),
+            PublishError::Stopped => ApiError::Unavailable {
+                reason: error.to_string(),
+                retry_after: state.streams.retry_after(),
+            },
+        })?;
     let location = format!("/events/{}", ids[0]);
     Ok((
         StatusCode::CREATED,
@@ -331,7 +340,7 @@ async fn event_by_id(
         .store
         .event_json(id)
         .await
-        .map_err(|error| ApiError::from_store(error, state.streams.retry_after()))?
+        .map_err(|error| ApiError::from_store(&error, state.streams.retry_after()))?
         .ok_or_else(|| ApiError::NotFound(format!("no event with id {id}")))?;
     // A reader sees its own events and broadcasts; a publisher sees everything.
     if let (Some(claims), Some(subscriber)) = (claims, subscriber)

@@ -16,6 +16,7 @@ pub mod managed_postgres;
 pub mod metrics;
 pub mod net;
 pub mod publish;
+pub mod publisher;
 pub mod retention;
 pub mod router;
 pub mod sse;
@@ -192,10 +193,12 @@ pub async fn serve(
         page_size: i64::from(config.batch_size),
         metrics: metrics.clone(),
     });
+    let (publisher, publisher_task) = publisher::Publisher::start(store.clone(), metrics.clone());
     let app = http::routes(
         http::AppState {
             streams,
             store,
+            publisher,
             metrics,
             auth,
         },
@@ -216,7 +219,9 @@ pub async fn serve(
         stop_tx.send_replace(true);
     })
     .await;
-    let _ = tokio::join!(listener_task, hub_task);
+    // Every handle to the publisher lived in the connections, which have all closed: its queue is
+    // drained and it ends.
+    let _ = tokio::join!(listener_task, hub_task, publisher_task);
     if let Some(task) = retention_task {
         let _ = task.await;
     }
