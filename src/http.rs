@@ -152,7 +152,8 @@ pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .with_state(state);
+        // Shared, not cloned: every request would otherwise clone (and drop) each of its handles.
+        .with_state(Arc::new(state));
     match cors(&settings.cors_origins) {
         Some(cors) => router.layer(cors),
         None => router,
@@ -225,7 +226,7 @@ pub struct EventsQuery {
 
 /// `GET /events`: the consumer's event stream.
 async fn events(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -287,7 +288,7 @@ async fn events(
 
 /// `POST /events`: inserts one event or a batch (in one transaction); 201 with the ids.
 async fn publish(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -328,7 +329,7 @@ async fn publish(
 
 /// `GET /events/{id}`: one event as JSON.
 async fn event_by_id(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -361,7 +362,7 @@ async fn health() -> Response {
 }
 
 /// `GET /metrics`: Prometheus text format.
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(&state.streams.router, &state.store),
@@ -371,7 +372,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// `GET /ready`: 200 once the hub has its starting point and the notification connection is
 /// listening, 503 before that and while it reconnects.
-async fn ready(State(state): State<AppState>) -> Response {
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let published = *state.streams.published.borrow();
     let listening = *state.streams.listening.borrow();
     let status = if published.is_some() && listening {
