@@ -286,7 +286,8 @@ async fn events(
         .into_response())
 }
 
-/// `POST /events`: inserts one event or a batch (in one transaction); 201 with the ids.
+/// `POST /events`: inserts one event or a batch (all or nothing, through the [`Publisher`], which
+/// commits concurrent requests together); 201 with the ids once they are committed.
 async fn publish(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,

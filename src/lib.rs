@@ -3,7 +3,8 @@
 //! Producers insert rows into `events`; a trigger sends `NOTIFY new_events`; the [`listener`]
 //! (one connection) rings the [`hub`], which reads new events in batches, publishes a gap-free
 //! prefix in id order and hands rendered frames to the [`router`]; every open [`stream`] of the
-//! event's consumer sends them on. [`serve`] runs all of it on a given listener, which is how the
+//! event's consumer sends them on. `POST /events` goes through the [`publisher`], which commits
+//! concurrent requests together. [`serve`] runs all of it on a given listener, which is how the
 //! integration tests start the real app on port 0; [`run`] is the whole binary.
 
 pub mod auth;
