@@ -20,6 +20,7 @@
 //!   unavailable, as a request inserted alone would be.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -31,6 +32,11 @@ use crate::store::{Store, StoreError};
 /// Events per combined statement. A request larger than this is still inserted whole, alone; the
 /// bound keeps a statement (and the requests waiting on it) from growing without limit under load.
 pub const MAX_ROWS: usize = 1000;
+
+/// How long a statement waits, at most, for the clients the previous one answered (see `run`).
+/// Tokio's timer counts whole milliseconds, so this is 1 to 2 ms; it is only reached when fewer
+/// clients come back than last time, and the next statement then expects fewer.
+const LINGER: Duration = Duration::from_millis(1);
 
 /// Requests waiting for the publisher. A full queue makes handlers wait for room (backpressure),
 /// it does not refuse them.
@@ -81,6 +87,11 @@ impl Publisher {
 async fn run(store: Store, mut requests: mpsc::Receiver<Request>, metrics: Metrics) {
     // A request that did not fit in the previous statement opens the next one.
     let mut carried: Option<Request> = None;
+    // How many requests the last statement answered. Clients that wait for their answer before
+    // sending the next request (most producers, and every benchmark) send it right after: the
+    // next statement waits a moment for them rather than leave without them and make them wait
+    // for a whole statement more.
+    let mut expected = 0;
     loop {
         let first = match carried.take() {
             Some(request) => request,
@@ -93,23 +104,63 @@ async fn run(store: Store, mut requests: mpsc::Receiver<Request>, metrics: Metri
         // the group is closed: one yield makes a statement carry them too, at no cost to a lone
         // request but a scheduling pass.
         tokio::task::yield_now().await;
-        let mut rows = first.events.len();
-        let mut group = vec![first];
-        while rows < MAX_ROWS {
-            match requests.try_recv() {
-                Ok(next) if rows + next.events.len() <= MAX_ROWS => {
-                    rows += next.events.len();
-                    group.push(next);
+        let mut group = Group::new(first);
+        carried = group.take_queued(&mut requests);
+        if carried.is_none() && group.requests.len() < expected {
+            let linger = tokio::time::sleep(LINGER);
+            tokio::pin!(linger);
+            while carried.is_none() && group.requests.len() < expected {
+                tokio::select! {
+                    biased;
+                    next = requests.recv() => match next {
+                        Some(next) => carried = group.add(next),
+                        None => break,
+                    },
+                    _ = &mut linger => break,
                 }
-                Ok(next) => {
-                    carried = Some(next);
-                    break;
+                if carried.is_none() {
+                    carried = group.take_queued(&mut requests);
                 }
-                Err(_) => break,
             }
         }
-        metrics.publish_group_requests.record(group.len() as f64);
-        insert_group(&store, group, &metrics).await;
+        expected = group.requests.len();
+        metrics.publish_group_requests.record(expected as f64);
+        insert_group(&store, group.requests, &metrics).await;
+    }
+}
+
+/// The requests one statement carries.
+struct Group {
+    requests: Vec<Request>,
+    rows: usize,
+}
+
+impl Group {
+    fn new(first: Request) -> Group {
+        Group {
+            rows: first.events.len(),
+            requests: vec![first],
+        }
+    }
+
+    /// Adds `request`, or hands it back when it would take the group past [`MAX_ROWS`].
+    fn add(&mut self, request: Request) -> Option<Request> {
+        if self.rows + request.events.len() > MAX_ROWS {
+            return Some(request);
+        }
+        self.rows += request.events.len();
+        self.requests.push(request);
+        None
+    }
+
+    /// Adds what is queued, until a request does not fit (handed back).
+    fn take_queued(&mut self, requests: &mut mpsc::Receiver<Request>) -> Option<Request> {
+        while let Ok(next) = requests.try_recv() {
+            if let Some(left) = self.add(next) {
+                return Some(left);
+            }
+        }
+        None
     }
 }
 
