@@ -6,7 +6,9 @@
 //! overhead in PostgreSQL and wake-ups in the service. So requests are queued to one task, which
 //! takes everything queued (up to [`MAX_ROWS`] events) and inserts it in one statement, in one
 //! transaction. While that statement runs, the next requests queue up; the busier the service, the
-//! more each statement carries, with no added wait when it is idle.
+//! more each statement carries. A lone request is inserted at once. The clients a statement
+//! answered usually send their next request right away: the next statement waits for them (up to
+//! about a millisecond, `LINGER`), so that they do not miss it and wait for a whole statement more.
 //!
 //! What each request still gets, as if it had been inserted alone:
 //! - its events are durable (committed) before it is answered;
