@@ -154,7 +154,9 @@ async fn a_refused_request_does_not_fail_the_requests_coalesced_with_it() {
             tokio::spawn(async move { post(&client, &base, &body).await }),
         ));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Time for the service to read them all and queue them behind the blocked statement (a loaded
+    // machine is slow; too short only makes the retry check below fail, never pass wrongly).
+    tokio::time::sleep(Duration::from_secs(1)).await;
     lock.commit().await.unwrap();
 
     let (status, first_ids) = first.await.unwrap();
