@@ -5,9 +5,9 @@
 //! the service: single-event requests from 16 or 64 connections stopped at about 9,000 a second
 //! (NOTIFY trigger dropped; 4,000 with it), at about 150 us of CPU each, two thirds of it in
 //! PostgreSQL, while another row in a statement costs a few. So requests are queued to one task,
-//! which takes everything queued (up to [`MAX_ROWS`] events) and inserts it in one statement, in one
-//! transaction. While that statement runs, the next requests queue up; the busier the service, the
-//! more each statement carries. A lone request is inserted at once. The clients a statement
+//! which takes everything queued (up to [`MAX_ROWS`] events) and inserts it in one statement, in
+//! one transaction. While that statement runs, the next requests queue up; the busier the service,
+//! the more each statement carries. A lone request is inserted at once. The clients a statement
 //! answered usually send their next request right away: the next statement waits for them (up to
 //! about a millisecond, `LINGER`), so that they do not miss it and wait for a whole statement more.
 //!
