@@ -15,6 +15,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::{Auth, Claims};
 use crate::metrics::Metrics;
+use crate::publisher::{PublishError, Publisher};
 use crate::router::Refused;
 use crate::sse::Format;
 use crate::store::{Store, StoreError};
@@ -34,6 +35,7 @@ const PAGE: &str = include_str!("../static/index.html");
 pub struct AppState {
     pub streams: Arc<Streams>,
     pub store: Store,
+    pub publisher: Publisher,
     pub metrics: Metrics,
     /// None: authentication is off.
     pub auth: Option<Auth>,
@@ -87,11 +89,12 @@ pub enum ApiError {
 
 impl ApiError {
     /// A database failure: a connection problem is temporary (503), a refusal is not (500).
-    fn from_store(error: StoreError, retry_after: u64) -> ApiError {
-        match &error {
+    fn from_store(error: &StoreError, retry_after: u64) -> ApiError {
+        match error {
             StoreError::Db(db) if db.as_db_error().is_some() => {
                 ApiError::Internal(format!("the database refused the request: {error}"))
             }
+            StoreError::Unexpected(_) => ApiError::Internal(error.to_string()),
             _ => ApiError::Unavailable {
                 reason: format!("database unavailable: {error}"),
                 retry_after,
@@ -149,7 +152,8 @@ pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
-        .with_state(state);
+        // Shared, not cloned: every request would otherwise clone (and drop) each of its handles.
+        .with_state(Arc::new(state));
     match cors(&settings.cors_origins) {
         Some(cors) => router.layer(cors),
         None => router,
@@ -222,7 +226,7 @@ pub struct EventsQuery {
 
 /// `GET /events`: the consumer's event stream.
 async fn events(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -282,9 +286,10 @@ async fn events(
         .into_response())
 }
 
-/// `POST /events`: inserts one event or a batch (in one transaction); 201 with the ids.
+/// `POST /events`: inserts one event or a batch (all or nothing, through the [`Publisher`], which
+/// commits concurrent requests together); 201 with the ids once they are committed.
 async fn publish(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -304,10 +309,16 @@ async fn publish(
     }
     let events = crate::publish::parse_body(&body)?;
     let ids = state
-        .store
-        .publish(&events)
+        .publisher
+        .publish(events)
         .await
-        .map_err(|error| ApiError::from_store(error, state.streams.retry_after()))?;
+        .map_err(|error| match error {
+            PublishError::Store(error) => ApiError::from_store(&error, state.streams.retry_after()),
+            PublishError::Stopped => ApiError::Unavailable {
+                reason: error.to_string(),
+                retry_after: state.streams.retry_after(),
+            },
+        })?;
     let location = format!("/events/{}", ids[0]);
     Ok((
         StatusCode::CREATED,
@@ -319,7 +330,7 @@ async fn publish(
 
 /// `GET /events/{id}`: one event as JSON.
 async fn event_by_id(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
@@ -331,7 +342,7 @@ async fn event_by_id(
         .store
         .event_json(id)
         .await
-        .map_err(|error| ApiError::from_store(error, state.streams.retry_after()))?
+        .map_err(|error| ApiError::from_store(&error, state.streams.retry_after()))?
         .ok_or_else(|| ApiError::NotFound(format!("no event with id {id}")))?;
     // A reader sees its own events and broadcasts; a publisher sees everything.
     if let (Some(claims), Some(subscriber)) = (claims, subscriber)
@@ -352,7 +363,7 @@ async fn health() -> Response {
 }
 
 /// `GET /metrics`: Prometheus text format.
-async fn metrics(State(state): State<AppState>) -> Response {
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.metrics.render(&state.streams.router, &state.store),
@@ -362,7 +373,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 /// `GET /ready`: 200 once the hub has its starting point and the notification connection is
 /// listening, 503 before that and while it reconnects.
-async fn ready(State(state): State<AppState>) -> Response {
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let published = *state.streams.published.borrow();
     let listening = *state.streams.listening.borrow();
     let status = if published.is_some() && listening {

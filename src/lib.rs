@@ -3,8 +3,9 @@
 //! Producers insert rows into `events`; while the [`hub`] sleeps, their id trigger sends
 //! `NOTIFY new_events` ([`bell`]) and the [`listener`] (one connection) wakes it; while it is
 //! awake it reads by itself. It reads new events in batches, publishes a gap-free prefix in id
-//! order and hands rendered frames to the [`router`]; every open [`stream`] of the
-//! event's consumer sends them on. [`serve`] runs all of it on a given listener, which is how the
+//! order and hands rendered frames to the [`router`]; every open [`stream`] of the event's
+//! consumer sends them on. `POST /events` goes through the [`publisher`], which commits
+//! concurrent requests together. [`serve`] runs all of it on a given listener, which is how the
 //! integration tests start the real app on port 0; [`run`] is the whole binary.
 
 pub mod auth;
@@ -18,6 +19,7 @@ pub mod managed_postgres;
 pub mod metrics;
 pub mod net;
 pub mod publish;
+pub mod publisher;
 pub mod retention;
 pub mod router;
 pub mod sse;
@@ -198,10 +200,12 @@ pub async fn serve(
         page_size: i64::from(config.batch_size),
         metrics: metrics.clone(),
     });
+    let (publisher, publisher_task) = publisher::Publisher::start(store.clone(), metrics.clone());
     let app = http::routes(
         http::AppState {
             streams,
             store,
+            publisher,
             metrics,
             auth,
         },
@@ -222,7 +226,9 @@ pub async fn serve(
         stop_tx.send_replace(true);
     })
     .await;
-    let _ = tokio::join!(listener_task, hub_task);
+    // Every handle to the publisher lived in the connections, which have all closed: its queue is
+    // drained and it ends.
+    let _ = tokio::join!(listener_task, hub_task, publisher_task);
     if let Some(task) = retention_task {
         let _ = task.await;
     }

@@ -32,6 +32,8 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("the database is a standby (in recovery); event-piper needs the primary")]
     Standby,
+    #[error("unexpected answer from the database: {0}")]
+    Unexpected(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -212,11 +214,18 @@ impl Store {
     }
 
     /// Inserts `events` in one statement (all or nothing) and returns their ids, in order.
-    pub async fn publish(&self, events: &[NewEvent]) -> Result<Vec<i64>> {
-        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-        let subscribers: Vec<Option<&str>> =
-            events.iter().map(|e| e.subscriber.as_deref()).collect();
-        let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
+    pub async fn publish<'a>(
+        &self,
+        events: impl IntoIterator<Item = &'a NewEvent>,
+    ) -> Result<Vec<i64>> {
+        let mut types: Vec<&str> = Vec::new();
+        let mut subscribers: Vec<Option<&str>> = Vec::new();
+        let mut payloads: Vec<&str> = Vec::new();
+        for event in events {
+            types.push(&event.event_type);
+            subscribers.push(event.subscriber.as_deref());
+            payloads.push(&event.payload);
+        }
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
@@ -234,6 +243,13 @@ impl Store {
             .iter()
             .map(|row| row.try_get(0))
             .collect::<std::result::Result<Vec<i64>, _>>()?;
+        if ids.len() != types.len() {
+            return Err(StoreError::Unexpected(format!(
+                "{} ids returned for {} events inserted",
+                ids.len(),
+                types.len()
+            )));
+        }
         ids.sort_unstable();
         Ok(ids)
     }
