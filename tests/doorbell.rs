@@ -282,3 +282,62 @@ async fn a_hub_whose_bell_connection_drops_sleeps_again() {
     assert_eq!(stream.next().await.id, id);
     assert_eq!(rings_so_far(&listener, &mut rung).await, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_the_ringing_version_is_upgraded() {
+    // What the previous version installed: a NOTIFY on every statement, and a CHECK on the type.
+    let url = common::fresh_database().await;
+    let mut admin = connect(&url).await;
+    let schema = admin.transaction().await.unwrap();
+    schema
+        .batch_execute(event_piper::store::SCHEMA)
+        .await
+        .unwrap();
+    schema
+        .batch_execute(
+            "create function event_piper_notify() returns trigger language plpgsql as $$ \
+               begin perform pg_notify('new_events', ''); return null; end $$; \
+             create trigger events_notify after insert on events \
+               for each statement execute function event_piper_notify(); \
+             alter table events add constraint events_type_check \
+               check (type <> '' and type !~ '[\\r\\n]')",
+        )
+        .await
+        .unwrap();
+    schema.commit().await.unwrap();
+
+    let app = TestApp::start_on(&url, &["--idle-poll", "1h", "--idle-after", "60s"]).await;
+    let leftovers: i64 = admin
+        .query_one(
+            "select (select count(*) from pg_trigger where tgname = 'events_notify') \
+                  + (select count(*) from pg_proc where proname = 'event_piper_notify') \
+                  + (select count(*) from pg_constraint where conname = 'events_type_check')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(leftovers, 0);
+
+    let mut stream = app.consume("c", None).await;
+    let (listener, mut rung) = listen(&url).await;
+    let id = insert(&admin, "c").await;
+    assert_eq!(stream.next().await.id, id);
+    assert_eq!(rings_so_far(&listener, &mut rung).await, 0);
+
+    // The trigger refuses what the constraint did.
+    for bad in ["", "a\nb", "a\rb"] {
+        let error = admin
+            .execute(
+                "insert into events (type, subscriber) values ($1, 'c')",
+                &[&bad],
+            )
+            .await
+            .expect_err("a bad type is refused");
+        let message = error.as_db_error().map(|e| e.message().to_owned());
+        assert_eq!(
+            message.as_deref(),
+            Some("events.type must not be empty or contain a line break")
+        );
+    }
+}
