@@ -78,6 +78,9 @@ pub struct Hub {
     /// Ids at or below it that are missing from the table will never appear.
     dead_upto: i64,
     pending: Option<PendingGap>,
+    /// The cursor at which the last read stopped at a gap without moving: the holders are looked
+    /// up only when a gap is still there one poll later.
+    stuck_at: Option<i64>,
     /// Whether a failure to arm the bell has been logged since it last worked.
     arm_failure_logged: bool,
     metrics: Metrics,
@@ -135,6 +138,7 @@ impl Hub {
             cursor: 0,
             dead_upto: 0,
             pending: None,
+            stuck_at: None,
             arm_failure_logged: false,
             metrics,
         }
@@ -341,9 +345,12 @@ impl Hub {
                     blocked: None,
                 });
             }
-            if published > 0 {
-                // Moving along: the id at the gap most likely commits within a poll, and asking
-                // pg_locks about every gap would cost a query per pass under load.
+            // Most gaps close by themselves within a poll: the id's transaction is committing.
+            // Asking pg_locks (which briefly takes every lock partition producers need) about
+            // each one would cost a query per pass under load, so only a gap that a read after
+            // a poll still stops at is looked into.
+            if published > 0 || (self.pending.is_none() && self.stuck_at != Some(self.cursor)) {
+                self.stuck_at = (published == 0).then_some(self.cursor);
                 if let Some(pending) = &mut self.pending {
                     pending.poll = self.timing.gap_poll;
                 }
