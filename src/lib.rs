@@ -178,7 +178,7 @@ pub async fn serve(
         metrics.clone(),
     );
     let bell = bell::Bell::new(pg_config, Arc::clone(&doorbell));
-    let hub_task = tokio::spawn(hub.run(bell, doorbell, stop_rx.clone()));
+    let hub_task = tokio::spawn(hub.run(bell, Arc::clone(&doorbell), stop_rx.clone()));
 
     let retention_task = config.retention.map(|max_age| {
         tokio::spawn(retention::run(
@@ -200,7 +200,8 @@ pub async fn serve(
         page_size: i64::from(config.batch_size),
         metrics: metrics.clone(),
     });
-    let (publisher, publisher_task) = publisher::Publisher::start(store.clone(), metrics.clone());
+    let (publisher, publisher_task) =
+        publisher::Publisher::start(store.clone(), Arc::clone(&doorbell), metrics.clone());
     let app = http::routes(
         http::AppState {
             streams,

@@ -25,7 +25,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::metrics::Metrics;
@@ -70,9 +70,11 @@ pub struct Publisher {
 
 impl Publisher {
     /// Starts the publishing task. It ends once every handle is dropped and the queue is drained.
-    pub fn start(store: Store, metrics: Metrics) -> (Publisher, JoinHandle<()>) {
+    /// `hub` is this instance's doorbell: it is rung after every statement, so that the hub
+    /// reads what was just committed at once instead of at its next poll.
+    pub fn start(store: Store, hub: Arc<Notify>, metrics: Metrics) -> (Publisher, JoinHandle<()>) {
         let (queue, requests) = mpsc::channel(QUEUE_CAPACITY);
-        let task = tokio::spawn(run(store, requests, metrics));
+        let task = tokio::spawn(run(store, requests, hub, metrics));
         (Publisher { queue }, task)
     }
 
@@ -87,7 +89,12 @@ impl Publisher {
     }
 }
 
-async fn run(store: Store, mut requests: mpsc::Receiver<Request>, metrics: Metrics) {
+async fn run(
+    store: Store,
+    mut requests: mpsc::Receiver<Request>,
+    hub: Arc<Notify>,
+    metrics: Metrics,
+) {
     // A request that did not fit in the previous statement opens the next one.
     let mut carried: Option<Request> = None;
     // How many requests the last statement answered. Clients that wait for their answer before
@@ -129,6 +136,7 @@ async fn run(store: Store, mut requests: mpsc::Receiver<Request>, metrics: Metri
         expected = group.requests.len();
         metrics.publish_group_requests.record(expected as f64);
         insert_group(&store, group.requests, &metrics).await;
+        hub.notify_one();
     }
 }
 
