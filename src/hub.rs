@@ -19,8 +19,8 @@
 //! # Gaps
 //! Ids are handed out in order but commit in any order, so a read may show id 7 while 6 is
 //! missing. 6 is either still in flight (it will commit, or roll back) or gone for good. Every
-//! transaction that holds an uncommitted id holds a shared advisory lock (schema.sql), and
-//! PostgreSQL makes a commit visible before it releases locks. So on a gap the hub notes the
+//! transaction that holds an uncommitted id holds one of two shared advisory locks, taken before
+//! its first id (schema.sql), and PostgreSQL makes a commit visible before it releases locks. So on a gap the hub notes the
 //! holders of that lock; every id up to the highest it has seen was taken before that note, by one
 //! of those holders or by a transaction already finished. Once all of the noted holders are gone,
 //! a fresh read is final: an id still missing up to that horizon never commits and is skipped.

@@ -182,6 +182,20 @@ async fn a_producer_that_decided_not_to_ring_before_the_hub_slept_is_not_lost() 
     assert_eq!(stream.next().await.id, next);
 }
 
+/// A new database with the schema applied and then `extra`, and a connection to it.
+async fn database_with_schema(extra: &str) -> (String, Client) {
+    let url = common::fresh_database().await;
+    let mut admin = connect(&url).await;
+    let schema = admin.transaction().await.unwrap();
+    schema
+        .batch_execute(event_piper::store::SCHEMA)
+        .await
+        .unwrap();
+    schema.batch_execute(extra).await.unwrap();
+    schema.commit().await.unwrap();
+    (url, admin)
+}
+
 fn hub_bell(url: &str) -> (Bell, Arc<Notify>) {
     let doorbell = Arc::new(Notify::new());
     let config = url.parse().expect("a database URL");
@@ -191,14 +205,7 @@ fn hub_bell(url: &str) -> (Bell, Arc<Notify>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bell_rings_while_any_hub_sleeps() {
     // The schema only, no service: two hubs' switches driven by hand.
-    let url = common::fresh_database().await;
-    let mut admin = connect(&url).await;
-    let schema = admin.transaction().await.unwrap();
-    schema
-        .batch_execute(event_piper::store::SCHEMA)
-        .await
-        .unwrap();
-    schema.commit().await.unwrap();
+    let (url, admin) = database_with_schema("").await;
     let (listener, mut rung) = listen(&url).await;
     let (mut a, a_doorbell) = hub_bell(&url);
     let (mut b, _) = hub_bell(&url);
@@ -286,25 +293,15 @@ async fn a_hub_whose_bell_connection_drops_sleeps_again() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_from_the_ringing_version_is_upgraded() {
     // What the previous version installed: a NOTIFY on every statement, and a CHECK on the type.
-    let url = common::fresh_database().await;
-    let mut admin = connect(&url).await;
-    let schema = admin.transaction().await.unwrap();
-    schema
-        .batch_execute(event_piper::store::SCHEMA)
-        .await
-        .unwrap();
-    schema
-        .batch_execute(
-            "create function event_piper_notify() returns trigger language plpgsql as $$ \
-               begin perform pg_notify('new_events', ''); return null; end $$; \
-             create trigger events_notify after insert on events \
-               for each statement execute function event_piper_notify(); \
-             alter table events add constraint events_type_check \
-               check (type <> '' and type !~ '[\\r\\n]')",
-        )
-        .await
-        .unwrap();
-    schema.commit().await.unwrap();
+    let (url, admin) = database_with_schema(
+        "create function event_piper_notify() returns trigger language plpgsql as $$ \
+                   begin perform pg_notify('new_events', ''); return null; end $$; \
+                 create trigger events_notify after insert on events \
+                   for each statement execute function event_piper_notify(); \
+                 alter table events add constraint events_type_check \
+                   check (type <> '' and type !~ '[\\r\\n]')",
+    )
+    .await;
 
     let app = TestApp::start_on(&url, &["--idle-poll", "1h", "--idle-after", "60s"]).await;
     let leftovers: i64 = admin
