@@ -63,6 +63,17 @@ async fn delivered(stream: &mut common::SseClient, count: usize) -> Vec<(i64, St
     seen
 }
 
+/// The stream delivers exactly `expected` (id, tag), in that order, and then nothing more.
+async fn assert_delivered_exactly(stream: &mut common::SseClient, expected: &[(i64, String)]) {
+    assert_eq!(delivered(stream, expected.len()).await, expected);
+    assert!(
+        stream
+            .next_within(Duration::from_millis(300))
+            .await
+            .is_none()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_single_events_get_their_own_ids_and_arrive_once_in_order() {
     let app = TestApp::start().await;
@@ -96,13 +107,7 @@ async fn concurrent_single_events_get_their_own_ids_and_arrive_once_in_order() {
     assert_eq!(tags_in_table(&app).await, answered);
     // Delivered once each, in id order, and nothing more.
     let expected: Vec<(i64, String)> = answered.into_iter().collect();
-    assert_eq!(delivered(&mut stream, expected.len()).await, expected);
-    assert!(
-        stream
-            .next_within(Duration::from_millis(300))
-            .await
-            .is_none()
-    );
+    assert_delivered_exactly(&mut stream, &expected).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,13 +189,7 @@ async fn a_refused_request_does_not_fail_the_requests_coalesced_with_it() {
         tags_in_table(&app).await,
         expected.iter().cloned().collect::<BTreeMap<_, _>>()
     );
-    assert_eq!(delivered(&mut stream, expected.len()).await, expected);
-    assert!(
-        stream
-            .next_within(Duration::from_millis(300))
-            .await
-            .is_none()
-    );
+    assert_delivered_exactly(&mut stream, &expected).await;
     // The refusals were met in a combined statement, and its members retried alone.
     let metrics = app.get("/metrics").await.text().await.unwrap();
     let retries = metrics
