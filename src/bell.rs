@@ -4,10 +4,10 @@
 //! the cluster through its WAL flush, so a bell rung by every producer caps them all at about one
 //! fsync at a time. A hub that is awake reads new events by itself (hub.rs) and nobody rings.
 //!
-//! Every producer tries to take the shared "in flight" advisory lock (schema.sql); a hub that goes
-//! to sleep asks for that lock exclusively, on a connection of its own. From the moment its
-//! request is queued, producers' shared requests fail, so they ring (and hold a second lock to be
-//! seen in flight). The request is granted once every producer that did take the shared lock has
+//! Every inserted row tries to take a shared advisory lock, from the default of the column
+//! `event_piper_bell` (schema.sql); a hub that goes to sleep asks for that lock exclusively, on a
+//! connection of its own. From the moment its request is queued, producers' shared requests fail,
+//! so they ring. The request is granted once every producer that did take the shared lock has
 //! ended, and their commits are visible by then: the hub reads once more after the grant, and
 //! sleeps until a ring. So no producer is missed, and the lock itself is the whole state: it is
 //! held (or waited for) exactly as long as the hub sleeps and its connection lives.
@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
-use crate::store::IN_FLIGHT_LOCK_KEY;
+use crate::store::BELL_LOCK_KEY;
 
 /// The bell connection's `application_name`, so operators (and tests) can find its backend.
 pub const APPLICATION_NAME: &str = "event-piper-bell";
@@ -77,7 +77,7 @@ impl Bell {
         };
         self.state = State::Pending;
         client
-            .simple_query(&format!("SELECT pg_advisory_lock({IN_FLIGHT_LOCK_KEY})"))
+            .simple_query(&format!("SELECT pg_advisory_lock({BELL_LOCK_KEY})"))
             .await?;
         self.state = State::Armed;
         Ok(())

@@ -19,14 +19,16 @@
 //! # Gaps
 //! Ids are handed out in order but commit in any order, so a read may show id 7 while 6 is
 //! missing. 6 is either still in flight (it will commit, or roll back) or gone for good. Every
-//! transaction that holds an uncommitted id holds one of two shared advisory locks, taken before
-//! its first id (schema.sql), and PostgreSQL makes a commit visible before it releases locks. So on a gap the hub notes the
-//! holders of that lock; every id up to the highest it has seen was taken before that note, by one
-//! of those holders or by a transaction already finished. Once all of the noted holders are gone,
-//! a fresh read is final: an id still missing up to that horizon never commits and is skipped.
-//! Transactions that started later can only hold higher ids, and transactions that never insert
-//! events never take the lock, so they hold nothing back. While the reads keep moving past gaps
-//! the hub does not look at the holders at all: most gaps close on their own within a poll.
+//! transaction that holds an uncommitted id holds `events` in ROW EXCLUSIVE mode, taken before
+//! its first id (PostgreSQL locks the table before it runs an insert), and PostgreSQL makes a
+//! commit visible before it releases locks. So on a gap the hub notes the holders of that lock;
+//! every id up to the highest it has seen was taken before that note, by one of those holders or
+//! by a transaction already finished (the sequence hands out one id at a time, in order). Once
+//! all of the noted holders are gone, a fresh read is final: an id still missing up to that
+//! horizon never commits and is skipped. Transactions that started later can only hold higher
+//! ids, and transactions that do not write to `events` hold nothing back. While the reads keep
+//! moving past gaps the hub does not look at the holders at all: most gaps close on their own
+//! within a poll.
 
 use std::collections::HashMap;
 use std::sync::Arc;

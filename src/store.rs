@@ -14,11 +14,9 @@ use crate::sse::Frame;
 /// The schema, applied at start-up unless told otherwise.
 pub const SCHEMA: &str = include_str!("../postgresql/schema.sql");
 
-/// The key of the shared advisory lock every transaction holding an uncommitted event id holds
-/// (see schema.sql), unless a hub sleeps ([`crate::bell`]).
-pub(crate) const IN_FLIGHT_LOCK_KEY: i64 = 7311142570156910960;
-/// The key producers hold instead while a hub sleeps.
-const IN_FLIGHT_RINGING_LOCK_KEY: i64 = 7311142570156910961;
+/// The key of the advisory lock producers try in shared mode, and a sleeping hub holds or waits
+/// for exclusively: a producer whose try fails rings (schema.sql, [`crate::bell`]).
+pub(crate) const BELL_LOCK_KEY: i64 = 7311142570156910960;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -66,12 +64,6 @@ impl EventRow {
 /// Coalesced so that a table from an older setup with NULLs in these columns cannot wedge the hub
 /// on a row it cannot decode.
 const COLUMNS: &str = "id, coalesce(type, ''), subscriber, coalesce(payload::text, 'null')";
-
-/// How pg_locks shows the bigint key of an advisory lock: classid is its high half and objid its
-/// low half (with objsubid 1).
-fn lock_key_parts(key: i64) -> (i64, i64) {
-    (key >> 32, key & 0xffff_ffff)
-}
 
 /// Makes a dead peer show up as a failed connection within about half a minute, instead of the
 /// operating system's default of many minutes: a silently dead notification connection would
@@ -312,25 +304,20 @@ impl Store {
         Ok(row.try_get(0)?)
     }
 
-    /// The transactions (virtual transaction id -> backend pid) in this database that hold an
-    /// event id they have not committed yet: the holders of either in-flight lock in shared mode
-    /// (a sleeping hub holds or waits for the first one exclusively).
+    /// The transactions (virtual transaction id -> backend pid) that may hold an event id they
+    /// have not committed yet: those holding `events` in ROW EXCLUSIVE mode, which PostgreSQL
+    /// takes before it runs an insert and keeps until the transaction's end is visible.
     pub async fn in_flight_holders(&self) -> Result<HashMap<String, i32>> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
                 "SELECT virtualtransaction, coalesce(pid, 0) FROM pg_locks \
-                 WHERE locktype = 'advisory' AND objsubid = 1 AND mode = 'ShareLock' AND granted \
-                   AND classid = $1::bigint::oid AND objid IN ($2::bigint::oid, $3::bigint::oid) \
+                 WHERE locktype = 'relation' AND relation = 'events'::regclass \
+                   AND mode = 'RowExclusiveLock' AND granted \
                    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             )
             .await?;
-        let (high, low) = lock_key_parts(IN_FLIGHT_LOCK_KEY);
-        let (ringing_high, ringing_low) = lock_key_parts(IN_FLIGHT_RINGING_LOCK_KEY);
-        debug_assert_eq!(high, ringing_high);
-        let rows = client
-            .query(&statement, &[&high, &low, &ringing_low])
-            .await?;
+        let rows = client.query(&statement, &[]).await?;
         rows.iter()
             .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .collect()

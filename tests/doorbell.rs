@@ -13,6 +13,7 @@ use std::time::Duration;
 use common::{PATIENCE, TestApp, connect};
 use event_piper::bell::Bell;
 use tokio::sync::{Notify, mpsc};
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls};
 
 async fn insert(client: &impl GenericClient, consumer: &str) -> i64 {
@@ -22,7 +23,7 @@ async fn insert(client: &impl GenericClient, consumer: &str) -> i64 {
 const ARMED: bool = true;
 const SILENT: bool = false;
 
-/// Whether producers ring now: whether some hub holds or waits for the in-flight lock
+/// Whether producers ring now: whether some hub holds or waits for the bell lock
 /// exclusively (schema.sql, src/bell.rs).
 async fn bell(client: &impl GenericClient) -> bool {
     client
@@ -51,7 +52,7 @@ async fn wait_for_bell(client: &Client, want: bool) {
         .unwrap_or_else(|_| panic!("the bell never became {state}"));
 }
 
-/// The backend of the connection that holds the bell (the in-flight lock, exclusively).
+/// The backend of the connection that holds the bell (the bell lock, exclusively).
 async fn bell_backend(client: &Client) -> i32 {
     client
         .query_one(
@@ -182,17 +183,13 @@ async fn a_producer_that_decided_not_to_ring_before_the_hub_slept_is_not_lost() 
     assert_eq!(stream.next().await.id, next);
 }
 
-/// A new database with the schema applied and then `extra`, and a connection to it.
-async fn database_with_schema(extra: &str) -> (String, Client) {
+/// A new database with `schema` applied, and a connection to it.
+async fn database_with(schema: &str) -> (String, Client) {
     let url = common::fresh_database().await;
     let mut admin = connect(&url).await;
-    let schema = admin.transaction().await.unwrap();
-    schema
-        .batch_execute(event_piper::store::SCHEMA)
-        .await
-        .unwrap();
-    schema.batch_execute(extra).await.unwrap();
-    schema.commit().await.unwrap();
+    let transaction = admin.transaction().await.unwrap();
+    transaction.batch_execute(schema).await.unwrap();
+    transaction.commit().await.unwrap();
     (url, admin)
 }
 
@@ -205,7 +202,7 @@ fn hub_bell(url: &str) -> (Bell, Arc<Notify>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bell_rings_while_any_hub_sleeps() {
     // The schema only, no service: two hubs' switches driven by hand.
-    let (url, admin) = database_with_schema("").await;
+    let (url, admin) = database_with(event_piper::store::SCHEMA).await;
     let (listener, mut rung) = listen(&url).await;
     let (mut a, a_doorbell) = hub_bell(&url);
     let (mut b, _) = hub_bell(&url);
@@ -291,23 +288,33 @@ async fn a_hub_whose_bell_connection_drops_sleeps_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_database_from_the_ringing_version_is_upgraded() {
-    // What the previous version installed: a NOTIFY on every statement, and a CHECK on the type.
-    let (url, admin) = database_with_schema(
+async fn a_database_from_earlier_versions_is_upgraded() {
+    // What earlier versions installed: ids from a PL/pgSQL trigger (the previous schema, verbatim),
+    // and before that a NOTIFY on every statement and a CHECK on the type.
+    let (url, mut admin) = database_with(&format!(
+        "{}; {}",
+        include_str!("fixtures/schema-with-id-trigger.sql"),
         "create function event_piper_notify() returns trigger language plpgsql as $$ \
-                   begin perform pg_notify('new_events', ''); return null; end $$; \
-                 create trigger events_notify after insert on events \
-                   for each statement execute function event_piper_notify(); \
-                 alter table events add constraint events_type_check \
-                   check (type <> '' and type !~ '[\\r\\n]')",
-    )
+           begin perform pg_notify('new_events', ''); return null; end $$; \
+         create trigger events_notify after insert on events \
+           for each statement execute function event_piper_notify(); \
+         alter table events add constraint events_type_check \
+           check (type <> '' and type !~ '[\\r\\n]')"
+    ))
     .await;
+    // Two events, and an id taken by a transaction that rolled back.
+    let old = [insert(&admin, "c").await, insert(&admin, "c").await];
+    let rolled_back = admin.transaction().await.unwrap();
+    let lost = insert(&rolled_back, "c").await;
+    rolled_back.rollback().await.unwrap();
 
     let app = TestApp::start_on(&url, &["--idle-poll", "1h", "--idle-after", "60s"]).await;
     let leftovers: i64 = admin
         .query_one(
-            "select (select count(*) from pg_trigger where tgname = 'events_notify') \
-                  + (select count(*) from pg_proc where proname = 'event_piper_notify') \
+            "select (select count(*) from pg_trigger \
+                      where tgname in ('events_notify', 'events_assign_id')) \
+                  + (select count(*) from pg_proc \
+                      where proname in ('event_piper_notify', 'event_piper_assign_id')) \
                   + (select count(*) from pg_constraint where conname = 'events_type_check')",
             &[],
         )
@@ -316,25 +323,28 @@ async fn a_database_from_the_ringing_version_is_upgraded() {
         .get(0);
     assert_eq!(leftovers, 0);
 
-    let mut stream = app.consume("c", None).await;
+    // The identity column goes on where the old sequence stopped.
+    let mut stream = app.consume("c", Some(0)).await;
+    assert_eq!([stream.next().await.id, stream.next().await.id], old);
     let (listener, mut rung) = listen(&url).await;
     let id = insert(&admin, "c").await;
+    assert_eq!(id, lost + 1);
     assert_eq!(stream.next().await.id, id);
     assert_eq!(rings_so_far(&listener, &mut rung).await, 0);
+    let error = admin
+        .batch_execute("insert into events (id, type, subscriber) values (1000, 'x', 'c')")
+        .await
+        .expect_err("an explicit id is refused");
+    assert_eq!(error.code(), Some(&SqlState::GENERATED_ALWAYS), "{error}");
 
-    // The trigger refuses what the constraint did.
-    for bad in ["", "a\nb", "a\rb"] {
-        let error = admin
-            .execute(
-                "insert into events (type, subscriber) values ($1, 'c')",
-                &[&bad],
-            )
-            .await
-            .expect_err("a bad type is refused");
-        let message = error.as_db_error().map(|e| e.message().to_owned());
-        assert_eq!(
-            message.as_deref(),
-            Some("events.type must not be empty or contain a line break")
-        );
-    }
+    // The type is no longer checked in the database; a line break cannot break the framing.
+    admin
+        .execute(
+            "insert into events (type, subscriber) values ($1, 'c')",
+            &[&"a\nb"],
+        )
+        .await
+        .unwrap();
+    let event = stream.next().await;
+    assert_eq!((event.id, event.event.as_str()), (id + 1, "a b"));
 }
