@@ -13,6 +13,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::event::ConsumerId;
+
 /// The cookie a browser page may carry its token in.
 pub const COOKIE: &str = "event_piper_token";
 
@@ -20,7 +22,7 @@ pub const COOKIE: &str = "event_piper_token";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Claims {
     /// The consumer whose events the bearer may read.
-    pub sub: String,
+    pub sub: ConsumerId,
     /// Expiry, in seconds since the Unix epoch (required).
     pub exp: u64,
     /// Whether the bearer may publish events (POST /events).
@@ -54,6 +56,8 @@ pub enum KeyError {
     NotAKey(String),
     #[error("the JWT secret must be at least 32 bytes")]
     ShortSecret,
+    #[error("invalid consumer id for the token's subject: {0}")]
+    BadSubject(String),
 }
 
 /// Verifies tokens.
@@ -156,7 +160,8 @@ pub fn mint(secret: &str, sub: &str, ttl: Duration, publish: bool) -> Result<Str
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
     let claims = Claims {
-        sub: sub.to_owned(),
+        sub: ConsumerId::parse(sub.as_bytes())
+            .map_err(|why| KeyError::BadSubject(why.to_string()))?,
         exp: (now + ttl).as_secs(),
         publish,
     };

@@ -193,12 +193,12 @@ mod tests {
     use super::*;
 
     fn frame(id: i64) -> Frame {
-        Frame::render(id, "t", "1")
+        Frame::render(crate::event::EventId(id), "t", "1")
     }
 
     fn ids(receiver: &mut Receiver) -> Vec<i64> {
         std::iter::from_fn(|| receiver.try_recv())
-            .map(|result| result.unwrap().id)
+            .map(|result| result.unwrap().id.0)
             .collect()
     }
 
@@ -259,7 +259,7 @@ mod tests {
         sender.send(frame(7));
         drop(sender);
         let (first, second) = waiting.await.unwrap();
-        assert_eq!(first.unwrap().id, 7);
+        assert_eq!(first.unwrap().id.0, 7);
         assert_eq!(second.unwrap_err(), RecvError::Closed);
     }
 }

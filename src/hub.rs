@@ -38,13 +38,15 @@ use futures::FutureExt;
 use tokio::sync::{Notify, watch};
 
 use crate::bell::Bell;
+use crate::event::EventId;
 use crate::metrics::Metrics;
 use crate::router::Router;
+use crate::sse::Frame;
 use crate::store::{Store, StoreError};
 
 /// The highest id below which every event is final and handed to the router; `None` until the
 /// hub has found its starting point.
-pub type Published = Option<i64>;
+pub type Published = Option<EventId>;
 
 const MAX_RETRY: Duration = Duration::from_secs(5);
 /// A gap is re-checked at `gap_poll` at first, backing off to this: a rolled-back id is resolved
@@ -76,13 +78,13 @@ pub struct Hub {
     batch_size: i64,
     timing: Timing,
     /// Every id at or below it is published or known never to commit.
-    cursor: i64,
+    cursor: EventId,
     /// Ids at or below it that are missing from the table will never appear.
-    dead_upto: i64,
+    dead_upto: EventId,
     pending: Option<PendingGap>,
     /// The cursor at which the last read stopped at a gap without moving: the holders are looked
     /// up only when a gap is still there one poll later.
-    stuck_at: Option<i64>,
+    stuck_at: Option<EventId>,
     /// Whether a failure to arm the bell has been logged since it last worked.
     arm_failure_logged: bool,
     metrics: Metrics,
@@ -91,7 +93,7 @@ pub struct Hub {
 /// A gap the hub is waiting on.
 struct PendingGap {
     /// The highest id seen when the holders were noted.
-    horizon: i64,
+    horizon: EventId,
     /// The transactions (and their pids) that may still hold an id at or below `horizon`.
     holders: HashMap<String, i32>,
     since: Instant,
@@ -137,8 +139,8 @@ impl Hub {
             published,
             batch_size: i64::from(batch_size),
             timing,
-            cursor: 0,
-            dead_upto: 0,
+            cursor: EventId::default(),
+            dead_upto: EventId::default(),
             pending: None,
             stuck_at: None,
             arm_failure_logged: false,
@@ -174,7 +176,7 @@ impl Hub {
         self.cursor = start;
         self.dead_upto = start;
         self.published.send_replace(Some(start));
-        tracing::info!(published = start, "hub ready");
+        tracing::info!(published = %start, "hub ready");
 
         let mut last_event = Instant::now();
         loop {
@@ -285,7 +287,7 @@ impl Hub {
     /// The id to start publishing after: the current maximum, once every transaction that might
     /// still hold a lower id has ended (a lower id committing later would otherwise be missed
     /// by live streams and by replays bounded by it).
-    async fn starting_point(&self) -> Result<i64, StoreError> {
+    async fn starting_point(&self) -> Result<EventId, StoreError> {
         let max = self.store.max_id().await?;
         let mut holders = self.store.in_flight_holders().await?;
         while !holders.is_empty() {
@@ -314,12 +316,12 @@ impl Hub {
             let mut blocked = false;
             for row in rows {
                 // Every id between the cursor and this one must be known dead to move past it.
-                if row.id - 1 > self.cursor.max(self.dead_upto) {
+                if row.id.0 - 1 > self.cursor.max(self.dead_upto).0 {
                     blocked = true;
                     break;
                 }
                 self.cursor = row.id;
-                let frame = row.frame();
+                let frame = Frame::render(row.id, &row.event_type, &row.payload);
                 batch.push((row.subscriber, frame));
             }
             if !batch.is_empty() {
@@ -376,7 +378,10 @@ impl Hub {
 
     /// Notes or re-checks the holders of in-flight ids for the gap after the cursor. None once
     /// they have all finished, else how long to wait before checking again.
-    async fn gap_resolved(&mut self, highest_seen: i64) -> Result<Option<Duration>, StoreError> {
+    async fn gap_resolved(
+        &mut self,
+        highest_seen: EventId,
+    ) -> Result<Option<Duration>, StoreError> {
         let current = self.store.in_flight_holders().await?;
         let cursor = self.cursor;
         let pending = match &mut self.pending {
@@ -402,7 +407,7 @@ impl Hub {
                 pending.reported = true;
                 let pids: Vec<i32> = pending.holders.values().copied().collect();
                 tracing::warn!(
-                    after = cursor,
+                    after = %cursor,
                     waited = ?pending.since.elapsed(),
                     ?pids,
                     "events are held back by producer transactions that are still open"
@@ -414,7 +419,7 @@ impl Hub {
         self.metrics.oldest_unresolved_age.set(0.0);
         self.dead_upto = pending.horizon;
         self.pending = None;
-        tracing::debug!(upto = self.dead_upto, ?waited, "gap resolved");
+        tracing::debug!(upto = %self.dead_upto, ?waited, "gap resolved");
         Ok(None)
     }
 }

@@ -12,6 +12,8 @@ pub mod auth;
 pub mod bell;
 pub mod channel;
 pub mod config;
+pub mod event;
+pub mod follower;
 pub mod http;
 pub mod hub;
 pub mod listener;

@@ -5,40 +5,25 @@
 
 use serde_json::{Map, Value};
 
-use crate::http::{ApiError, parse_consumer_id};
+use crate::event::{ConsumerId, NewEvent};
 
 /// The longest event type accepted, in bytes.
 pub const MAX_TYPE_BYTES: usize = 256;
 
-/// One event to insert.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewEvent {
-    pub event_type: String,
-    /// None broadcasts to every consumer.
-    pub subscriber: Option<String>,
-    /// The payload as JSON text.
-    pub payload: String,
-}
-
-/// Parses a body that is one event object or a non-empty array of them.
-pub fn parse_body(body: &[u8]) -> Result<Vec<NewEvent>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("malformed JSON: {e}")))?;
+/// Parses a body that is one event object or a non-empty array of them. The error is a one-line
+/// reason for the client.
+pub fn parse_body(body: &[u8]) -> Result<Vec<NewEvent>, String> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| format!("malformed JSON: {e}"))?;
     match value {
-        Value::Array(items) if items.is_empty() => Err(ApiError::BadRequest(
-            "empty batch: send at least one event".into(),
-        )),
+        Value::Array(items) if items.is_empty() => {
+            Err("empty batch: send at least one event".into())
+        }
         Value::Array(items) => items
             .into_iter()
             .enumerate()
-            .map(|(index, item)| {
-                parse_event(item)
-                    .map_err(|why| ApiError::BadRequest(format!("event {index}: {why}")))
-            })
+            .map(|(index, item)| parse_event(item).map_err(|why| format!("event {index}: {why}")))
             .collect(),
-        item => parse_event(item)
-            .map(|event| vec![event])
-            .map_err(ApiError::BadRequest),
+        item => parse_event(item).map(|event| vec![event]),
     }
 }
 
@@ -57,7 +42,7 @@ fn parse_event(item: Value) -> Result<NewEvent, String> {
     let subscriber = match take(&mut fields, "subscriber")? {
         Value::Null => None,
         Value::String(text) => Some(
-            parse_consumer_id(text.as_bytes())
+            ConsumerId::parse(text.as_bytes())
                 .map_err(|_| "\"subscriber\" must be 1 to 256 bytes without control characters")?,
         ),
         _ => return Err("\"subscriber\" must be a string or null".into()),
@@ -105,7 +90,7 @@ mod tests {
             one,
             vec![NewEvent {
                 event_type: "t".into(),
-                subscriber: Some("toto".into()),
+                subscriber: ConsumerId::parse(b"toto").ok(),
                 payload: r#"{"a":[1]}"#.into(),
             }]
         );

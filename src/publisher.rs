@@ -28,8 +28,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use crate::event::{EventId, NewEvent};
 use crate::metrics::Metrics;
-use crate::publish::NewEvent;
 use crate::store::{Store, StoreError};
 
 /// Events per combined statement. A request larger than this is still inserted whole, alone; the
@@ -55,7 +55,7 @@ pub enum PublishError {
     Stopped,
 }
 
-type Reply = oneshot::Sender<Result<Vec<i64>, PublishError>>;
+type Reply = oneshot::Sender<Result<Vec<EventId>, PublishError>>;
 
 struct Request {
     events: Vec<NewEvent>,
@@ -79,7 +79,7 @@ impl Publisher {
     }
 
     /// Inserts `events` (all or nothing) and returns their ids, in order, once they are committed.
-    pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<i64>, PublishError> {
+    pub async fn publish(&self, events: Vec<NewEvent>) -> Result<Vec<EventId>, PublishError> {
         let (reply, answer) = oneshot::channel();
         self.queue
             .send(Request { events, reply })
@@ -184,7 +184,7 @@ async fn insert_group(store: &Store, group: Vec<Request>, metrics: &Metrics) {
         Ok(ids) => {
             let mut ids = ids.into_iter();
             for request in group {
-                let own: Vec<i64> = ids.by_ref().take(request.events.len()).collect();
+                let own: Vec<EventId> = ids.by_ref().take(request.events.len()).collect();
                 // The receiver is gone when the client went away; its events are in anyway.
                 let _ = request.reply.send(Ok(own));
             }

@@ -11,10 +11,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::channel::{self, Receiver, Sender};
+use crate::event::ConsumerId;
 use crate::sse::Frame;
 
 pub struct Router {
-    channels: Mutex<HashMap<String, Sender>>,
+    channels: Mutex<HashMap<ConsumerId, Sender>>,
     capacity: usize,
     limits: Limits,
     /// Open subscriptions; changed only under the `channels` lock.
@@ -54,30 +55,32 @@ impl Router {
         })
     }
 
-    fn channels(&self) -> MutexGuard<'_, HashMap<String, Sender>> {
+    fn channels(&self) -> MutexGuard<'_, HashMap<ConsumerId, Sender>> {
         // The map stays consistent even if a holder panicked: every critical section is a single
         // map operation.
         self.channels.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Subscribes to `consumer`'s frames from now on, within the limits.
-    pub fn subscribe(self: &Arc<Self>, consumer: &str) -> Result<Subscription, Refused> {
+    pub fn subscribe(self: &Arc<Self>, consumer: &ConsumerId) -> Result<Subscription, Refused> {
         let mut channels = self.channels();
         if self.open.load(Ordering::Relaxed) >= self.limits.streams {
             return Err(Refused::TooManyStreams);
         }
-        let for_consumer = channels.get(consumer).map_or(0, |s| s.receiver_count());
+        let for_consumer = channels
+            .get(consumer.as_str())
+            .map_or(0, |s| s.receiver_count());
         if for_consumer >= self.limits.streams_per_consumer {
             return Err(Refused::TooManyForConsumer);
         }
         let receiver = channels
-            .entry(consumer.to_owned())
+            .entry(consumer.clone())
             .or_insert_with(|| channel::channel(self.capacity))
             .subscribe();
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
             receiver: Some(receiver),
-            consumer: consumer.to_owned(),
+            consumer: consumer.clone(),
             router: Arc::clone(self),
         })
     }
@@ -117,7 +120,7 @@ impl Router {
 /// A stream's end of its consumer's channel. Dropping the last one removes the channel.
 pub struct Subscription {
     receiver: Option<Receiver>,
-    consumer: String,
+    consumer: ConsumerId,
     router: Arc<Router>,
 }
 
@@ -137,10 +140,10 @@ impl Drop for Subscription {
         let mut channels = self.router.channels();
         self.router.open.fetch_sub(1, Ordering::Relaxed);
         if channels
-            .get(&self.consumer)
+            .get(self.consumer.as_str())
             .is_some_and(|sender| sender.receiver_count() == 0)
         {
-            channels.remove(&self.consumer);
+            channels.remove(self.consumer.as_str());
         }
     }
 }
@@ -148,17 +151,22 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::EventId;
 
     fn frame(id: i64) -> Frame {
-        Frame::render(id, "t", "1")
+        Frame::render(EventId(id), "t", "1")
+    }
+
+    fn consumer(name: &str) -> ConsumerId {
+        ConsumerId::parse(name.as_bytes()).unwrap()
     }
 
     #[test]
     fn channels_live_as_long_as_their_subscriptions() {
         let router = Router::new(8, Limits::NONE);
-        let mut a1 = router.subscribe("a").unwrap();
-        let mut a2 = router.subscribe("a").unwrap();
-        let mut b = router.subscribe("b").unwrap();
+        let mut a1 = router.subscribe(&consumer("a")).unwrap();
+        let mut a2 = router.subscribe(&consumer("a")).unwrap();
+        let mut b = router.subscribe(&consumer("b")).unwrap();
         assert_eq!(router.consumers(), 2);
 
         router.route([
@@ -167,12 +175,12 @@ mod tests {
             (Some("c"), frame(3)),
             (None, frame(4)),
         ]);
-        assert_eq!(a1.receiver().try_recv().unwrap().unwrap().id, 1);
-        assert_eq!(a1.receiver().try_recv().unwrap().unwrap().id, 4);
-        assert_eq!(a2.receiver().try_recv().unwrap().unwrap().id, 1);
-        assert_eq!(a2.receiver().try_recv().unwrap().unwrap().id, 4);
-        assert_eq!(b.receiver().try_recv().unwrap().unwrap().id, 2);
-        assert_eq!(b.receiver().try_recv().unwrap().unwrap().id, 4);
+        assert_eq!(a1.receiver().try_recv().unwrap().unwrap().id, EventId(1));
+        assert_eq!(a1.receiver().try_recv().unwrap().unwrap().id, EventId(4));
+        assert_eq!(a2.receiver().try_recv().unwrap().unwrap().id, EventId(1));
+        assert_eq!(a2.receiver().try_recv().unwrap().unwrap().id, EventId(4));
+        assert_eq!(b.receiver().try_recv().unwrap().unwrap().id, EventId(2));
+        assert_eq!(b.receiver().try_recv().unwrap().unwrap().id, EventId(4));
         assert!(b.receiver().try_recv().is_none());
 
         drop(a1);
@@ -192,15 +200,18 @@ mod tests {
                 streams_per_consumer: 2,
             },
         );
-        let a1 = router.subscribe("a").unwrap();
-        let _a2 = router.subscribe("a").unwrap();
+        let a1 = router.subscribe(&consumer("a")).unwrap();
+        let _a2 = router.subscribe(&consumer("a")).unwrap();
         assert_eq!(
-            router.subscribe("a").err(),
+            router.subscribe(&consumer("a")).err(),
             Some(Refused::TooManyForConsumer)
         );
-        let _b = router.subscribe("b").unwrap();
-        assert_eq!(router.subscribe("c").err(), Some(Refused::TooManyStreams));
+        let _b = router.subscribe(&consumer("b")).unwrap();
+        assert_eq!(
+            router.subscribe(&consumer("c")).err(),
+            Some(Refused::TooManyStreams)
+        );
         drop(a1);
-        assert!(router.subscribe("c").is_ok());
+        assert!(router.subscribe(&consumer("c")).is_ok());
     }
 }

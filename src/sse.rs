@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
+use crate::event::EventId;
+
 /// A rendered event: its id (for ordering and de-duplication) and its bytes on the wire.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
-    pub id: i64,
+    pub id: EventId,
     pub bytes: Bytes,
     /// The same event in [`Format::Envelope`], rendered by the first stream that sends it in that
     /// format and shared with the others, like `bytes`.
@@ -24,7 +26,7 @@ impl Frame {
     /// value; it is sent compact (no whitespace outside strings). The schema forbids line breaks
     /// in `event_type`, but a type from a database whose schema is managed elsewhere might have
     /// them, so they are replaced rather than allowed to break the framing.
-    pub fn render(id: i64, event_type: &str, payload: &str) -> Frame {
+    pub fn render(id: EventId, event_type: &str, payload: &str) -> Frame {
         let mut buf = BytesMut::with_capacity(32 + event_type.len() + payload.len());
         put_event(&mut buf, id, event_type, payload);
         Frame {
@@ -37,10 +39,10 @@ impl Frame {
 
 /// Appends one event's frame to `buf` (see [`Frame::render`]); a replay renders a whole page into
 /// one buffer this way, so that a page costs one write instead of one per event.
-pub fn put_event(buf: &mut BytesMut, id: i64, event_type: &str, payload: &str) {
+pub fn put_event(buf: &mut BytesMut, id: EventId, event_type: &str, payload: &str) {
     buf.reserve(32 + event_type.len() + payload.len());
     buf.put_slice(b"id: ");
-    buf.put_slice(itoa::Buffer::new().format(id).as_bytes());
+    buf.put_slice(itoa::Buffer::new().format(id.0).as_bytes());
     buf.put_slice(b"\nevent: ");
     if event_type.contains(['\r', '\n']) {
         buf.put_slice(event_type.replace(['\r', '\n'], " ").as_bytes());
@@ -66,7 +68,7 @@ pub enum Format {
 
 impl Format {
     /// Appends one event (a replay renders its page through this).
-    pub fn put_event(self, buf: &mut BytesMut, id: i64, event_type: &str, payload: &str) {
+    pub fn put_event(self, buf: &mut BytesMut, id: EventId, event_type: &str, payload: &str) {
         match self {
             Format::Named => put_event(buf, id, event_type, payload),
             Format::Envelope => put_envelope(buf, Some(id), event_type, payload),
@@ -95,7 +97,7 @@ impl Format {
 
     /// The notice a resuming client gets when retention deleted events after its resume point:
     /// an event without an `id:` line, so it does not move the client's Last-Event-ID.
-    pub fn truncated(self, last_event_id: i64, deleted_upto: i64) -> Bytes {
+    pub fn truncated(self, last_event_id: EventId, deleted_upto: EventId) -> Bytes {
         let data = format!("{{\"last_event_id\":{last_event_id},\"deleted_upto\":{deleted_upto}}}");
         let mut buf = BytesMut::new();
         match self {
@@ -108,11 +110,11 @@ impl Format {
     }
 }
 
-fn put_envelope(buf: &mut BytesMut, id: Option<i64>, event_type: &str, payload: &str) {
+fn put_envelope(buf: &mut BytesMut, id: Option<EventId>, event_type: &str, payload: &str) {
     buf.reserve(48 + event_type.len() + payload.len());
     if let Some(id) = id {
         buf.put_slice(b"id: ");
-        buf.put_slice(itoa::Buffer::new().format(id).as_bytes());
+        buf.put_slice(itoa::Buffer::new().format(id.0).as_bytes());
         buf.put_slice(b"\n");
     }
     buf.put_slice(b"data: {\"type\":");
@@ -125,13 +127,13 @@ fn put_envelope(buf: &mut BytesMut, id: Option<i64>, event_type: &str, payload: 
 }
 
 /// Takes a frame rendered by [`put_event`] apart: id, type, compact payload.
-fn split_named(frame: &[u8]) -> Option<(i64, &str, &str)> {
+fn split_named(frame: &[u8]) -> Option<(EventId, &str, &str)> {
     let text = std::str::from_utf8(frame).ok()?;
     let rest = text.strip_prefix("id: ")?;
     let (id, rest) = rest.split_once("\nevent: ")?;
     let (event_type, rest) = rest.split_once("\ndata: ")?;
     let data = rest.strip_suffix("\n\n")?;
-    Some((id.parse().ok()?, event_type, data))
+    Some((EventId(id.parse().ok()?), event_type, data))
 }
 
 /// The `retry:` hint sent first on every stream.
@@ -186,7 +188,7 @@ mod tests {
 
     #[test]
     fn renders_the_walkthrough_frame() {
-        let frame = Frame::render(1, "insert", r#"{"foo": "bar"}"#);
+        let frame = Frame::render(EventId(1), "insert", r#"{"foo": "bar"}"#);
         assert_eq!(
             text(&frame),
             "id: 1\nevent: insert\ndata: {\"foo\":\"bar\"}\n\n"
@@ -196,7 +198,7 @@ mod tests {
     #[test]
     fn keeps_whitespace_and_escapes_inside_strings() {
         let frame = Frame::render(
-            42,
+            EventId(42),
             "t",
             r#"{"a b": [1, 2, {"c": "x \" y\\"}], "d": "line\nbreak"}"#,
         );
@@ -208,20 +210,20 @@ mod tests {
 
     #[test]
     fn line_breaks_in_types_cannot_break_framing() {
-        let frame = Frame::render(7, "a\nb\rc", "null");
+        let frame = Frame::render(EventId(7), "a\nb\rc", "null");
         assert_eq!(text(&frame), "id: 7\nevent: a b c\ndata: null\n\n");
     }
 
     #[test]
     fn envelope_carries_the_type_in_the_data() {
-        let frame = Frame::render(3, "say \"hi\"", r#"{"foo": "bar"}"#);
+        let frame = Frame::render(EventId(3), "say \"hi\"", r#"{"foo": "bar"}"#);
         let live = Format::Envelope.live(frame.clone());
         let expected =
             "id: 3\ndata: {\"type\":\"say \\\"hi\\\"\",\"payload\":{\"foo\":\"bar\"}}\n\n";
         assert_eq!(std::str::from_utf8(&live).unwrap(), expected);
         // A replayed page renders the same bytes as the live path.
         let mut replayed = BytesMut::new();
-        Format::Envelope.put_event(&mut replayed, 3, "say \"hi\"", r#"{"foo": "bar"}"#);
+        Format::Envelope.put_event(&mut replayed, EventId(3), "say \"hi\"", r#"{"foo": "bar"}"#);
         assert_eq!(&replayed[..], expected.as_bytes());
         // Rendered once: another stream sending the same frame gets the same bytes.
         let again = Format::Envelope.live(frame);
@@ -230,12 +232,12 @@ mod tests {
 
     #[test]
     fn truncated_notice_has_no_id_in_either_format() {
-        let named = Format::Named.truncated(5, 9);
+        let named = Format::Named.truncated(EventId(5), EventId(9));
         assert_eq!(
             &named[..],
             b"event: event-piper.truncated\ndata: {\"last_event_id\":5,\"deleted_upto\":9}\n\n"
         );
-        let envelope = Format::Envelope.truncated(5, 9);
+        let envelope = Format::Envelope.truncated(EventId(5), EventId(9));
         assert_eq!(
             &envelope[..],
             b"data: {\"type\":\"event-piper.truncated\",\"payload\":{\"last_event_id\":5,\"deleted_upto\":9}}\n\n"

@@ -8,8 +8,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
-use crate::publish::NewEvent;
-use crate::sse::Frame;
+use crate::event::{ConsumerId, EventId, EventRow, NewEvent};
 
 /// The schema, applied at start-up unless told otherwise.
 pub const SCHEMA: &str = include_str!("../postgresql/schema.sql");
@@ -36,29 +35,14 @@ pub enum StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
-/// One row of `events`, as read for delivery.
-#[derive(Debug, Clone)]
-pub struct EventRow {
-    pub id: i64,
-    pub event_type: String,
-    pub subscriber: Option<String>,
-    /// PostgreSQL's text form of the jsonb payload.
-    pub payload: String,
-}
-
-impl EventRow {
-    pub fn frame(&self) -> Frame {
-        Frame::render(self.id, &self.event_type, &self.payload)
-    }
-
-    fn from_row(row: &tokio_postgres::Row) -> std::result::Result<Self, tokio_postgres::Error> {
-        Ok(EventRow {
-            id: row.try_get(0)?,
-            event_type: row.try_get(1)?,
-            subscriber: row.try_get(2)?,
-            payload: row.try_get(3)?,
-        })
-    }
+/// Decodes a row read with [`COLUMNS`].
+fn event_row(row: &tokio_postgres::Row) -> std::result::Result<EventRow, tokio_postgres::Error> {
+    Ok(EventRow {
+        id: EventId(row.try_get(0)?),
+        event_type: row.try_get(1)?,
+        subscriber: row.try_get(2)?,
+        payload: row.try_get(3)?,
+    })
 }
 
 /// Coalesced so that a table from an older setup with NULLs in these columns cannot wedge the hub
@@ -160,16 +144,16 @@ impl Store {
     }
 
     /// All events after `after`, in id order, at most `limit`.
-    pub async fn read_after(&self, after: i64, limit: i64) -> Result<Vec<EventRow>> {
+    pub async fn read_after(&self, after: EventId, limit: i64) -> Result<Vec<EventRow>> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(&format!(
                 "SELECT {COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
             ))
             .await?;
-        let rows = client.query(&statement, &[&after, &limit]).await?;
+        let rows = client.query(&statement, &[&after.0, &limit]).await?;
         rows.iter()
-            .map(EventRow::from_row)
+            .map(event_row)
             .collect::<std::result::Result<_, _>>()
             .map_err(Into::into)
     }
@@ -179,9 +163,9 @@ impl Store {
     /// long the history is.
     pub async fn read_consumer(
         &self,
-        consumer: &str,
-        after: i64,
-        upto: i64,
+        consumer: &ConsumerId,
+        after: EventId,
+        upto: EventId,
         limit: i64,
     ) -> Result<Vec<EventRow>> {
         let client = self.pool.get().await?;
@@ -197,10 +181,10 @@ impl Store {
             ))
             .await?;
         let rows = client
-            .query(&statement, &[&consumer, &after, &upto, &limit])
+            .query(&statement, &[&consumer.as_str(), &after.0, &upto.0, &limit])
             .await?;
         rows.iter()
-            .map(EventRow::from_row)
+            .map(event_row)
             .collect::<std::result::Result<_, _>>()
             .map_err(Into::into)
     }
@@ -209,13 +193,13 @@ impl Store {
     pub async fn publish<'a>(
         &self,
         events: impl IntoIterator<Item = &'a NewEvent>,
-    ) -> Result<Vec<i64>> {
+    ) -> Result<Vec<EventId>> {
         let mut types: Vec<&str> = Vec::new();
         let mut subscribers: Vec<Option<&str>> = Vec::new();
         let mut payloads: Vec<&str> = Vec::new();
         for event in events {
             types.push(&event.event_type);
-            subscribers.push(event.subscriber.as_deref());
+            subscribers.push(event.subscriber.as_ref().map(ConsumerId::as_str));
             payloads.push(&event.payload);
         }
         let client = self.pool.get().await?;
@@ -230,11 +214,11 @@ impl Store {
         let rows = client
             .query(&statement, &[&types, &subscribers, &payloads])
             .await?;
-        // The trigger assigns ids in insertion order, which is the batch's order.
+        // The identity column assigns ids in insertion order, which is the batch's order.
         let mut ids = rows
             .iter()
-            .map(|row| row.try_get(0))
-            .collect::<std::result::Result<Vec<i64>, _>>()?;
+            .map(|row| row.try_get(0).map(EventId))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
         if ids.len() != types.len() {
             return Err(StoreError::Unexpected(format!(
                 "{} ids returned for {} events inserted",
@@ -247,7 +231,7 @@ impl Store {
     }
 
     /// One event as a JSON object (id, type, timestamp, subscriber, payload), if it exists.
-    pub async fn event_json(&self, id: i64) -> Result<Option<(Option<String>, String)>> {
+    pub async fn event_json(&self, id: EventId) -> Result<Option<(Option<String>, String)>> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
@@ -256,7 +240,7 @@ impl Store {
                  FROM events WHERE id = $1",
             )
             .await?;
-        let row = client.query_opt(&statement, &[&id]).await?;
+        let row = client.query_opt(&statement, &[&id.0]).await?;
         row.map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
             .transpose()
     }
@@ -264,7 +248,7 @@ impl Store {
     /// Deletes, oldest first, at most `limit` events older than `max_age`, none after `upto`, and
     /// stops at the first event that is not old enough: what is deleted is always a prefix of the
     /// ids, so "everything up to N is gone" stays true. Returns how many were deleted.
-    pub async fn expire(&self, max_age: Duration, upto: i64, limit: i64) -> Result<i64> {
+    pub async fn expire(&self, max_age: Duration, upto: EventId, limit: i64) -> Result<i64> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
@@ -281,27 +265,29 @@ impl Store {
             )
             .await?;
         let row = client
-            .query_one(&statement, &[&max_age.as_secs_f64(), &upto, &limit])
+            .query_one(&statement, &[&max_age.as_secs_f64(), &upto.0, &limit])
             .await?;
         Ok(row.try_get(0)?)
     }
 
     /// The highest id retention has deleted (0 if none).
-    pub async fn deleted_upto(&self) -> Result<i64> {
+    pub async fn deleted_upto(&self) -> Result<EventId> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached("SELECT coalesce(max(deleted_upto), 0) FROM event_piper_retention")
             .await?;
-        Ok(client.query_one(&statement, &[]).await?.try_get(0)?)
+        Ok(EventId(
+            client.query_one(&statement, &[]).await?.try_get(0)?,
+        ))
     }
 
     /// The highest id in the table (0 when empty).
-    pub async fn max_id(&self) -> Result<i64> {
+    pub async fn max_id(&self) -> Result<EventId> {
         let client = self.pool.get().await?;
         let row = client
             .query_one("SELECT coalesce(max(id), 0) FROM events", &[])
             .await?;
-        Ok(row.try_get(0)?)
+        Ok(EventId(row.try_get(0)?))
     }
 
     /// The transactions (virtual transaction id -> backend pid) that may hold an event id they

@@ -144,7 +144,7 @@ async fn tokens_decide_who_reads_and_who_publishes() {
 
 fn expired_token() -> String {
     let claims = event_piper::auth::Claims {
-        sub: "toto".into(),
+        sub: event_piper::event::ConsumerId::parse(b"toto").unwrap(),
         exp: 1_000_000,
         publish: false,
     };
