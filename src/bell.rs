@@ -23,7 +23,9 @@ use tokio::sync::Notify;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 
-use crate::store::BELL_LOCK_KEY;
+/// The key of the advisory lock producers try in shared mode (the default of
+/// `events.event_piper_bell`, schema.sql), and a sleeping hub holds or waits for exclusively.
+const BELL_LOCK_KEY: i64 = 7311142570156910960;
 
 /// The bell connection's `application_name`, so operators (and tests) can find its backend.
 pub const APPLICATION_NAME: &str = "event-piper-bell";

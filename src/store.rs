@@ -13,9 +13,6 @@ use crate::event::{ConsumerId, EventId, EventRow, NewEvent};
 /// The schema, applied at start-up unless told otherwise.
 pub const SCHEMA: &str = include_str!("../postgresql/schema.sql");
 
-/// The key of the advisory lock producers try in shared mode, and a sleeping hub holds or waits
-/// for exclusively: a producer whose try fails rings (schema.sql, [`crate::bell`]).
-pub(crate) const BELL_LOCK_KEY: i64 = 7311142570156910960;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
