@@ -36,7 +36,9 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::bell::Bell;
 use crate::event::EventId;
 use crate::metrics::Metrics;
@@ -148,28 +150,23 @@ impl Hub {
         }
     }
 
-    /// Runs until `shutdown` turns true. `doorbell` is rung by the listener.
-    pub async fn run(
-        mut self,
-        mut bell: Bell,
-        doorbell: Arc<Notify>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
-        let mut retry = Duration::from_millis(100);
+    /// Runs until `shutdown` is cancelled. `doorbell` is rung by the listener.
+    pub async fn run(mut self, mut bell: Bell, doorbell: Arc<Notify>, shutdown: CancellationToken) {
+        let mut retry = Backoff::new(Duration::from_millis(100), MAX_RETRY);
         let start = loop {
             let attempt = tokio::select! {
                 attempt = self.starting_point() => attempt,
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = shutdown.cancelled() => return,
             };
             match attempt {
                 Ok(start) => break start,
                 Err(error) => {
-                    tracing::warn!(%error, retry_in = ?retry, "hub cannot find its starting point");
+                    let delay = retry.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "hub cannot find its starting point");
                     tokio::select! {
-                        _ = tokio::time::sleep(retry) => {}
-                        _ = shutdown.wait_for(|stop| *stop) => return,
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return,
                     }
-                    retry = (retry * 2).min(MAX_RETRY);
                 }
             }
         };
@@ -193,7 +190,7 @@ impl Hub {
             };
             let wait = match pass {
                 Ok(pass) => {
-                    retry = Duration::from_millis(100);
+                    retry.reset();
                     if pass.published > 0 {
                         last_event = Instant::now();
                     }
@@ -202,7 +199,7 @@ impl Hub {
                         None if last_event.elapsed() < self.timing.idle_after => {
                             self.timing.poll_interval
                         }
-                        None => match self.sleep(&mut bell, &doorbell, &mut shutdown).await {
+                        None => match self.sleep(&mut bell, &doorbell, &shutdown).await {
                             Woken::Shutdown => return,
                             Woken::NotArmed => continue,
                             Woken::Events => {
@@ -213,9 +210,8 @@ impl Hub {
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, retry_in = ?retry, "hub cannot read new events");
-                    let delay = retry;
-                    retry = (retry * 2).min(MAX_RETRY);
+                    let delay = retry.next_delay();
+                    tracing::warn!(%error, retry_in = ?delay, "hub cannot read new events");
                     delay
                 }
             };
@@ -224,7 +220,7 @@ impl Hub {
             tokio::select! {
                 _ = doorbell.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = shutdown.cancelled() => return,
             }
         }
     }
@@ -235,7 +231,7 @@ impl Hub {
         &mut self,
         bell: &mut Bell,
         doorbell: &Notify,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &CancellationToken,
     ) -> Woken {
         // A ring heard while awake is stale: the read after arming covers whatever it was for.
         let _ = doorbell.notified().now_or_never();
@@ -245,7 +241,7 @@ impl Hub {
         let armed = tokio::select! {
             armed = bell.arm() => armed,
             _ = doorbell.notified() => return Woken::Events,
-            _ = shutdown.wait_for(|stop| *stop) => return Woken::Shutdown,
+            _ = shutdown.cancelled() => return Woken::Shutdown,
         };
         if let Err(error) = armed {
             // Nobody could ring: stay up, reading at the slowest gap poll.
@@ -258,7 +254,7 @@ impl Hub {
             return tokio::select! {
                 _ = tokio::time::sleep(MAX_GAP_POLL) => Woken::NotArmed,
                 _ = doorbell.notified() => Woken::NotArmed,
-                _ = shutdown.wait_for(|stop| *stop) => Woken::Shutdown,
+                _ = shutdown.cancelled() => Woken::Shutdown,
             };
         }
         self.arm_failure_logged = false;
@@ -272,7 +268,7 @@ impl Hub {
             tokio::select! {
                 _ = doorbell.notified() => return Woken::Events,
                 _ = tokio::time::sleep(self.timing.idle_poll) => {}
-                _ = shutdown.wait_for(|stop| *stop) => return Woken::Shutdown,
+                _ = shutdown.cancelled() => return Woken::Shutdown,
             }
         }
     }

@@ -9,6 +9,7 @@
 //! integration tests start the real app on port 0; [`run`] is the whole binary.
 
 pub mod auth;
+pub mod backoff;
 pub mod bell;
 pub mod channel;
 pub mod config;
@@ -34,6 +35,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 pub use config::Config;
 use managed_postgres::{ManagedPostgres, ManagedPostgresError, OnStop};
@@ -149,7 +152,9 @@ pub async fn serve(
         );
     }
     let metrics = metrics::Metrics::new();
-    let (stop_tx, stop_rx) = watch::channel(false);
+    // Every task ends when `stop` is cancelled; `tasks` is waited for before returning.
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
     let doorbell = Arc::new(Notify::new());
     let router = router::Router::new(
         config.channel_capacity as usize,
@@ -161,7 +166,7 @@ pub async fn serve(
     let (published_tx, published_rx) = watch::channel(None);
     let (listening_tx, listening_rx) = watch::channel(false);
 
-    let listener_task = tokio::spawn(listener::run(
+    tasks.spawn(listener::run(
         pg_config.clone(),
         Arc::clone(&doorbell),
         listening_tx,
@@ -169,7 +174,7 @@ pub async fn serve(
             reconnects: metrics.listener_reconnects.clone(),
             rings: metrics.bell_rings.clone(),
         },
-        stop_rx.clone(),
+        stop.clone(),
     ));
     let hub = hub::Hub::new(
         store.clone(),
@@ -180,30 +185,33 @@ pub async fn serve(
         metrics.clone(),
     );
     let bell = bell::Bell::new(pg_config, Arc::clone(&doorbell));
-    let hub_task = tokio::spawn(hub.run(bell, Arc::clone(&doorbell), stop_rx.clone()));
-
-    let retention_task = config.retention.map(|max_age| {
-        tokio::spawn(retention::run(
+    tasks.spawn(hub.run(bell, Arc::clone(&doorbell), stop.clone()));
+    if let Some(max_age) = config.retention {
+        tasks.spawn(retention::run(
             store.clone(),
             max_age,
             published_rx.clone(),
-            stop_rx.clone(),
-        ))
-    });
+            stop.clone(),
+        ));
+    }
 
     let streams = Arc::new(stream::Streams {
         store: store.clone(),
         router,
         published: published_rx,
         listening: listening_rx,
-        shutdown: stop_rx,
+        shutdown: stop.clone(),
         heartbeat: config.heartbeat,
         retry: config.retry,
         page_size: i64::from(config.batch_size),
         metrics: metrics.clone(),
     });
-    let (publisher, publisher_task) =
-        publisher::Publisher::start(store.clone(), Arc::clone(&doorbell), metrics.clone());
+    let publisher = publisher::Publisher::start(
+        store.clone(),
+        Arc::clone(&doorbell),
+        metrics.clone(),
+        &tasks,
+    );
     let app = http::routes(
         http::AppState {
             streams,
@@ -226,15 +234,13 @@ pub async fn serve(
         shutdown.await;
         tracing::info!("shutting down: ending open streams");
         // Open streams watch this and end, so the graceful shutdown does not wait forever.
-        stop_tx.send_replace(true);
+        stop.cancel();
     })
     .await;
     // Every handle to the publisher lived in the connections, which have all closed: its queue is
     // drained and it ends.
-    let _ = tokio::join!(listener_task, hub_task, publisher_task);
-    if let Some(task) = retention_task {
-        let _ = task.await;
-    }
+    tasks.close();
+    tasks.wait().await;
     served.map_err(|source| Error::Io {
         context: "serving HTTP".into(),
         source,

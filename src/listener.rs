@@ -13,13 +13,15 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
 
 pub const CHANNEL: &str = "new_events";
 /// The listener's `application_name`, so operators (and tests) can find its backend.
 pub const APPLICATION_NAME: &str = "event-piper-listener";
 
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 /// An idle connection is probed this often; one that does not answer in time is replaced. TCP
 /// keepalives alone can take a long time to notice a peer that vanished.
 const PING_EVERY: Duration = Duration::from_secs(30);
@@ -39,35 +41,34 @@ pub struct Counters {
     pub rings: metrics::Counter,
 }
 
-/// Runs until `shutdown` turns true. `listening` reports whether LISTEN is in effect.
+/// Runs until `shutdown` is cancelled. `listening` reports whether LISTEN is in effect.
 pub async fn run(
     mut pg_config: tokio_postgres::Config,
     doorbell: Arc<Notify>,
     listening: watch::Sender<bool>,
     counters: Counters,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     pg_config.application_name(APPLICATION_NAME);
     crate::store::harden(&mut pg_config);
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = BACKOFF;
     loop {
         let result = tokio::select! {
             result = listen(&pg_config, &doorbell, &listening, &counters.rings, &mut backoff) => result,
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.cancelled() => return,
         };
         listening.send_replace(false);
         counters.reconnects.increment(1);
         match result {
             Ok(()) => tracing::warn!("notification connection closed by the server; reconnecting"),
             Err(error) => {
-                tracing::warn!(%error, retry_in = ?backoff, "notification connection lost")
+                tracing::warn!(%error, retry_in = ?backoff.peek(), "notification connection lost")
             }
         }
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = tokio::time::sleep(backoff.next_delay()) => {}
+            _ = shutdown.cancelled() => return,
         }
-        backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
@@ -77,7 +78,7 @@ async fn listen(
     doorbell: &Notify,
     listening: &watch::Sender<bool>,
     rings: &metrics::Counter,
-    backoff: &mut Duration,
+    backoff: &mut Backoff,
 ) -> Result<(), ListenError> {
     let (client, mut connection) = pg_config.connect(NoTls).await?;
     // The connection must be polled for LISTEN to complete, and from then on for notifications.
@@ -102,7 +103,7 @@ async fn listen(
     }
     tracing::info!("listening for new events");
     listening.send_replace(true);
-    *backoff = MIN_BACKOFF;
+    backoff.reset();
     // Whatever committed while we were not listening is in the table: have the hub read it.
     doorbell.notify_one();
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::JoinHandle;
+use tokio_util::task::TaskTracker;
 
 use crate::event::{EventId, NewEvent};
 use crate::metrics::Metrics;
@@ -69,13 +69,18 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    /// Starts the publishing task. It ends once every handle is dropped and the queue is drained.
-    /// `hub` is this instance's doorbell: it is rung after every statement, so that the hub
-    /// reads what was just committed at once instead of at its next poll.
-    pub fn start(store: Store, hub: Arc<Notify>, metrics: Metrics) -> (Publisher, JoinHandle<()>) {
+    /// Starts the publishing task on `tasks`. It ends once every handle is dropped and the queue
+    /// is drained. `hub` is this instance's doorbell: it is rung after every statement, so that
+    /// the hub reads what was just committed at once instead of at its next poll.
+    pub fn start(
+        store: Store,
+        hub: Arc<Notify>,
+        metrics: Metrics,
+        tasks: &TaskTracker,
+    ) -> Publisher {
         let (queue, requests) = mpsc::channel(QUEUE_CAPACITY);
-        let task = tokio::spawn(run(store, requests, hub, metrics));
-        (Publisher { queue }, task)
+        tasks.spawn(run(store, requests, hub, metrics));
+        Publisher { queue }
     }
 
     /// Inserts `events` (all or nothing) and returns their ids, in order, once they are committed.

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use crate::hub::Published;
 use crate::store::Store;
@@ -19,13 +20,13 @@ pub async fn run(
     store: Store,
     max_age: Duration,
     mut published: watch::Receiver<Published>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: CancellationToken,
 ) {
     loop {
         // Runs once the hub knows what is published, then every EVERY.
         let upto = tokio::select! {
             ready = published.wait_for(Option::is_some) => ready.ok().and_then(|p| *p),
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.cancelled() => return,
         };
         let Some(upto) = upto else { return };
         let mut total = 0;
@@ -33,7 +34,7 @@ pub async fn run(
             match store.expire(max_age, upto, BATCH).await {
                 Ok(deleted) => {
                     total += deleted;
-                    if deleted < BATCH || *shutdown.borrow() {
+                    if deleted < BATCH || shutdown.is_cancelled() {
                         break;
                     }
                     tokio::time::sleep(BREATHER).await;
@@ -49,7 +50,7 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep(EVERY) => {}
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = shutdown.cancelled() => return,
         }
     }
 }

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
+use crate::backoff::Backoff;
 use crate::event::{ConsumerId, EventId, EventRow, NewEvent};
 
 /// The schema, applied at start-up unless told otherwise.
 pub const SCHEMA: &str = include_str!("../postgresql/schema.sql");
-
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -97,7 +97,7 @@ impl Store {
     /// compose file or a cluster the service may well start before its database does.
     pub async fn wait_until_reachable(&self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
         loop {
             match self.pool.get().await {
                 Ok(client) => match client.simple_query("SELECT 1").await {
@@ -108,8 +108,7 @@ impl Store {
                 Err(error) if Instant::now() >= deadline => return Err(error.into()),
                 Err(error) => tracing::warn!(%error, "database not reachable, retrying"),
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
+            tokio::time::sleep(backoff.next_delay()).await;
         }
     }
 

@@ -10,7 +10,9 @@ use futures::Stream;
 use metrics::Gauge;
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::event::{ConsumerId, EventId, EventRow};
 use crate::follower::{Follower, Next, StartError};
 use crate::hub::Published;
@@ -26,7 +28,7 @@ pub struct Streams {
     pub published: watch::Receiver<Published>,
     /// Whether the notification connection is listening (for readiness).
     pub listening: watch::Receiver<bool>,
-    pub shutdown: watch::Receiver<bool>,
+    pub shutdown: CancellationToken,
     pub heartbeat: Duration,
     pub retry: Duration,
     pub page_size: i64,
@@ -62,8 +64,8 @@ enum Wake {
 
 /// How long a new stream waits for the hub to become ready before it is refused with 503.
 const READY_WAIT: Duration = Duration::from_secs(5);
-const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Between attempts at a replay page while the database is away.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
 impl Streams {
     /// Opens the body of `GET /events` for `consumer`, resuming after `cursor` when given (live
@@ -106,7 +108,7 @@ impl Streams {
         };
 
         let streams = Arc::clone(self);
-        let mut shutdown = self.shutdown.clone();
+        let shutdown = self.shutdown.clone();
         Ok(async_stream::stream! {
             let mut guard = StreamGuard::new(follower.consumer().clone(), cursor, &streams.metrics);
             // A client that has read this knows every event committed from now on will reach it.
@@ -119,7 +121,7 @@ impl Streams {
                 streams.heartbeat,
             );
             heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            let mut backoff = MIN_BACKOFF;
+            let mut backoff = BACKOFF;
             let mut pending = first;
             let mut lags = 0;
             loop {
@@ -128,12 +130,12 @@ impl Streams {
                     // A replay goes as fast as the client reads; heartbeats are for waiting.
                     None if !follower.position().is_live() => tokio::select! {
                         biased;
-                        _ = shutdown.wait_for(|stop| *stop) => Wake::Stop,
+                        _ = shutdown.cancelled() => Wake::Stop,
                         next = follower.next() => Wake::Next(next),
                     },
                     None => tokio::select! {
                         biased;
-                        _ = shutdown.wait_for(|stop| *stop) => Wake::Stop,
+                        _ = shutdown.cancelled() => Wake::Stop,
                         next = follower.next() => Wake::Next(next),
                         _ = heartbeat.tick() => Wake::Heartbeat,
                     },
@@ -152,7 +154,7 @@ impl Streams {
                 }
                 match next {
                     Next::Page(rows) => {
-                        backoff = MIN_BACKOFF;
+                        backoff.reset();
                         streams.metrics.replay_rows.increment(rows.len() as u64);
                         streams.metrics.frames_delivered.increment(rows.len() as u64);
                         guard.set_live(follower.position().is_live());
@@ -166,18 +168,17 @@ impl Streams {
                     }
                     Next::Failed(error) => {
                         guard.set_live(false);
-                        tracing::warn!(consumer = %follower.consumer(), %error, after = %follower.position().cursor(), retry_in = ?backoff, "replay page failed");
+                        tracing::warn!(consumer = %follower.consumer(), %error, after = %follower.position().cursor(), retry_in = ?backoff.peek(), "replay page failed");
                         let wake = tokio::select! {
-                            _ = tokio::time::sleep(backoff) => None,
+                            _ = tokio::time::sleep(backoff.next_delay()) => None,
                             _ = heartbeat.tick() => Some(Wake::Heartbeat),
-                            _ = shutdown.wait_for(|stop| *stop) => Some(Wake::Stop),
+                            _ = shutdown.cancelled() => Some(Wake::Stop),
                         };
                         match wake {
                             Some(Wake::Heartbeat) => yield Ok(sse::HEARTBEAT),
                             Some(_) => return,
                             None => {}
                         }
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
                     }
                     Next::Closed => return,
                 }
