@@ -1,10 +1,15 @@
 //! Configuration: every option is a command-line flag and an environment variable (clap).
+//!
+//! `--dump-config` serializes [`Config`] itself (serde), so a new flag shows up in the dump
+//! without anyone listing it; secrets are masked field by field with `serialize_with`, and a unit
+//! test compares the dump's keys with clap's arguments.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use serde::{Serialize, Serializer};
 
 use crate::auth::{Auth, KeyError};
 
@@ -12,15 +17,18 @@ use crate::auth::{Auth, KeyError};
 ///
 /// With no DATABASE_URL, the service runs a private PostgreSQL of its own from the locally
 /// installed server binaries, keeps its data in --data-dir and stops it on exit.
-#[derive(Debug, Clone, Parser)]
+#[derive(Debug, Clone, Parser, Serialize)]
 #[command(version, about, long_about = None)]
 pub struct Config {
+    /// Not configuration: what to do instead of serving.
     #[command(subcommand)]
+    #[serde(skip)]
     pub command: Option<Command>,
 
     /// PostgreSQL connection URL (postgres://user:pass@host:port/db). When unset, a private
     /// PostgreSQL is started and managed by the service.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[serde(serialize_with = "masked_url")]
     pub database_url: Option<String>,
 
     /// Address the HTTP server listens on.
@@ -55,10 +63,12 @@ pub struct Config {
 
     /// Interval between heartbeats (SSE comments) on an open stream.
     #[arg(long, env = "EVENT_PIPER_HEARTBEAT", default_value = "15s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
     pub heartbeat: Duration,
 
     /// Reconnection delay sent to clients in the SSE `retry:` field.
     #[arg(long, env = "EVENT_PIPER_RETRY", default_value = "2s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
     pub retry: Duration,
 
     /// At most this many frames are held per consumer for live delivery (memory is taken only
@@ -70,6 +80,7 @@ pub struct Config {
     /// How long a write to a client may make no progress before the connection is dropped (a
     /// client that stopped reading). The client can resume with Last-Event-ID.
     #[arg(long, env = "EVENT_PIPER_WRITE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
     pub write_timeout: Duration,
 
     /// Most streams open at once on this instance (503 beyond).
@@ -86,6 +97,7 @@ pub struct Config {
 
     /// How long a client may take to send its request headers.
     #[arg(long, env = "EVENT_PIPER_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
     pub header_timeout: Duration,
 
     /// Largest accepted request head (request line and headers), in bytes; at least 8192.
@@ -112,6 +124,7 @@ pub struct Config {
     /// Delete events older than this (by their timestamp), in small batches in the background.
     /// Unset: keep everything.
     #[arg(long, env = "EVENT_PIPER_RETENTION", value_parser = parse_duration)]
+    #[serde(serialize_with = "optional_millis")]
     pub retention: Option<Duration>,
 
     /// Turns authentication on: the HS256 secret (32 bytes or more) that signs tokens.
@@ -121,6 +134,7 @@ pub struct Config {
         hide_env_values = true,
         conflicts_with = "jwt_public_key"
     )]
+    #[serde(serialize_with = "masked_secret")]
     pub jwt_secret: Option<String>,
 
     /// Turns authentication on: a PEM public key (RSA for RS256, EC P-256 for ES256) that
@@ -130,29 +144,35 @@ pub struct Config {
 
     /// Print the effective configuration (secrets masked) as JSON and exit.
     #[arg(long)]
+    #[serde(skip)]
     pub dump_config: bool,
 
     /// How soon the hub re-checks an id that is still in flight (a gap in the id sequence) when
     /// its reads stop moving past it; it backs off to 100ms.
     #[arg(long, env = "EVENT_PIPER_GAP_POLL", default_value = "2ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
     pub gap_poll: Duration,
 
     /// While events keep coming, the hub reads new events this often by itself, and producers
     /// do not ring the doorbell (NOTIFY), which would serialize their commits.
     #[arg(long, env = "EVENT_PIPER_POLL_INTERVAL", default_value = "1ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
     pub poll_interval: Duration,
 
     /// After this long without a new event the hub arms the doorbell and sleeps until a producer
     /// rings it.
     #[arg(long, env = "EVENT_PIPER_IDLE_AFTER", default_value = "20ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
     pub idle_after: Duration,
 
     /// A sleeping hub reads anyway this often, in case a ring was lost.
     #[arg(long, env = "EVENT_PIPER_IDLE_POLL", default_value = "5s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
     pub idle_poll: Duration,
 
     /// How long to keep retrying the first database connection at start-up.
     #[arg(long, env = "EVENT_PIPER_CONNECT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
     pub connect_timeout: Duration,
 }
 
@@ -172,7 +192,8 @@ pub enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -198,39 +219,36 @@ impl Config {
         }
     }
 
-    /// The effective configuration as JSON, with the database password masked.
+    /// The effective configuration as JSON, secrets masked: what `--dump-config` prints. Going
+    /// through a `Value` sorts the keys, so the dump reads alphabetically.
     pub fn to_json(&self) -> serde_json::Value {
-        let database_url = self.database_url.as_deref().map(mask_password);
-        let text = |d: Duration| format!("{}ms", d.as_millis());
-        serde_json::json!({
-            "database_url": database_url,
-            "listen": self.listen.to_string(),
-            "data_dir": self.data_dir,
-            "pg_bin_dir": self.pg_bin_dir,
-            "skip_schema": self.skip_schema,
-            "pool_size": self.pool_size,
-            "batch_size": self.batch_size,
-            "heartbeat": text(self.heartbeat),
-            "retry": text(self.retry),
-            "channel_capacity": self.channel_capacity,
-            "write_timeout": text(self.write_timeout),
-            "max_streams": self.max_streams,
-            "max_streams_per_consumer": self.max_streams_per_consumer,
-            "header_timeout": text(self.header_timeout),
-            "max_header_bytes": self.max_header_bytes,
-            "max_body": self.max_body,
-            "cors_origins": self.cors_origins,
-            "log_format": format!("{:?}", self.log_format).to_lowercase(),
-            "retention": self.retention.map(text),
-            "jwt_secret": self.jwt_secret.as_ref().map(|_| "***"),
-            "jwt_public_key": self.jwt_public_key,
-            "gap_poll": text(self.gap_poll),
-            "poll_interval": text(self.poll_interval),
-            "idle_after": text(self.idle_after),
-            "idle_poll": text(self.idle_poll),
-            "connect_timeout": text(self.connect_timeout),
-        })
+        serde_json::to_value(self).expect("the configuration serializes to JSON")
     }
+}
+
+/// Durations are dumped in milliseconds (`"15000ms"`), which any unit converts to exactly.
+fn millis<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&format_args!("{}ms", duration.as_millis()))
+}
+
+fn optional_millis<S: Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => millis(duration, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// The database URL with its password (if any) replaced by `***`.
+fn masked_url<S: Serializer>(url: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    url.as_deref().map(mask_password).serialize(serializer)
+}
+
+/// A secret is dumped as `***` when set, so the dump still tells whether it is.
+fn masked_secret<S: Serializer>(secret: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
+    secret.as_ref().map(|_| "***").serialize(serializer)
 }
 
 /// Replaces the password of a `postgres://user:password@host/db` URL (or a `password=` setting)
@@ -253,29 +271,18 @@ fn mask_password(url: &str) -> String {
         .join(" ")
 }
 
-/// Parses durations such as `250ms`, `15s`, `2m`, `1h`; a bare number means seconds.
+/// Parses durations with humantime (`250ms`, `15s`, `2m`, `1h`, `7d`, `1.5s`, `1h 30m`); a bare
+/// number means seconds, as it always has here (humantime itself wants a unit).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("invalid duration {text:?}: expected e.g. 250ms, 15s, 2m"))?;
-    let seconds = match unit.trim() {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?}: use ms, s, m, h or d"
-            ));
-        }
+    let bare_number = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit() || b == b'.');
+    let parsed = if bare_number {
+        humantime::parse_duration(&format!("{text}s"))
+    } else {
+        humantime::parse_duration(text)
     };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("invalid duration {text:?}: {e}"))
+    // clap already names the flag and the value; humantime says what is wrong with it.
+    parsed.map_err(|e| format!("{e} (e.g. 250ms, 15s, 2m, 1h, 7d)"))
 }
 
 #[cfg(test)]
@@ -285,12 +292,24 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2ms"), Ok(Duration::from_millis(2)));
+        assert_eq!(parse_duration("15s"), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration(" 15s "), Ok(Duration::from_secs(15)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1w"), Ok(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_duration("1h 30m"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5 weeks").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5 fortnights").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert!(parse_duration("1.2.3").is_err());
+        let error = parse_duration("15x").unwrap_err();
+        assert!(error.contains("\"x\"") && error.contains("15s"), "{error}");
     }
 
     #[test]
@@ -311,5 +330,72 @@ mod tests {
         let config = Config::parse_from(["event-piper"]);
         assert_eq!(config.listen.to_string(), "127.0.0.1:4000");
         assert_eq!(config.batch_size, 1000);
+    }
+
+    /// Every argument of the command line is in the dump and nothing else is, so a new flag
+    /// cannot be left out of `--dump-config` (nor a dump key outlive its flag).
+    #[test]
+    fn dump_has_every_flag() {
+        use clap::CommandFactory;
+        use std::collections::BTreeSet;
+
+        // Not configuration: the dump flag itself, and clap's own.
+        let not_configuration = ["dump_config", "help", "version"];
+        let mut command = Config::command();
+        command.build();
+        let flags: BTreeSet<String> = command
+            .get_arguments()
+            .map(|arg| arg.get_id().to_string())
+            .filter(|id| !not_configuration.contains(&id.as_str()))
+            .collect();
+        let dump = Config::parse_from(["event-piper"]).to_json();
+        let keys: BTreeSet<String> = dump.as_object().unwrap().keys().cloned().collect();
+        let missing: Vec<_> = flags.difference(&keys).collect();
+        let extra: Vec<_> = keys.difference(&flags).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "flags missing from the dump: {missing:?}; dump keys without a flag: {extra:?}"
+        );
+        // A field dumped with serde's defaults, such as a Duration without `serialize_with`,
+        // would show up as an object ({"secs", "nanos"}) instead of a readable value.
+        for (key, value) in dump.as_object().unwrap() {
+            assert!(!value.is_object(), "{key} is dumped as {value}");
+        }
+    }
+
+    #[test]
+    fn dump_masks_secrets_and_writes_durations_in_milliseconds() {
+        let config = Config::parse_from([
+            "event-piper",
+            "--database-url",
+            "postgres://u:hunter2@db:5432/x",
+            "--jwt-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--retention",
+            "7d",
+            "--log-format",
+            "json",
+            "--cors-origin",
+            "https://a.example,https://b.example",
+        ]);
+        let dump = config.to_json();
+        assert_eq!(dump["database_url"], "postgres://u:***@db:5432/x");
+        assert_eq!(dump["jwt_secret"], "***");
+        assert_eq!(dump["heartbeat"], "15000ms");
+        assert_eq!(dump["gap_poll"], "2ms");
+        assert_eq!(dump["retention"], "604800000ms");
+        assert_eq!(dump["listen"], "127.0.0.1:4000");
+        assert_eq!(dump["log_format"], "json");
+        assert_eq!(
+            dump["cors_origins"],
+            serde_json::json!(["https://a.example", "https://b.example"])
+        );
+        let text = dump.to_string();
+        assert!(!text.contains("hunter2") && !text.contains("0123456789abcdef"));
+
+        let unset = Config::parse_from(["event-piper"]).to_json();
+        assert!(unset["database_url"].is_null());
+        assert!(unset["jwt_secret"].is_null());
+        assert!(unset["retention"].is_null());
     }
 }

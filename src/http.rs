@@ -363,9 +363,16 @@ async fn health() -> Response {
 
 /// `GET /metrics`: Prometheus text format.
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let pool = state.store.pool_status();
+    let read = crate::metrics::ReadGauges {
+        consumers: state.streams.router.consumers(),
+        pool_size: pool.size,
+        pool_available: pool.available,
+        pool_waiting: pool.waiting,
+    };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(&state.streams.router, &state.store),
+        state.metrics.render(read),
     )
         .into_response()
 }

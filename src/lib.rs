@@ -267,30 +267,12 @@ async fn apply_schema(store: &Store, patience: std::time::Duration) -> Result<()
 /// and 524288 on Linux), or the service would refuse connections long before memory runs out.
 /// Returns the limit now in force (None if it cannot be read).
 pub fn raise_open_files_limit() -> Option<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return None;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let before = limit.rlim_cur;
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                tracing::debug!(
-                    from = before,
-                    to = limit.rlim_cur,
-                    "raised the open files limit"
-                );
-            } else {
-                limit.rlim_cur = before;
-            }
-        }
+    let (soft, hard) = rlimit::getrlimit(rlimit::Resource::NOFILE).ok()?;
+    if soft < hard && rlimit::setrlimit(rlimit::Resource::NOFILE, hard, hard).is_ok() {
+        tracing::debug!(from = soft, to = hard, "raised the open files limit");
+        return Some(hard);
     }
-    Some(limit.rlim_cur)
+    Some(soft)
 }
 
 /// Every HTTP connection holds two buffers hyper allocates at 8 and 16 kB and rarely fills past

@@ -1,15 +1,20 @@
 //! Metrics in Prometheus text format, through the `metrics` crate and its Prometheus exporter.
 //!
 //! Handles are registered once and cloned into the parts that update them, so the per-frame path
-//! costs one atomic add, not a registry lookup.
+//! costs one atomic add, not a registry lookup. Every metric is described once, which gives the
+//! exposition its `# HELP` lines.
+//!
+//! This module imports nothing from the crate: the few gauges that are read rather than tracked
+//! (consumers, pool usage) are handed to [`Metrics::render`] by its caller, so the parts that
+//! update metrics can depend on this module without a cycle.
 
 use std::sync::OnceLock;
 
-use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics::{
+    Counter, Gauge, Histogram, Unit, counter, describe_counter, describe_gauge, describe_histogram,
+    gauge, histogram,
+};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-
-use crate::router::Router;
-use crate::store::Store;
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -34,6 +39,20 @@ pub struct Metrics {
     pool_waiting: Gauge,
 }
 
+/// The gauges that are read at scrape time from the router and the query pool rather than
+/// tracked as they move: the caller of [`Metrics::render`] gathers them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadGauges {
+    /// Consumers with at least one open stream.
+    pub consumers: usize,
+    /// Connections in the query pool, busy or idle.
+    pub pool_size: usize,
+    /// Idle connections in the query pool.
+    pub pool_available: usize,
+    /// Tasks waiting for a connection of the query pool.
+    pub pool_waiting: usize,
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 impl Metrics {
@@ -42,9 +61,12 @@ impl Metrics {
     pub fn new() -> Metrics {
         let handle = HANDLE
             .get_or_init(|| {
-                PrometheusBuilder::new()
+                let handle = PrometheusBuilder::new()
                     .install_recorder()
-                    .expect("no other metrics recorder is installed")
+                    .expect("no other metrics recorder is installed");
+                // Descriptions go to the installed recorder, so once it is in place.
+                describe();
+                handle
             })
             .clone();
         Metrics {
@@ -70,15 +92,106 @@ impl Metrics {
         }
     }
 
-    /// The exposition, with the gauges that are read rather than tracked brought up to date.
-    pub fn render(&self, router: &Router, store: &Store) -> String {
-        self.consumers.set(router.consumers() as f64);
-        let pool = store.pool_status();
-        self.pool_size.set(pool.size as f64);
-        self.pool_available.set(pool.available as f64);
-        self.pool_waiting.set(pool.waiting as f64);
+    /// The exposition, with the gauges that are read rather than tracked set from `read`.
+    pub fn render(&self, read: ReadGauges) -> String {
+        self.consumers.set(read.consumers as f64);
+        self.pool_size.set(read.pool_size as f64);
+        self.pool_available.set(read.pool_available as f64);
+        self.pool_waiting.set(read.pool_waiting as f64);
         self.handle.render()
     }
+}
+
+/// The `# HELP` text of every metric: what it counts and when it moves. A metric registered in
+/// [`Metrics::new`] without a line here has no `# HELP` (tests/http_api.rs checks the scrape).
+fn describe() {
+    describe_gauge!(
+        "event_piper_streams",
+        Unit::Count,
+        "Open streams, by state: replaying from the table, or live; moves as streams open, \
+         catch up, fall behind and close."
+    );
+    describe_gauge!(
+        "event_piper_consumers",
+        Unit::Count,
+        "Consumers with at least one open stream, read at each scrape."
+    );
+    describe_counter!(
+        "event_piper_events_published_total",
+        Unit::Count,
+        "Events the hub read from the table and routed to their consumers' channels."
+    );
+    describe_counter!(
+        "event_piper_frames_delivered_total",
+        Unit::Count,
+        "Event frames handed to streams, live or replayed; grows once per event per stream."
+    );
+    describe_counter!(
+        "event_piper_replay_rows_total",
+        Unit::Count,
+        "Rows read from the table for replays (Last-Event-ID) and lag recoveries."
+    );
+    describe_counter!(
+        "event_piper_lag_recoveries_total",
+        Unit::Count,
+        "Times a stream fell behind its live channel and caught up from the table."
+    );
+    describe_counter!(
+        "event_piper_listener_reconnects_total",
+        Unit::Count,
+        "Times the notification connection was lost and reconnected."
+    );
+    describe_counter!(
+        "event_piper_doorbell_rings_total",
+        Unit::Count,
+        "Notifications received (doorbell rings); producers ring only while the hub sleeps."
+    );
+    describe_counter!(
+        "event_piper_hub_sleeps_total",
+        Unit::Count,
+        "Times the hub found no new event for a while, armed the doorbell and went to sleep."
+    );
+    describe_histogram!(
+        "event_piper_hub_batch_size",
+        Unit::Count,
+        "Events per batch the hub read and published, recorded for each non-empty batch."
+    );
+    describe_counter!(
+        "event_piper_publish_statements_total",
+        Unit::Count,
+        "Inserts run for POST /events: one per combined group, plus one per request retried alone."
+    );
+    describe_counter!(
+        "event_piper_publish_retries_total",
+        Unit::Count,
+        "POST /events requests retried alone after the database refused their combined insert."
+    );
+    describe_histogram!(
+        "event_piper_publish_group_requests",
+        Unit::Count,
+        "POST /events requests combined into one insert, recorded for each insert group."
+    );
+    describe_gauge!(
+        "event_piper_oldest_unresolved_id_age_seconds",
+        Unit::Seconds,
+        "How long the hub has been waiting on an id still in flight (an open producer \
+         transaction); 0 when none."
+    );
+    describe_gauge!(
+        "event_piper_pool_connections",
+        Unit::Count,
+        "Connections in the query pool, busy or idle, read at each scrape."
+    );
+    describe_gauge!(
+        "event_piper_pool_connections_idle",
+        Unit::Count,
+        "Idle connections in the query pool, read at each scrape."
+    );
+    describe_gauge!(
+        "event_piper_pool_waiting",
+        Unit::Count,
+        "Tasks waiting for a query pool connection, read at each scrape."
+    );
 }
 
 impl Default for Metrics {

@@ -111,3 +111,26 @@ async fn runs_with_its_own_postgres_and_shuts_down_cleanly_on_sigterm() {
     assert!(data_dir.join("PG_VERSION").exists(), "its data is kept");
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// `--dump-config` prints the effective configuration as JSON and exits without starting
+/// anything: secrets from the environment and the command line masked, durations in
+/// milliseconds.
+#[test]
+fn dump_config_prints_the_configuration_with_secrets_masked() {
+    let output = Command::new(env!("CARGO_BIN_EXE_event-piper"))
+        .args(["--dump-config", "--retention", "7d", "--heartbeat", "1.5s"])
+        .env("DATABASE_URL", "postgres://u:hunter2@db:5432/x")
+        .env("EVENT_PIPER_JWT_SECRET", "0123456789abcdef0123456789abcdef")
+        .output()
+        .expect("running event-piper --dump-config");
+    assert!(output.status.success(), "exit status {}", output.status);
+    let text = String::from_utf8(output.stdout).unwrap();
+    assert!(!text.contains("hunter2") && !text.contains("0123456789abcdef"));
+    let dump: serde_json::Value = serde_json::from_str(&text).expect("the dump is JSON");
+    assert_eq!(dump["database_url"], "postgres://u:***@db:5432/x");
+    assert_eq!(dump["jwt_secret"], "***");
+    assert_eq!(dump["retention"], "604800000ms");
+    assert_eq!(dump["heartbeat"], "1500ms");
+    assert_eq!(dump["listen"], "127.0.0.1:4000");
+    assert!(dump.get("dump_config").is_none() && dump.get("command").is_none());
+}

@@ -200,6 +200,25 @@ async fn health_readiness_metrics_and_page() {
     ] {
         assert!(metrics.contains(name), "{name} in\n{metrics}");
     }
+    // Every metric says what it is: each `# TYPE name kind` has a `# HELP name text` before it.
+    let typed: Vec<&str> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .map(|rest| rest.split_whitespace().next().unwrap())
+        .collect();
+    assert!(
+        typed.len() >= 17,
+        "every metric has a # TYPE line:\n{metrics}"
+    );
+    for name in typed {
+        let help = format!("# HELP {name} ");
+        assert!(
+            metrics
+                .lines()
+                .any(|line| line.starts_with(&help) && line.len() > help.len()),
+            "{name} has no # HELP line in\n{metrics}"
+        );
+    }
 
     let page = app.get("/").await;
     assert_eq!(page.status(), 200);
