@@ -406,7 +406,8 @@ impl SseClient {
     /// The next frame; Ok(None) when the stream ended, Err when its connection failed.
     async fn try_next_frame(&mut self) -> reqwest::Result<Option<Frame>> {
         loop {
-            // Frames end with a blank line; the service writes bare LFs.
+            // Frames end with a blank line (the service writes bare LFs). The split is the
+            // harness's own: the crate does not tell where a frame ended (see `parse_frame`).
             let from = self.scanned.saturating_sub(1);
             if let Some(end) = self.buffer[from..].windows(2).position(|w| w == b"\n\n") {
                 let frame = self.buffer.split_to(from + end + 2);
