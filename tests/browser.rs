@@ -291,7 +291,11 @@ async fn page_publishes_shows_and_resumes_across_a_restart() {
         missed.push(insert(&producer, "browser", &format!(r#"{{"missed": {n}}}"#)).await);
         insert(&producer, "someone-else", r#"{"missed": true}"#).await;
     }
-    let app = TestApp::start_at(&address, &db_url, &[]).await;
+    let app = TestApp::builder()
+        .database(&db_url)
+        .address(&address)
+        .start()
+        .await;
 
     // The page opened its stream without a resume point, so the missed events can only come
     // from the Last-Event-ID header that the browser's own reconnect sends.

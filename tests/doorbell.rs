@@ -20,6 +20,9 @@ async fn insert(client: &impl GenericClient, consumer: &str) -> i64 {
     common::insert(client, consumer, "{}").await
 }
 
+/// A safety read interval long enough never to come within a test: only a ring wakes the hub.
+const HOUR: Duration = Duration::from_secs(3600);
+
 const ARMED: bool = true;
 const SILENT: bool = false;
 
@@ -118,7 +121,7 @@ async fn rings_so_far(client: &Client, rung: &mut mpsc::UnboundedReceiver<()>) -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sleeping_hub_is_woken_by_a_producer() {
-    let app = TestApp::start_with(&["--idle-poll", "1h"]).await;
+    let app = TestApp::builder().idle_poll(HOUR).start().await;
     let producer = app.producer().await;
     let mut stream = app.consume("c", None).await;
     let (listener, mut rung) = listen(&app.db_url).await;
@@ -135,7 +138,11 @@ async fn a_sleeping_hub_is_woken_by_a_producer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producers_do_not_ring_while_the_hub_is_awake() {
     // Awake for a minute after each event (and after start-up).
-    let app = TestApp::start_with(&["--idle-poll", "1h", "--idle-after", "60s"]).await;
+    let app = TestApp::builder()
+        .idle_poll(HOUR)
+        .idle_after(Duration::from_secs(60))
+        .start()
+        .await;
     let producer = app.producer().await;
     let mut stream = app.consume("c", None).await;
     assert_eq!(bell(&producer).await, SILENT);
@@ -151,7 +158,11 @@ async fn producers_do_not_ring_while_the_hub_is_awake() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_producer_that_decided_not_to_ring_before_the_hub_slept_is_not_lost() {
-    let app = TestApp::start_with(&["--idle-poll", "1h", "--idle-after", "2s"]).await;
+    let app = TestApp::builder()
+        .idle_poll(HOUR)
+        .idle_after(Duration::from_secs(2))
+        .start()
+        .await;
     let probe = app.producer().await;
     let mut late = app.producer().await;
     let mut stream = app.consume("c", None).await;
@@ -265,7 +276,7 @@ async fn the_bell_rings_while_any_hub_sleeps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hub_whose_bell_connection_drops_sleeps_again() {
-    let app = TestApp::start_with(&["--idle-poll", "1h"]).await;
+    let app = TestApp::builder().idle_poll(HOUR).start().await;
     let producer = app.producer().await;
     let mut stream = app.consume("c", None).await;
     let (listener, mut rung) = listen(&app.db_url).await;
@@ -308,7 +319,12 @@ async fn a_database_from_earlier_versions_is_upgraded() {
     let lost = insert(&rolled_back, "c").await;
     rolled_back.rollback().await.unwrap();
 
-    let app = TestApp::start_on(&url, &["--idle-poll", "1h", "--idle-after", "60s"]).await;
+    let app = TestApp::builder()
+        .database(&url)
+        .idle_poll(HOUR)
+        .idle_after(Duration::from_secs(60))
+        .start()
+        .await;
     let leftovers: i64 = admin
         .query_one(
             "select (select count(*) from pg_trigger \

@@ -15,12 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio_postgres::Client;
 
-use common::TestApp;
+use common::{Read, SseClient, TestApp};
 
 const CONSUMERS: [&str; 4] = ["alice", "bob", "carol", "slow"];
 /// Reads one event every this long: slower than the producers' bursts, so it lags its channel.
@@ -53,25 +52,21 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
     // table; small batches so that the hub reads in many steps. No safety read within the run:
     // a hub that slept through a ring it needed would stall its streams and fail the run. The
     // two hubs fall asleep after different idle times, so that one wakes while the other sleeps.
-    let flags = |idle_after| {
-        [
-            "--channel-capacity",
-            "32",
-            "--batch-size",
-            "100",
-            "--heartbeat",
-            "1s",
-            "--idle-poll",
-            "1h",
-            "--idle-after",
-            idle_after,
-        ]
+    let instance = |idle_after| {
+        TestApp::builder()
+            .database(&db_url)
+            .channel_capacity(32)
+            .batch_size(100)
+            .heartbeat(Duration::from_secs(1))
+            .idle_poll(Duration::from_secs(3600))
+            .idle_after(idle_after)
+            .start()
     };
-    let instances = [
-        TestApp::start_on(&db_url, &flags("5ms")).await,
-        TestApp::start_on(&db_url, &flags("200ms")).await,
-    ];
-    let bases: Arc<Vec<String>> = Arc::new(instances.iter().map(|a| a.base.clone()).collect());
+    // Shared with the consumers, which switch instances on every reconnect.
+    let instances: Arc<[TestApp]> = Arc::new([
+        instance(Duration::from_millis(5)).await,
+        instance(Duration::from_millis(200)).await,
+    ]);
     let counters = Arc::new(Counters::default());
     let deadline = Instant::now() + Duration::from_secs(seconds);
 
@@ -83,7 +78,7 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
             consume(
                 name.to_string(),
                 rng,
-                Arc::clone(&bases),
+                Arc::clone(&instances),
                 Arc::clone(&counters),
             )
         })
@@ -369,7 +364,7 @@ struct ConsumerTask {
 fn consume(
     name: String,
     rng: StdRng,
-    bases: Arc<Vec<String>>,
+    instances: Arc<[TestApp]>,
     counters: Arc<Counters>,
 ) -> ConsumerTask {
     let handle = Arc::new(ConsumerHandle {
@@ -378,7 +373,7 @@ fn consume(
     let join = tokio::spawn(consume_loop(
         name,
         rng,
-        bases,
+        instances,
         counters,
         Arc::clone(&handle),
     ));
@@ -388,11 +383,10 @@ fn consume(
 async fn consume_loop(
     name: String,
     mut rng: StdRng,
-    bases: Arc<Vec<String>>,
+    instances: Arc<[TestApp]>,
     counters: Arc<Counters>,
     handle: Arc<ConsumerHandle>,
 ) -> Received {
-    let http = reqwest::Client::new();
     let mut received = Received::default();
     let mut last: i64 = 0;
     let mut connection = 0usize;
@@ -401,17 +395,17 @@ async fn consume_loop(
         target > 0 && last >= target
     };
     while !done(last) {
-        let base = &bases[connection % bases.len()];
+        let app = &instances[connection % instances.len()];
         connection += 1;
         if connection > 1 {
             counters.reconnects.fetch_add(1, Ordering::SeqCst);
         }
-        let response = http
-            .get(format!("{base}/events"))
-            .header("X-Consumer-Id", &name)
-            .header("Last-Event-ID", last.to_string())
-            .send()
-            .await;
+        let last_event_id = last.to_string();
+        let headers = [
+            ("X-Consumer-Id", name.as_str()),
+            ("Last-Event-ID", &last_event_id),
+        ];
+        let response = app.try_get("/events", &headers).await;
         let response = match response {
             Ok(response) if response.status() == 200 => response,
             Ok(response) => {
@@ -434,57 +428,40 @@ async fn consume_loop(
         let budget = rng.random_range(20..600);
         let stay = Duration::from_millis(rng.random_range(300..4000));
         let left = Instant::now() + stay;
-        let mut body = response.bytes_stream();
-        let mut buffer = Vec::new();
+        // Read from the first byte: this loop does not need the stream to be live, and it must
+        // not fail where the stream ends early, as it may (it then resumes).
+        let mut stream = SseClient::new(response);
         let mut taken = 0;
-        'read: while Instant::now() < left && !done(last) {
-            let chunk = match tokio::time::timeout(Duration::from_millis(500), body.next()).await {
-                Ok(Some(Ok(chunk))) => chunk,
-                Ok(_) => break,     // ended or failed: resume
-                Err(_) => continue, // quiet: check the clock and the target
+        while Instant::now() < left && !done(last) {
+            let event = match stream.read_within(Duration::from_millis(500)).await {
+                Read::Event(event) => event,
+                Read::Ended => break,    // ended or failed: resume
+                Read::Quiet => continue, // quiet: check the clock and the target
             };
-            buffer.extend_from_slice(&chunk);
-            while let Some(end) = buffer.windows(2).position(|w| w == b"\n\n") {
-                let frame: Vec<u8> = buffer.drain(..end + 2).collect();
-                let Some((id, to)) = parse_event(&frame) else {
-                    continue;
-                };
-                if id <= last {
-                    received.order_violations.push((last, id));
-                }
-                if to.as_deref().is_some_and(|to| to != name) {
-                    received.misrouted.push(id);
-                }
-                received.ids.push(id);
-                last = id;
-                taken += 1;
-                if name == "slow" {
-                    tokio::time::sleep(SLOW_READ).await;
-                }
-                // Leave mid-stream: whatever was read so far counts, the rest comes on resume.
-                if taken >= budget {
-                    break 'read;
-                }
+            let id = event.id;
+            if id <= last {
+                received.order_violations.push((last, id));
+            }
+            if addressee(&event.data).is_some_and(|to| to != name) {
+                received.misrouted.push(id);
+            }
+            received.ids.push(id);
+            last = id;
+            taken += 1;
+            if name == "slow" {
+                tokio::time::sleep(SLOW_READ).await;
+            }
+            // Leave mid-stream: whatever was read so far counts, the rest comes on resume.
+            if taken >= budget {
+                break;
             }
         }
     }
     received
 }
 
-/// The id and the payload's "to" of an event frame; None for comments and `retry:`.
-fn parse_event(frame: &[u8]) -> Option<(i64, Option<String>)> {
-    let text = std::str::from_utf8(frame).expect("UTF-8 frame");
-    let mut id = None;
-    let mut data = None;
-    for line in text.lines() {
-        if let Some(value) = line.strip_prefix("id: ") {
-            id = Some(value.parse().expect("numeric id"));
-        } else if let Some(value) = line.strip_prefix("data: ") {
-            data = Some(value.to_owned());
-        }
-    }
-    let id = id?;
-    let payload: serde_json::Value =
-        serde_json::from_str(&data.expect("data line")).expect("JSON payload");
-    Some((id, payload["to"].as_str().map(str::to_owned)))
+/// The payload's "to": the consumer the event was inserted for (None for a broadcast).
+fn addressee(data: &str) -> Option<String> {
+    let payload: serde_json::Value = serde_json::from_str(data).expect("JSON payload");
+    payload["to"].as_str().map(str::to_owned)
 }

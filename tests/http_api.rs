@@ -3,21 +3,9 @@
 
 mod common;
 
-use common::{TestApp, insert};
+use std::time::Duration;
 
-async fn post(
-    app: &TestApp,
-    content_type: &str,
-    body: impl Into<reqwest::Body>,
-) -> reqwest::Response {
-    reqwest::Client::new()
-        .post(format!("{}/events", app.base))
-        .header("Content-Type", content_type)
-        .body(body)
-        .send()
-        .await
-        .expect("POST /events")
-}
+use common::{TestApp, insert};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_one_event_and_a_batch() {
@@ -25,12 +13,12 @@ async fn publish_one_event_and_a_batch() {
     let mut toto = app.consume("toto", None).await;
     let mut everyone = app.consume("titi", None).await;
 
-    let response = post(
-        &app,
-        "application/json",
-        r#"{"type": "greeting", "subscriber": "toto", "payload": {"hello": "world"}}"#,
-    )
-    .await;
+    let response = app
+        .post_events(
+            "application/json",
+            r#"{"type": "greeting", "subscriber": "toto", "payload": {"hello": "world"}}"#,
+        )
+        .await;
     assert_eq!(response.status(), 201);
     assert_eq!(response.headers()["location"], "/events/1");
     let body: serde_json::Value = response.json().await.unwrap();
@@ -39,13 +27,13 @@ async fn publish_one_event_and_a_batch() {
     assert_eq!((event.id, event.event.as_str()), (1, "greeting"));
     assert_eq!(event.data, r#"{"hello":"world"}"#);
 
-    let response = post(
-        &app,
-        "application/json; charset=utf-8",
-        r#"[{"type": "a", "subscriber": "toto", "payload": 1},
-            {"type": "b", "subscriber": null, "payload": [true]}]"#,
-    )
-    .await;
+    let response = app
+        .post_events(
+            "application/json; charset=utf-8",
+            r#"[{"type": "a", "subscriber": "toto", "payload": 1},
+                {"type": "b", "subscriber": null, "payload": [true]}]"#,
+        )
+        .await;
     assert_eq!(response.status(), 201);
     let body: serde_json::Value = response.json().await.unwrap();
     assert_eq!(body, serde_json::json!({ "ids": [2, 3] }));
@@ -53,12 +41,7 @@ async fn publish_one_event_and_a_batch() {
     let broadcast = everyone.next().await;
     assert_eq!((broadcast.id, broadcast.data.as_str()), (3, "[true]"));
 
-    let one: serde_json::Value = reqwest::get(format!("{}/events/1", app.base))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let one: serde_json::Value = app.get("/events/1").await.json().await.unwrap();
     assert_eq!(one["type"], "greeting");
     assert_eq!(one["subscriber"], "toto");
     assert_eq!(one["payload"], serde_json::json!({ "hello": "world" }));
@@ -68,7 +51,7 @@ async fn publish_one_event_and_a_batch() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_refuses_bad_requests_and_inserts_nothing() {
-    let app = TestApp::start_with(&["--max-body", "1000"]).await;
+    let app = TestApp::builder().max_body(1000).start().await;
     let cases: Vec<(&str, String, u16, &str)> = vec![
         ("text/plain", r#"{"type":"t","subscriber":null,"payload":1}"#.into(), 415, "Content-Type"),
         ("application/json", "{not json".into(), 400, "malformed JSON"),
@@ -89,7 +72,7 @@ async fn publish_refuses_bad_requests_and_inserts_nothing() {
         ),
     ];
     for (content_type, body, status, reason) in cases {
-        let response = post(&app, content_type, body.clone()).await;
+        let response = app.post_events(content_type, body.clone()).await;
         assert_eq!(response.status(), status, "{content_type} {body:.80}");
         let text = response.text().await.unwrap();
         assert!(text.contains(reason), "{body:.80}: {text}");
@@ -112,21 +95,18 @@ async fn eventsource_style_query_parameters() {
         insert(&producer, "toto", "{}").await;
     }
     // What a page's first EventSource connection sends.
-    let response = reqwest::get(format!("{}/events?consumer=toto&last_event_id=1", app.base))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut stream = common::SseClient::from_response(response).await;
+    let mut stream = app
+        .stream("/events?consumer=toto&last_event_id=1", &[])
+        .await;
     assert_eq!(stream.ids(2).await, vec![2, 3]);
 
     // What its automatic reconnect sends: the header wins over the query parameter.
-    let response = reqwest::Client::new()
-        .get(format!("{}/events?consumer=toto&last_event_id=0", app.base))
-        .header("Last-Event-ID", "2")
-        .send()
-        .await
-        .unwrap();
-    let mut stream = common::SseClient::from_response(response).await;
+    let mut stream = app
+        .stream(
+            "/events?consumer=toto&last_event_id=0",
+            &[("Last-Event-ID", "2")],
+        )
+        .await;
     assert_eq!(stream.next().await.id, 3);
 
     for (query, reason) in [
@@ -145,14 +125,9 @@ async fn envelope_carries_the_type_for_pages() {
     let app = TestApp::start().await;
     let producer = app.producer().await;
     let replayed = insert(&producer, "toto", r#"{"n": 1}"#).await;
-    let response = reqwest::get(format!(
-        "{}/events?consumer=toto&last_event_id=0&envelope=true",
-        app.base
-    ))
-    .await
-    .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut stream = common::SseClient::from_response(response).await;
+    let mut stream = app
+        .stream("/events?consumer=toto&last_event_id=0&envelope=true", &[])
+        .await;
     let live = insert(&producer, "toto", r#"{"n": 2}"#).await;
     // Replayed and live events look the same: no `event:` line, the type inside the data.
     for (id, n) in [(replayed, 1), (live, 2)] {
@@ -189,7 +164,7 @@ async fn health_readiness_metrics_and_page() {
     let mut stream = app.consume("toto", None).await;
     insert(&app.producer().await, "toto", "{}").await;
     stream.next().await;
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics().await;
     for name in [
         "event_piper_events_published_total",
         "event_piper_frames_delivered_total",
@@ -233,19 +208,19 @@ async fn health_readiness_metrics_and_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cors_is_off_by_default_and_configurable() {
     let closed = TestApp::start().await;
-    let response = reqwest::Client::new()
-        .get(format!("{}/health", closed.base))
-        .header("Origin", "https://app.example")
-        .send()
-        .await
-        .unwrap();
+    let response = closed
+        .get_with("/health", &[("Origin", "https://app.example")])
+        .await;
     assert!(
         !response
             .headers()
             .contains_key("access-control-allow-origin")
     );
 
-    let open = TestApp::start_with(&["--cors-origin", "https://app.example"]).await;
+    let open = TestApp::builder()
+        .cors_origin("https://app.example")
+        .start()
+        .await;
     let preflight = reqwest::Client::new()
         .request(reqwest::Method::OPTIONS, format!("{}/events", open.base))
         .header("Origin", "https://app.example")
@@ -261,12 +236,9 @@ async fn cors_is_off_by_default_and_configurable() {
         "https://app.example"
     );
     assert_eq!(headers["access-control-allow-credentials"], "true");
-    let other = reqwest::Client::new()
-        .get(format!("{}/health", open.base))
-        .header("Origin", "https://evil.example")
-        .send()
-        .await
-        .unwrap();
+    let other = open
+        .get_with("/health", &[("Origin", "https://evil.example")])
+        .await;
     assert!(!other.headers().contains_key("access-control-allow-origin"));
 }
 
@@ -274,7 +246,7 @@ async fn cors_is_off_by_default_and_configurable() {
 async fn retention_deletes_old_events_and_tells_resuming_clients() {
     let db_url = common::fresh_database().await;
     // A first start creates the schema; then three old events and two recent ones.
-    let app = TestApp::start_on(&db_url, &[]).await;
+    let app = TestApp::builder().database(&db_url).start().await;
     let producer = app.producer().await;
     producer
         .batch_execute(
@@ -287,7 +259,11 @@ async fn retention_deletes_old_events_and_tells_resuming_clients() {
         .unwrap();
     app.stop().await.unwrap();
 
-    let app = TestApp::start_on(&db_url, &["--retention", "1d"]).await;
+    let app = TestApp::builder()
+        .database(&db_url)
+        .retention(Duration::from_secs(24 * 3600))
+        .start()
+        .await;
     let deleted = async {
         loop {
             let left: i64 = producer
@@ -298,7 +274,7 @@ async fn retention_deletes_old_events_and_tells_resuming_clients() {
             if left == 2 {
                 return;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     };
     tokio::time::timeout(common::PATIENCE, deleted)

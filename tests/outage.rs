@@ -10,7 +10,10 @@ use common::{TestApp, insert};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_ride_out_a_database_outage() {
-    let app = TestApp::start_with(&["--heartbeat", "200ms"]).await;
+    let app = TestApp::builder()
+        .heartbeat(Duration::from_millis(200))
+        .start()
+        .await;
     let producer = app.producer().await;
     let before = insert(&producer, "c", "{}").await;
     let mut live = app.consume("c", Some(0)).await;

@@ -4,20 +4,15 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::TestApp;
 use serde_json::{Value, json};
 
 /// POSTs `body`; returns the status and, on 201, the ids (checked against `Location`).
-async fn post(client: &reqwest::Client, base: &str, body: &Value) -> (u16, Vec<i64>) {
-    let response = client
-        .post(format!("{base}/events"))
-        .header("Content-Type", "application/json")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("POST /events");
+async fn post(app: &TestApp, body: &Value) -> (u16, Vec<i64>) {
+    let response = app.post_events("application/json", body.to_string()).await;
     let status = response.status().as_u16();
     if status != 201 {
         let reason = response.text().await.unwrap();
@@ -76,19 +71,19 @@ async fn assert_delivered_exactly(stream: &mut common::SseClient, expected: &[(i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_single_events_get_their_own_ids_and_arrive_once_in_order() {
-    let app = TestApp::start().await;
+    // Shared with the requesting tasks.
+    let app = Arc::new(TestApp::start().await);
     let mut stream = app.consume("load", None).await;
-    let client = reqwest::Client::new();
     const TASKS: usize = 32;
     const EACH: usize = 25;
     let mut tasks = Vec::new();
     for task in 0..TASKS {
-        let (client, base) = (client.clone(), app.base.clone());
+        let app = Arc::clone(&app);
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             for n in 0..EACH {
                 let tag = format!("{task}-{n}");
-                let (status, ids) = post(&client, &base, &event("load", &tag)).await;
+                let (status, ids) = post(&app, &event("load", &tag)).await;
                 assert_eq!(status, 201);
                 assert_eq!(ids.len(), 1);
                 mine.push((ids[0], tag));
@@ -112,9 +107,9 @@ async fn concurrent_single_events_get_their_own_ids_and_arrive_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_request_does_not_fail_the_requests_coalesced_with_it() {
-    let app = TestApp::start().await;
+    // Shared with the requesting tasks.
+    let app = Arc::new(TestApp::start().await);
     let mut stream = app.consume("c", None).await;
-    let client = reqwest::Client::new();
 
     // Hold inserts back, so that the requests below queue up and go into one statement.
     let mut blocker = app.producer().await;
@@ -123,8 +118,8 @@ async fn a_refused_request_does_not_fail_the_requests_coalesced_with_it() {
         .await
         .unwrap();
     let first = {
-        let (client, base) = (client.clone(), app.base.clone());
-        tokio::spawn(async move { post(&client, &base, &event("c", "first")).await })
+        let app = Arc::clone(&app);
+        tokio::spawn(async move { post(&app, &event("c", "first")).await })
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -153,11 +148,8 @@ async fn a_refused_request_does_not_fail_the_requests_coalesced_with_it() {
     }
     let mut requests = Vec::new();
     for (name, body) in bodies {
-        let (client, base) = (client.clone(), app.base.clone());
-        requests.push((
-            name,
-            tokio::spawn(async move { post(&client, &base, &body).await }),
-        ));
+        let app = Arc::clone(&app);
+        requests.push((name, tokio::spawn(async move { post(&app, &body).await })));
     }
     // Time for the service to read them all and queue them behind the blocked statement (a loaded
     // machine is slow; too short only makes the retry check below fail, never pass wrongly).
@@ -191,7 +183,7 @@ async fn a_refused_request_does_not_fail_the_requests_coalesced_with_it() {
     );
     assert_delivered_exactly(&mut stream, &expected).await;
     // The refusals were met in a combined statement, and its members retried alone.
-    let metrics = app.get("/metrics").await.text().await.unwrap();
+    let metrics = app.metrics().await;
     let retries = metrics
         .lines()
         .find_map(|line| line.strip_prefix("event_piper_publish_retries_total "))
@@ -205,18 +197,18 @@ async fn a_refused_request_does_not_fail_the_requests_coalesced_with_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_stay_contiguous_and_in_order_among_concurrent_requests() {
-    let app = TestApp::start().await;
-    let client = reqwest::Client::new();
+    // Shared with the requesting tasks.
+    let app = Arc::new(TestApp::start().await);
     let mut tasks = Vec::new();
     for task in 0..16 {
-        let (client, base) = (client.clone(), app.base.clone());
+        let app = Arc::clone(&app);
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             for n in 0..20 {
                 let size = 1 + (task + n) % 7;
                 let tags: Vec<String> = (0..size).map(|k| format!("{task}-{n}-{k}")).collect();
                 let body = Value::Array(tags.iter().map(|tag| event("b", tag)).collect());
-                let (status, ids) = post(&client, &base, &body).await;
+                let (status, ids) = post(&app, &body).await;
                 assert_eq!(status, 201);
                 assert_eq!(ids.len(), size);
                 assert!(

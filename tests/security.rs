@@ -15,14 +15,6 @@ fn token(sub: &str, publish: bool) -> String {
     mint(SECRET, sub, Duration::from_secs(600), publish).unwrap()
 }
 
-async fn get(app: &TestApp, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
-    let mut request = reqwest::Client::new().get(format!("{}{path}", app.base));
-    for (name, value) in headers {
-        request = request.header(*name, *value);
-    }
-    request.send().await.unwrap()
-}
-
 async fn assert_refused(response: reqwest::Response, status: u16, reason: &str) {
     assert_eq!(response.status(), status, "expected {status} ({reason})");
     let body = response.text().await.unwrap();
@@ -32,12 +24,12 @@ async fn assert_refused(response: reqwest::Response, status: u16, reason: &str) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_decide_who_reads_and_who_publishes() {
-    let app = TestApp::start_with(&["--jwt-secret", SECRET]).await;
+    let app = TestApp::builder().jwt_secret(SECRET).start().await;
     let toto = token("toto", false);
     let bearer = format!("Bearer {toto}");
 
     // 401s: no token, malformed, wrongly signed, expired.
-    let response = get(&app, "/events", &[("X-Consumer-Id", "toto")]).await;
+    let response = app.get_with("/events", &[("X-Consumer-Id", "toto")]).await;
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
     assert_refused(response, 401, "missing token").await;
     let cases = [
@@ -62,17 +54,19 @@ async fn tokens_decide_who_reads_and_who_publishes() {
         (format!("Bearer {}", expired_token()), "token expired"),
     ];
     for (authorization, reason) in cases {
-        let response = get(&app, "/events", &[("Authorization", &authorization)]).await;
+        let response = app
+            .get_with("/events", &[("Authorization", &authorization)])
+            .await;
         assert_refused(response, 401, reason).await;
     }
 
     // 403: a token for toto asking for titi.
-    let response = get(
-        &app,
-        "/events",
-        &[("Authorization", &bearer), ("X-Consumer-Id", "titi")],
-    )
-    .await;
+    let response = app
+        .get_with(
+            "/events",
+            &[("Authorization", &bearer), ("X-Consumer-Id", "titi")],
+        )
+        .await;
     assert_refused(response, 403, "may read consumer \"toto\"").await;
 
     // The header, the query parameter and the cookie all work; the consumer defaults to sub.
@@ -89,56 +83,40 @@ async fn tokens_decide_who_reads_and_who_publishes() {
             vec![("Cookie", format!("event_piper_token={toto}"))],
         ),
     ] {
-        let mut request = reqwest::Client::new().get(format!("{}{path}", app.base));
-        for (name, value) in &headers {
-            request = request.header(*name, value);
-        }
-        request = request.header("Last-Event-ID", "0");
-        let response = request.send().await.unwrap();
-        assert_eq!(response.status(), 200, "{path}");
-        let mut stream = common::SseClient::from_response(response).await;
+        let mut headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_str()))
+            .collect();
+        headers.push(("Last-Event-ID", "0"));
+        let mut stream = app.stream(&path, &headers).await;
         assert_eq!(stream.next().await.id, id, "{path}");
     }
 
     // Publishing needs the publish claim.
     let body = r#"{"type": "t", "subscriber": "titi", "payload": {}}"#;
-    let publish = |authorization: String| {
-        reqwest::Client::new()
-            .post(format!("{}/events", app.base))
-            .header("Content-Type", "application/json")
-            .header("Authorization", authorization)
-            .body(body)
-            .send()
+    let publish = async |authorization: &str| {
+        let headers = [
+            ("Content-Type", "application/json"),
+            ("Authorization", authorization),
+        ];
+        app.post_events_with(&headers, body).await
     };
-    assert_refused(
-        publish(bearer.clone()).await.unwrap(),
-        403,
-        "may not publish",
-    )
-    .await;
-    let created = publish(format!("Bearer {}", token("backend", true)))
-        .await
-        .unwrap();
+    assert_refused(publish(&bearer).await, 403, "may not publish").await;
+    let created = publish(&format!("Bearer {}", token("backend", true))).await;
     assert_eq!(created.status(), 201);
     let titis: serde_json::Value = created.json().await.unwrap();
     let titis = titis["ids"][0].as_i64().unwrap();
 
     // Single events: own and broadcast only.
-    let response = get(
-        &app,
-        &format!("/events/{titis}"),
-        &[("Authorization", &bearer)],
-    )
-    .await;
+    let response = app
+        .get_with(&format!("/events/{titis}"), &[("Authorization", &bearer)])
+        .await;
     assert_refused(response, 403, "may read consumer \"toto\" only").await;
-    let response = get(
-        &app,
-        &format!("/events/{id}"),
-        &[("Authorization", &bearer)],
-    )
-    .await;
+    let response = app
+        .get_with(&format!("/events/{id}"), &[("Authorization", &bearer)])
+        .await;
     assert_eq!(response.status(), 200);
-    let response = get(&app, &format!("/events/{id}"), &[]).await;
+    let response = app.get_with(&format!("/events/{id}"), &[]).await;
     assert_refused(response, 401, "missing token").await;
 }
 
@@ -158,7 +136,11 @@ fn expired_token() -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stream_limits_overall_and_per_consumer() {
-    let app = TestApp::start_with(&["--max-streams", "3", "--max-streams-per-consumer", "2"]).await;
+    let app = TestApp::builder()
+        .max_streams(3)
+        .max_streams_per_consumer(2)
+        .start()
+        .await;
     let _a1 = app.consume("a", None).await;
     let _a2 = app.consume("a", None).await;
     let response = app.get_events(&[("X-Consumer-Id", "a")]).await;
@@ -185,9 +167,12 @@ async fn stream_limits_overall_and_per_consumer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_slow_headers_are_refused() {
-    let app = TestApp::start_with(&["--header-timeout", "1s"]).await;
+    let app = TestApp::builder()
+        .header_timeout(Duration::from_secs(1))
+        .start()
+        .await;
     let huge = "x".repeat(64 * 1024);
-    let response = get(&app, "/health", &[("X-Filler", &huge)]).await;
+    let response = app.get_with("/health", &[("X-Filler", &huge)]).await;
     assert_eq!(response.status(), 431);
 
     // A client that sends half a request and then nothing is dropped.
@@ -219,7 +204,6 @@ async fn any_request_gets_a_proper_answer_never_a_5xx() {
     use proptest::test_runner::{Config, TestRunner};
 
     let app = TestApp::start().await;
-    let client = reqwest::Client::new();
     // Values a header can carry: visible ASCII, spaces, tabs and obs-text bytes.
     let header_text = "[ -~\t\u{80}-\u{ff}]{0,300}";
     let strategy = (
@@ -251,18 +235,15 @@ async fn any_request_gets_a_proper_answer_never_a_5xx() {
         })
         .unwrap();
     for (consumer, last_event_id, query, body, content_type) in cases.into_inner().unwrap() {
-        let mut request = client.get(format!(
-            "{}/events?{}",
-            app.base,
-            query.clone().unwrap_or_default()
-        ));
+        let mut headers = Vec::new();
         if let Some(consumer) = &consumer {
-            request = request.header("X-Consumer-Id", consumer.as_bytes());
+            headers.push(("X-Consumer-Id", consumer.as_str()));
         }
         if let Some(id) = &last_event_id {
-            request = request.header("Last-Event-ID", id.as_bytes());
+            headers.push(("Last-Event-ID", id.as_str()));
         }
-        let response = request.send().await.expect("the server answers");
+        let path = format!("/events?{}", query.clone().unwrap_or_default());
+        let response = app.get_with(&path, &headers).await;
         let status = response.status().as_u16();
         assert!(
             status == 200 || (400..500).contains(&status),
@@ -278,13 +259,7 @@ async fn any_request_gets_a_proper_answer_never_a_5xx() {
         }
         drop(response);
 
-        let response = client
-            .post(format!("{}/events", app.base))
-            .header("Content-Type", content_type)
-            .body(body.clone())
-            .send()
-            .await
-            .expect("the server answers");
+        let response = app.post_events(content_type, body.clone()).await;
         let status = response.status().as_u16();
         // Random bytes are never a valid event: 400 or 415, never 201 and never 5xx.
         assert!(matches!(status, 400 | 415), "POST {body:?}: {status}");
@@ -294,7 +269,11 @@ async fn any_request_gets_a_proper_answer_never_a_5xx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abusive_clients_do_not_disturb_a_normal_consumer() {
-    let app = TestApp::start_with(&["--header-timeout", "1s", "--write-timeout", "1s"]).await;
+    let app = TestApp::builder()
+        .header_timeout(Duration::from_secs(1))
+        .write_timeout(Duration::from_secs(1))
+        .start()
+        .await;
     let address = app.base.trim_start_matches("http://").to_owned();
     let producer = app.producer().await;
     let mut normal = app.consume("normal", None).await;

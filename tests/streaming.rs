@@ -87,7 +87,7 @@ async fn broadcasts_reach_every_consumer_live_and_in_replay() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_hands_over_to_live_while_a_producer_inserts() {
     // Small pages so that the replay takes many round trips while the producer runs.
-    let app = TestApp::start_with(&["--batch-size", "25"]).await;
+    let app = TestApp::builder().batch_size(25).start().await;
     let producer = app.producer().await;
     producer
         .batch_execute(
@@ -298,7 +298,7 @@ async fn listener_backend(client: &tokio_postgres::Client, previous: Option<i32>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_that_falls_behind_catches_up_from_the_table() {
     // A live channel of 4 frames, and 1000 events routed in one batch: the stream lags for sure.
-    let app = TestApp::start_with(&["--channel-capacity", "4"]).await;
+    let app = TestApp::builder().channel_capacity(4).start().await;
     let producer = app.producer().await;
     let mut stream = app.consume("c", None).await;
     producer
@@ -338,7 +338,7 @@ async fn producers_cannot_choose_ids() {
         )
         .await
         .unwrap();
-    let restarted = TestApp::start_on(&app.db_url, &[]).await;
+    let restarted = TestApp::builder().database(&app.db_url).start().await;
     restarted.consume("c", None).await;
     let cache: i64 = producer
         .query_one(
@@ -396,7 +396,10 @@ async fn shutdown_ends_open_streams() {
 async fn a_client_that_stops_reading_is_disconnected() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let app = TestApp::start_with(&["--write-timeout", "1s"]).await;
+    let app = TestApp::builder()
+        .write_timeout(Duration::from_secs(1))
+        .start()
+        .await;
     let producer = app.producer().await;
     let address = app.base.trim_start_matches("http://").to_owned();
     let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
@@ -470,7 +473,7 @@ async fn an_eventpiper_table_is_adopted() {
         )
         .await
         .unwrap();
-    let app = TestApp::start_on(&db_url, &[]).await;
+    let app = TestApp::builder().database(&db_url).start().await;
     let mut stream = app.consume("toto", Some(0)).await;
     assert_eq!(stream.next().await.data, r#"{"n":1}"#);
     assert_eq!(stream.next().await.data, "null");

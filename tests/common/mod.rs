@@ -1,5 +1,6 @@
 //! Test harness: one throwaway PostgreSQL cluster per test binary, a fresh database per test, the
-//! real app in-process on a loopback port, and a small SSE client.
+//! real app in-process on a loopback port, configured through a typed builder, and an SSE client
+//! whose parsing is the `eventsource-stream` crate's.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
 use std::sync::OnceLock;
@@ -51,62 +52,132 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 pub struct TestApp {
     pub base: String,
     pub db_url: String,
+    /// One HTTP client for every request of a test, as a real client would keep one.
+    http: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), event_piper::Error>>>,
 }
 
-impl TestApp {
-    pub async fn start() -> TestApp {
-        TestApp::start_with(&[]).await
+/// How a test wants its app: the service's own [`Config`] with the defaults a user gets, changed
+/// only through the typed methods below, plus where it runs.
+pub struct TestAppBuilder {
+    config: Config,
+    database: Option<String>,
+    address: Option<String>,
+}
+
+impl TestAppBuilder {
+    /// Runs against an existing database instead of a fresh one.
+    pub fn database(mut self, url: &str) -> Self {
+        self.database = Some(url.to_owned());
+        self
     }
 
-    /// Starts the app on a fresh database with extra command-line flags.
-    pub async fn start_with(flags: &[&str]) -> TestApp {
-        let db_url = fresh_database().await;
-        TestApp::start_on(&db_url, flags).await
+    /// Listens on a given `host:port` (where a stopped app ran) instead of a free port.
+    pub fn address(mut self, address: &str) -> Self {
+        self.address = Some(address.to_owned());
+        self
     }
 
-    /// Starts the app against an existing database.
-    pub async fn start_on(db_url: &str, flags: &[&str]) -> TestApp {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        TestApp::start_on_listener(listener, db_url, flags).await
+    /// `--batch-size`: rows per query, for live reads and replay pages.
+    pub fn batch_size(mut self, rows: u32) -> Self {
+        self.config.batch_size = rows;
+        self
     }
 
-    /// Stops the app and starts it again on the same address and database, as an operator's
-    /// restart would (clients see their streams end and reconnect).
-    pub async fn restart(self, flags: &[&str]) -> TestApp {
-        let (address, db_url) = (self.address(), self.db_url.clone());
-        self.stop().await.expect("clean shutdown");
-        TestApp::start_at(&address, &db_url, flags).await
+    /// `--channel-capacity`: frames held per consumer for live delivery.
+    pub fn channel_capacity(mut self, frames: u32) -> Self {
+        self.config.channel_capacity = frames;
+        self
     }
 
-    /// Starts the app on a given address (where a stopped one ran) against an existing database.
-    pub async fn start_at(address: &str, db_url: &str, flags: &[&str]) -> TestApp {
-        let listener = TcpListener::bind(address)
+    /// `--heartbeat`: interval between heartbeat comments.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.config.heartbeat = every;
+        self
+    }
+
+    /// `--idle-after`: how long the hub stays awake after the last event.
+    pub fn idle_after(mut self, after: Duration) -> Self {
+        self.config.idle_after = after;
+        self
+    }
+
+    /// `--idle-poll`: how often a sleeping hub reads anyway.
+    pub fn idle_poll(mut self, every: Duration) -> Self {
+        self.config.idle_poll = every;
+        self
+    }
+
+    /// `--write-timeout`: how long a write to a client may make no progress.
+    pub fn write_timeout(mut self, timeout: Duration) -> Self {
+        self.config.write_timeout = timeout;
+        self
+    }
+
+    /// `--header-timeout`: how long a client may take to send its request headers.
+    pub fn header_timeout(mut self, timeout: Duration) -> Self {
+        self.config.header_timeout = timeout;
+        self
+    }
+
+    /// `--max-streams`: streams open at once on the instance.
+    pub fn max_streams(mut self, streams: usize) -> Self {
+        self.config.max_streams = streams;
+        self
+    }
+
+    /// `--max-streams-per-consumer`: streams open at once for one consumer.
+    pub fn max_streams_per_consumer(mut self, streams: usize) -> Self {
+        self.config.max_streams_per_consumer = streams;
+        self
+    }
+
+    /// `--max-body`: largest accepted body of `POST /events`, in bytes.
+    pub fn max_body(mut self, bytes: usize) -> Self {
+        self.config.max_body = bytes;
+        self
+    }
+
+    /// `--cors-origin`: one more origin allowed to call the API from a browser.
+    pub fn cors_origin(mut self, origin: &str) -> Self {
+        self.config.cors_origins.push(origin.to_owned());
+        self
+    }
+
+    /// `--retention`: events older than this are deleted.
+    pub fn retention(mut self, keep: Duration) -> Self {
+        self.config.retention = Some(keep);
+        self
+    }
+
+    /// `--jwt-secret`: turns authentication on with this HS256 secret.
+    pub fn jwt_secret(mut self, secret: &str) -> Self {
+        self.config.jwt_secret = Some(secret.to_owned());
+        self
+    }
+
+    /// Starts the app and waits until it is ready.
+    pub async fn start(self) -> TestApp {
+        let TestAppBuilder {
+            mut config,
+            database,
+            address,
+        } = self;
+        let db_url = match database {
+            Some(url) => url,
+            None => fresh_database().await,
+        };
+        let listener = TcpListener::bind(address.as_deref().unwrap_or("127.0.0.1:0"))
             .await
-            .expect("rebinding the address");
-        TestApp::start_on_listener(listener, db_url, flags).await
-    }
-
-    /// `host:port` the app listens on.
-    pub fn address(&self) -> String {
-        self.base.trim_start_matches("http://").to_owned()
-    }
-
-    async fn start_on_listener(listener: TcpListener, db_url: &str, flags: &[&str]) -> TestApp {
-        let args = [
-            "event-piper",
-            "--database-url",
-            db_url,
-            "--listen",
-            "127.0.0.1:0",
-        ];
-        let config = Config::try_parse_from(args.iter().chain(flags)).expect("valid test flags");
-        let base = format!("http://{}", listener.local_addr().unwrap());
+            .expect("binding the app's address");
+        config.database_url = Some(db_url.clone());
+        config.listen = listener.local_addr().unwrap();
+        let base = format!("http://{}", config.listen);
         let (stop, stopped) = oneshot::channel();
         let task = tokio::spawn(event_piper::serve(
             config,
-            db_url.to_owned(),
+            db_url.clone(),
             listener,
             async move {
                 let _ = stopped.await;
@@ -114,20 +185,44 @@ impl TestApp {
         ));
         let app = TestApp {
             base,
-            db_url: db_url.to_owned(),
+            db_url,
+            http: reqwest::Client::new(),
             stop: Some(stop),
             task: Some(task),
         };
         app.wait_until_ready().await;
         app
     }
+}
+
+impl TestApp {
+    /// The app with the defaults a user gets, on a fresh database.
+    pub async fn start() -> TestApp {
+        TestApp::builder().start().await
+    }
+
+    /// An app to configure before it starts: `TestApp::builder().batch_size(25).start().await`.
+    pub fn builder() -> TestAppBuilder {
+        // The defaults come from the service's own flag definitions, so that a test app differs
+        // from a user's only in what its test sets.
+        let config = Config::try_parse_from(["event-piper"]).expect("the default configuration");
+        TestAppBuilder {
+            config,
+            database: None,
+            address: None,
+        }
+    }
+
+    /// `host:port` the app listens on.
+    pub fn address(&self) -> String {
+        self.base.trim_start_matches("http://").to_owned()
+    }
 
     /// Polls `GET /ready` until it answers 200.
     pub async fn wait_until_ready(&self) {
-        let client = reqwest::Client::new();
         let poll = async {
             loop {
-                let response = client.get(format!("{}/ready", self.base)).send().await;
+                let response = self.try_get("/ready", &[]).await;
                 if response.is_ok_and(|r| r.status() == 200) {
                     return;
                 }
@@ -153,20 +248,74 @@ impl TestApp {
         connect(&self.db_url).await
     }
 
+    /// A GET of `path` with the given headers; Err only if no answer came at all.
+    pub async fn try_get(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Result<reqwest::Response> {
+        let mut request = self.http.get(format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await
+    }
+
+    /// A GET of `path` with the given headers, as sent.
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        self.try_get(path, headers)
+            .await
+            .unwrap_or_else(|error| panic!("GET {path}: {error}"))
+    }
+
     /// A plain GET of `path`.
     pub async fn get(&self, path: &str) -> reqwest::Response {
-        reqwest::get(format!("{}{path}", self.base))
-            .await
-            .expect("GET request")
+        self.get_with(path, &[]).await
     }
 
     /// `GET /events` with the given headers, as sent.
     pub async fn get_events(&self, headers: &[(&str, &str)]) -> reqwest::Response {
-        let mut request = reqwest::Client::new().get(format!("{}/events", self.base));
+        self.get_with("/events", headers).await
+    }
+
+    /// The text of `GET /metrics`.
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics")
+            .await
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
+    /// `POST /events` with the given headers and body, as sent.
+    pub async fn post_events_with(
+        &self,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        let mut request = self.http.post(format!("{}/events", self.base));
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        request.send().await.expect("GET /events")
+        request.body(body).send().await.expect("POST /events")
+    }
+
+    /// `POST /events` of `body` as `content_type`.
+    pub async fn post_events(
+        &self,
+        content_type: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        self.post_events_with(&[("Content-Type", content_type)], body)
+            .await
+    }
+
+    /// A GET of `path` (an events stream, with its query) that must answer 200; returns the
+    /// stream once it is live.
+    pub async fn stream(&self, path: &str, headers: &[(&str, &str)]) -> SseClient {
+        let response = self.get_with(path, headers).await;
+        assert_eq!(response.status(), 200, "GET {path} {headers:?}");
+        SseClient::from_response(response).await
     }
 
     /// Opens a stream for `consumer`, resuming after `last_event_id` when given, and waits until
@@ -177,9 +326,7 @@ impl TestApp {
         if let Some(id) = &id {
             headers.push(("Last-Event-ID", id));
         }
-        let response = self.get_events(&headers).await;
-        assert_eq!(response.status(), 200, "GET /events for {consumer}");
-        SseClient::from_response(response).await
+        self.stream("/events", &headers).await
     }
 }
 
@@ -199,56 +346,105 @@ pub struct Event {
     pub data: String,
 }
 
+/// What a read within a time limit came to.
+#[derive(Debug)]
+pub enum Read {
+    Event(Event),
+    /// Nothing within the limit; the stream is still open.
+    Quiet,
+    /// The stream ended, or its connection failed.
+    Ended,
+}
+
 type Body = std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
 
-/// A minimal SSE reader: frames separated by a blank line, comments and `retry:` noted but not
-/// returned as events.
+/// An SSE reader over a `GET /events` response. The fields of every frame are parsed by the
+/// `eventsource-stream` crate, as an EventSource would; see [`parse_frame`] for what this adds.
 pub struct SseClient {
     body: Body,
     buffer: BytesMut,
+    /// How far `buffer` is known to hold no blank line.
+    scanned: usize,
     /// Events without an id (service notices), as (event, data), in the order received.
     pub notices: Vec<(String, String)>,
+    /// The id of the last event read: what an EventSource would send as Last-Event-ID. Notices
+    /// carry no `id:` line and leave it as it is.
+    pub last_event_id: Option<i64>,
 }
 
-enum Block {
+/// One frame, as the tests tell them apart.
+enum Frame {
     Event(Event),
+    /// An event without an `id:` line: a service notice, as (event, data).
     Notice(String, String),
+    /// The `retry:` hint that opens every stream.
     Retry,
+    /// A comment: the service's heartbeat.
     Comment,
 }
 
 impl SseClient {
     /// Reads the stream of a `GET /events` response, once it is live.
     pub async fn from_response(response: reqwest::Response) -> SseClient {
-        let mut client = SseClient {
-            body: Box::pin(response.bytes_stream()),
-            buffer: BytesMut::new(),
-            notices: Vec::new(),
-        };
+        let mut client = SseClient::new(response);
         client.wait_for_retry().await;
         client
     }
 
-    /// The next frame's text, or None when the stream ended.
-    async fn next_block(&mut self) -> Option<Block> {
+    /// Reads the stream of a `GET /events` response from its first byte, without waiting for it
+    /// to go live.
+    pub fn new(response: reqwest::Response) -> SseClient {
+        SseClient {
+            body: Box::pin(response.bytes_stream()),
+            buffer: BytesMut::new(),
+            scanned: 0,
+            notices: Vec::new(),
+            last_event_id: None,
+        }
+    }
+
+    /// The next frame; Ok(None) when the stream ended, Err when its connection failed.
+    async fn try_next_frame(&mut self) -> reqwest::Result<Option<Frame>> {
         loop {
-            if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
-                let block = self.buffer.split_to(end + 2);
-                let text = std::str::from_utf8(&block[..end]).expect("UTF-8 frame");
-                return Some(parse_block(text));
+            // Frames end with a blank line (the service writes bare LFs). The split is the
+            // harness's own: the crate does not tell where a frame ended (see `parse_frame`).
+            let from = self.scanned.saturating_sub(1);
+            if let Some(end) = self.buffer[from..].windows(2).position(|w| w == b"\n\n") {
+                let frame = self.buffer.split_to(from + end + 2);
+                self.scanned = 0;
+                let text = std::str::from_utf8(&frame).expect("UTF-8 frame");
+                return Ok(Some(self.note(parse_frame(text))));
             }
+            self.scanned = self.buffer.len();
             match self.body.next().await {
                 Some(Ok(chunk)) => self.buffer.extend_from_slice(&chunk),
-                Some(Err(error)) => panic!("stream failed: {error}"),
-                None => return None,
+                Some(Err(error)) => return Err(error),
+                None => return Ok(None),
             }
         }
     }
 
+    /// Keeps the client's state as an EventSource does: the last id, and notices on the side.
+    fn note(&mut self, frame: Frame) -> Frame {
+        match &frame {
+            Frame::Event(event) => self.last_event_id = Some(event.id),
+            Frame::Notice(event, data) => self.notices.push((event.clone(), data.clone())),
+            Frame::Retry | Frame::Comment => {}
+        }
+        frame
+    }
+
+    /// The next frame, or None when the stream ended; fails the test if the connection failed.
+    async fn next_frame(&mut self) -> Option<Frame> {
+        self.try_next_frame()
+            .await
+            .unwrap_or_else(|error| panic!("stream failed: {error}"))
+    }
+
     async fn wait_for_retry(&mut self) {
         let wait = async {
-            while let Some(block) = self.next_block().await {
-                if matches!(block, Block::Retry) {
+            while let Some(frame) = self.next_frame().await {
+                if matches!(frame, Frame::Retry) {
                     return;
                 }
             }
@@ -261,18 +457,27 @@ impl SseClient {
 
     /// The next event, or None if the stream ends or `within` passes first.
     pub async fn next_within(&mut self, within: Duration) -> Option<Event> {
-        tokio::time::timeout(within, async {
+        match self.read_within(within).await {
+            Read::Event(event) => Some(event),
+            Read::Quiet | Read::Ended => None,
+        }
+    }
+
+    /// The next event within `within`, telling a quiet stream from one that ended or failed
+    /// (which a client that reconnects on its own handles the same way).
+    pub async fn read_within(&mut self, within: Duration) -> Read {
+        let next = async {
             loop {
-                match self.next_block().await? {
-                    Block::Event(event) => return Some(event),
-                    Block::Notice(event, data) => self.notices.push((event, data)),
-                    Block::Retry | Block::Comment => {}
+                match self.try_next_frame().await {
+                    Ok(Some(Frame::Event(event))) => return Read::Event(event),
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => return Read::Ended,
                 }
             }
-        })
-        .await
-        .ok()
-        .flatten()
+        };
+        tokio::time::timeout(within, next)
+            .await
+            .unwrap_or(Read::Quiet)
     }
 
     /// The next event; fails the test if none comes.
@@ -296,11 +501,11 @@ impl SseClient {
         let mut count = 0;
         let _ = tokio::time::timeout(within, async {
             loop {
-                match self.next_block().await {
-                    Some(Block::Comment) => count += 1,
-                    Some(Block::Event(event)) => panic!("unexpected event {event:?}"),
-                    Some(Block::Retry) => {}
-                    Some(Block::Notice(event, data)) => panic!("unexpected notice {event} {data}"),
+                match self.next_frame().await {
+                    Some(Frame::Comment) => count += 1,
+                    Some(Frame::Event(event)) => panic!("unexpected event {event:?}"),
+                    Some(Frame::Retry) => {}
+                    Some(Frame::Notice(event, data)) => panic!("unexpected notice {event} {data}"),
                     None => panic!("the stream ended"),
                 }
             }
@@ -311,37 +516,55 @@ impl SseClient {
 
     /// True if the stream ended (cleanly) within `within`.
     pub async fn ends_within(&mut self, within: Duration) -> bool {
-        tokio::time::timeout(within, async { while self.next_block().await.is_some() {} })
+        tokio::time::timeout(within, async { while self.next_frame().await.is_some() {} })
             .await
             .is_ok()
     }
 }
 
-fn parse_block(text: &str) -> Block {
-    let mut id = None;
-    let mut event = None;
-    let mut data = None;
-    let mut retry = false;
-    for line in text.lines() {
-        let (field, value) = line.split_once(':').unwrap_or((line, ""));
-        let value = value.strip_prefix(' ').unwrap_or(value);
-        match field {
-            "" => {}
-            "id" => id = Some(value.parse().expect("numeric id")),
-            "event" => event = Some(value.to_owned()),
-            "data" => data = Some(value.to_owned()),
-            "retry" => retry = true,
-            other => panic!("unexpected SSE field {other:?} in {text:?}"),
+/// Reads one frame (its text up to and including the blank line that ends it).
+///
+/// The fields are the crate's to parse: `id:`, `event:` (`message` when absent), `data:`
+/// (lines joined), the optional space after the colon, unknown fields ignored. Each frame goes
+/// to a parser of its own because of two things the crate, like an EventSource, keeps from its
+/// user, and the tests assert:
+/// - whether a frame had an `id:` line: a parser that lives across frames reports the previous
+///   event's id for a notice without one (the spec's last-event-ID buffer), which would make a
+///   notice look like a repeated event. A fresh parser reports `""` for it.
+/// - frames without data, which the crate (as the spec says) never dispatches: the `retry:` hint
+///   that tells the stream is live and the comments that are heartbeats. Only these are told
+///   apart here, by their lines.
+fn parse_frame(text: &str) -> Frame {
+    use eventsource_stream::Eventsource;
+    use futures::FutureExt;
+
+    let mut parser = futures::stream::iter([Ok::<_, std::convert::Infallible>(text)]).eventsource();
+    let parsed = parser
+        .next()
+        .now_or_never()
+        .expect("the parser has the whole frame");
+    match parsed {
+        Some(Ok(event)) if event.id.is_empty() => Frame::Notice(event.event, event.data),
+        Some(Ok(event)) => Frame::Event(Event {
+            id: event.id.parse().expect("numeric id"),
+            event: event.event,
+            data: event.data,
+        }),
+        Some(Err(error)) => panic!("invalid SSE frame {text:?}: {error}"),
+        None if text
+            .lines()
+            .all(|line| line.is_empty() || line.starts_with(':')) =>
+        {
+            Frame::Comment
         }
-    }
-    // A frame without an `event:` line is of the default type, as EventSource sees it.
-    let event = event.or_else(|| data.is_some().then(|| "message".to_owned()));
-    match (id, event, data) {
-        (Some(id), Some(event), Some(data)) => Block::Event(Event { id, event, data }),
-        (None, Some(event), Some(data)) => Block::Notice(event, data),
-        (None, None, None) if retry => Block::Retry,
-        (None, None, None) => Block::Comment,
-        _ => panic!("incomplete SSE frame {text:?}"),
+        None if text
+            .strip_prefix("retry: ")
+            .and_then(|rest| rest.strip_suffix("\n\n"))
+            .is_some_and(|millis| millis.parse::<u64>().is_ok()) =>
+        {
+            Frame::Retry
+        }
+        None => panic!("a frame without data that is neither a comment nor retry: {text:?}"),
     }
 }
 

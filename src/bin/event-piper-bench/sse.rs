@@ -3,6 +3,13 @@
 //! It only extracts what the checks need: the `id:` of each event frame, the `retry:` frame that
 //! marks a stream as live, and heartbeats (comment-only frames). `event:` and `data:` lines are
 //! skipped without being copied, because at a million frames per second every copy shows.
+//!
+//! The tests read SSE with the `eventsource-stream` crate; the bench keeps this parser because
+//! the crate is far slower at bench rates. A throwaway timing (release build, 1,000,000 frames of
+//! `id: N\nevent: bench\ndata: {"seq":N}\n\n`, ids parsed to i64, one 2-core AMD EPYC machine)
+//! took 39 ns a frame here whatever the chunk size, and 567, 819 and 3120 ns a frame with the
+//! crate for 4, 16 and 64 KiB chunks (14x to 80x): it copies its buffer's remainder after every
+//! line, so its cost grows with the chunk. It would also hide heartbeats and the bare `retry:`.
 
 /// One complete frame (a blank line ended it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
