@@ -173,26 +173,10 @@ impl Follower {
     /// handed out, so a dropped call is simply made again.
     pub async fn next(&mut self) -> Next {
         loop {
-            if let Some((after, upto)) = self.position.page() {
-                // Boxed: a query future is large, and every idle follower would carry its space
-                // all its life.
-                let read =
-                    Box::pin(
-                        self.store
-                            .read_consumer(&self.consumer, after, upto, self.page_size),
-                    )
-                    .await;
-                let rows = match read {
-                    Ok(rows) => rows,
-                    Err(error) => return Next::Failed(error),
-                };
-                let complete = (rows.len() as i64) < self.page_size;
-                self.position
-                    .replayed(rows.last().map(|row| row.id), complete);
-                if !rows.is_empty() {
-                    return Next::Page(rows);
-                }
-                continue;
+            match self.next_page().await {
+                Some(Ok(rows)) => return Next::Page(rows),
+                Some(Err(error)) => return Next::Failed(error),
+                None => {}
             }
             match self.subscription.receiver().recv().await {
                 Ok(frame) => {
@@ -204,6 +188,32 @@ impl Follower {
                 Err(RecvError::Closed) => return Next::Closed,
             }
         }
+    }
+
+    /// The next page of the replay; None once the follower is live, which an empty last page
+    /// makes it without handing anything out. Never waits for live events.
+    pub async fn next_page(&mut self) -> Option<Result<Vec<EventRow>, StoreError>> {
+        while let Some((after, upto)) = self.position.page() {
+            // Boxed: a query future is large, and every idle follower would carry its space all
+            // its life.
+            let read =
+                Box::pin(
+                    self.store
+                        .read_consumer(&self.consumer, after, upto, self.page_size),
+                )
+                .await;
+            let rows = match read {
+                Ok(rows) => rows,
+                Err(error) => return Some(Err(error)),
+            };
+            let complete = (rows.len() as i64) < self.page_size;
+            self.position
+                .replayed(rows.last().map(|row| row.id), complete);
+            if !rows.is_empty() {
+                return Some(Ok(rows));
+            }
+        }
+        None
     }
 
     /// A live frame already queued, if any: lets a caller gather what is waiting into one write.

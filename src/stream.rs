@@ -89,13 +89,10 @@ impl Streams {
             READY_WAIT,
         )
         .await?;
-        let first = if follower.position().is_live() {
-            None
-        } else {
-            match follower.next().await {
-                Next::Failed(error) => return Err(error.into()),
-                next => Some(next),
-            }
+        let first = match follower.next_page().await {
+            Some(Ok(rows)) => Some(Next::Page(rows)),
+            Some(Err(error)) => return Err(error.into()),
+            None => None,
         };
         // Retention may have deleted part of what a resuming client asks for: it gets what is
         // kept, and is told so.

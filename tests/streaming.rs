@@ -39,6 +39,22 @@ async fn eventpiper_walkthrough_word_for_word() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_with_nothing_to_replay_opens_at_once() {
+    // Only another consumer's events lie after the resume point: the replay finds nothing, and
+    // the stream must open without waiting for a live event of its own.
+    let app = TestApp::start().await;
+    let producer = app.producer().await;
+    let mut other = app.consume("d", None).await;
+    let theirs = insert(&producer, "d", "{}").await;
+    assert_eq!(other.next().await.id, theirs);
+    let mut stream = tokio::time::timeout(PATIENCE, app.consume("c", Some(0)))
+        .await
+        .expect("the stream opens");
+    let mine = insert(&producer, "c", "{}").await;
+    assert_eq!(stream.next().await.id, mine);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_session_of_a_consumer_gets_every_event_and_no_one_else_does() {
     let app = TestApp::start().await;
     let producer = app.producer().await;
