@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
@@ -74,6 +74,8 @@ pub enum ApiError {
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0}")]
     UnsupportedMediaType(String),
     /// The client has too much open already; it may retry after the given number of seconds.
     #[error("{reason}")]
@@ -117,6 +119,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unavailable { retry_after, .. } => {
@@ -148,6 +151,8 @@ pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
         .layer(TraceLayer::new_for_http().make_span_with(request_span))
         // Shared, not cloned: every request would otherwise clone (and drop) each of its handles.
@@ -156,6 +161,20 @@ pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
         Some(cors) => router.layer(cors),
         None => router,
     }
+}
+
+/// Any other path: 404 with the paths there are.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no such path: {}; the API is GET /events, POST /events, GET /events/{{id}}, GET /health, \
+         GET /ready, GET /metrics and the page at GET /",
+        uri.path()
+    ))
+}
+
+/// A known path with another method: 405 (axum adds the `Allow` header).
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
 }
 
 /// Every request's span names its consumer, so a stream's log lines can be told apart.
@@ -226,12 +245,13 @@ pub struct EventsQuery {
 async fn events(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
+    RawQuery(raw_query): RawQuery,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) =
         query.map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
     let claims = state.claims(&headers, query.access_token.as_deref())?;
-    let consumer = match (claims, consumer_id(&headers, &query)) {
+    let consumer = match (claims, consumer_id(&headers, raw_query.as_deref())) {
         (None, requested) => requested?,
         // With a token the consumer may be left out: it is the token's.
         (Some(claims), Err(_)) if !names_consumer(&headers, &query) => claims.sub,
@@ -395,29 +415,36 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     (status, axum::Json(body)).into_response()
 }
 
-/// The consumer: the `X-Consumer-Id` header, else the `consumer` query parameter.
-fn consumer_id(headers: &HeaderMap, query: &EventsQuery) -> Result<ConsumerId, ApiError> {
-    let raw = match (headers.get(CONSUMER_HEADER), &query.consumer) {
-        (Some(value), _) => value.as_bytes(),
-        (None, Some(consumer)) => consumer.as_bytes(),
-        (None, None) => {
-            return Err(ApiError::BadRequest(
-                "missing X-Consumer-Id header (or consumer query parameter)".into(),
-            ));
-        }
+/// The consumer: the `X-Consumer-Id` header, else the `consumer` query parameter. The parameter
+/// is decoded byte for byte (a lossy decoding would turn `%FF` into a valid consumer), and an
+/// error names where the bad value came from.
+fn consumer_id(headers: &HeaderMap, raw_query: Option<&str>) -> Result<ConsumerId, ApiError> {
+    let invalid = |source: &str, why| ApiError::BadRequest(format!("invalid {source}: {why}"));
+    if let Some(value) = headers.get(CONSUMER_HEADER) {
+        return ConsumerId::parse(value.as_bytes()).map_err(|why| invalid("X-Consumer-Id", why));
+    }
+    match raw_query.and_then(|query| query_param(query, "consumer")) {
+        Some(raw) => ConsumerId::parse(&raw).map_err(|why| invalid("consumer parameter", why)),
+        None => Err(ApiError::BadRequest(
+            "missing X-Consumer-Id header (or consumer query parameter)".into(),
+        )),
+    }
+}
+
+/// The first value of `name` in a query string, percent-decoded into bytes (`+` is a space).
+fn query_param(query: &str, name: &str) -> Option<Vec<u8>> {
+    let decode = |text: &str| -> Vec<u8> {
+        percent_encoding::percent_decode_str(&text.replace('+', " ")).collect()
     };
-    parse_consumer_id(raw)
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode(key) == name.as_bytes()).then(|| decode(value))
+    })
 }
 
 /// Whether the request names a consumer at all (valid or not).
 fn names_consumer(headers: &HeaderMap, query: &EventsQuery) -> bool {
     headers.contains_key(CONSUMER_HEADER) || query.consumer.is_some()
-}
-
-/// The consumer named by the request, checked.
-fn parse_consumer_id(raw: &[u8]) -> Result<ConsumerId, ApiError> {
-    ConsumerId::parse(raw)
-        .map_err(|why| ApiError::BadRequest(format!("invalid X-Consumer-Id: {why}")))
 }
 
 /// The resume point: the `Last-Event-ID` header (which a browser's own reconnect sends), else the

@@ -66,6 +66,8 @@ impl Browser {
         let profile = TempDir::new("event-piper-chromium");
         let capabilities = json!({
             "capabilities": { "alwaysMatch": {
+                // Keeps the page's console, so the test can tell it logged no error.
+                "goog:loggingPrefs": { "browser": "ALL" },
                 "goog:chromeOptions": {
                     "binary": chromium,
                     // Root has no sandbox; /dev/shm may be small in containers.
@@ -144,6 +146,19 @@ impl Browser {
         }
     }
 
+    /// What the page logged as errors in its console (failed requests included) since the last
+    /// call.
+    async fn console_errors(&self) -> Vec<String> {
+        let entries = self.command("se/log", json!({ "type": "browser" })).await;
+        entries
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|entry| entry["level"] == "SEVERE")
+            .map(|entry| entry["message"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    }
+
     /// The ids the page received, in arrival order.
     async fn received(&self) -> Vec<i64> {
         serde_json::from_value(self.run("return piper.received", json!([])).await).unwrap()
@@ -211,6 +226,8 @@ async fn page_publishes_shows_and_resumes_across_a_restart() {
             "return piper.state === 'live'",
         )
         .await;
+    // Nothing the page asked for failed (a missing /favicon.ico did, once).
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
 
     // Publish through the page's form; the payload would run script if the page rendered it
     // as HTML.

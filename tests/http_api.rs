@@ -111,13 +111,45 @@ async fn eventsource_style_query_parameters() {
 
     for (query, reason) in [
         ("", "missing X-Consumer-Id"),
-        ("?consumer=", "empty"),
+        ("?consumer=", "invalid consumer parameter: empty"),
+        // Decoded byte for byte: not turned into U+FFFD and accepted.
+        ("?consumer=%FF", "invalid consumer parameter: not UTF-8"),
+        (
+            "?consumer=a%09b",
+            "invalid consumer parameter: contains control characters",
+        ),
         ("?consumer=toto&last_event_id=x", "invalid Last-Event-ID"),
     ] {
         let response = app.get(&format!("/events{query}")).await;
         assert_eq!(response.status(), 400, "{query}");
         assert!(response.text().await.unwrap().contains(reason), "{query}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_paths_and_methods_get_a_reason() {
+    let app = TestApp::start().await;
+    let response = app.get("/nope").await;
+    assert_eq!(response.status(), 404);
+    let body = response.text().await.unwrap();
+    assert!(
+        body.starts_with("no such path: /nope; the API is"),
+        "{body}"
+    );
+    assert_eq!(body.lines().count(), 1, "{body}");
+
+    let response = reqwest::Client::new()
+        .delete(format!("{}/events", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 405);
+    let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    assert_eq!(
+        response.text().await.unwrap(),
+        "DELETE is not allowed on /events\n"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
