@@ -121,6 +121,13 @@ pub struct Config {
     #[arg(long, env = "EVENT_PIPER_LOG_FORMAT", default_value = "text")]
     pub log_format: LogFormat,
 
+    /// End every stream after this long (its client resumes with Last-Event-ID), so that a
+    /// rotated key or a revoked token takes effect everywhere within it. Unset: streams last
+    /// until their token expires, or forever without authentication.
+    #[arg(long, env = "EVENT_PIPER_MAX_STREAM_LIFETIME", value_parser = parse_duration)]
+    #[serde(serialize_with = "optional_millis")]
+    pub max_stream_lifetime: Option<Duration>,
+
     /// Delete events older than this (by their timestamp), in small batches in the background.
     /// Unset: keep everything.
     #[arg(long, env = "EVENT_PIPER_RETENTION", value_parser = parse_duration)]

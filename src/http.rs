@@ -251,6 +251,10 @@ async fn events(
     let Query(query) =
         query.map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
     let claims = state.claims(&headers, query.access_token.as_deref())?;
+    // The stream ends when its token does.
+    let token_expires = claims
+        .as_ref()
+        .map(|claims| std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp));
     let consumer = match (claims, consumer_id(&headers, raw_query.as_deref())) {
         (None, requested) => requested?,
         // With a token the consumer may be left out: it is the token's.
@@ -280,7 +284,7 @@ async fn events(
     let streams = &state.streams;
     let retry_after = streams.retry_after();
     let stream = streams
-        .open(consumer, cursor, format)
+        .open(consumer, cursor, format, token_expires)
         .await
         .map_err(|error| match error {
             OpenError::Refused(Refused::TooManyForConsumer) => ApiError::TooManyRequests {

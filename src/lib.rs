@@ -202,6 +202,7 @@ pub async fn serve(
         listening: listening_rx,
         shutdown: stop.clone(),
         heartbeat: config.heartbeat,
+        max_lifetime: config.max_stream_lifetime,
         retry: config.retry,
         page_size: i64::from(config.batch_size),
         metrics: metrics.clone(),

@@ -95,6 +95,28 @@ impl Format {
         }
     }
 
+    /// The notice a stream ends with when its token expires (`token_expired`) or it reached
+    /// `--max-stream-lifetime`: without an `id:` line, so the client resumes where it was.
+    pub fn ending(self, token_expired: bool) -> Bytes {
+        let (event, data) = if token_expired {
+            (
+                TOKEN_EXPIRED_EVENT,
+                r#"{"reason":"the token expired: reconnect with a new one"}"#,
+            )
+        } else {
+            (
+                LIFETIME_EVENT,
+                r#"{"reason":"the stream reached its maximum lifetime: reconnect"}"#,
+            )
+        };
+        let mut buf = BytesMut::new();
+        match self {
+            Format::Named => buf.put_slice(format!("event: {event}\ndata: {data}\n\n").as_bytes()),
+            Format::Envelope => put_envelope(&mut buf, None, event, data),
+        }
+        buf.freeze()
+    }
+
     /// The notice a resuming client gets when retention deleted events after its resume point:
     /// an event without an `id:` line, so it does not move the client's Last-Event-ID.
     pub fn truncated(self, last_event_id: EventId, deleted_upto: EventId) -> Bytes {
@@ -143,6 +165,10 @@ pub fn retry(delay: Duration) -> Bytes {
 
 /// The event type of the retention notice.
 pub const TRUNCATED_EVENT: &str = "event-piper.truncated";
+/// The notice before a stream ends because its token expired.
+pub const TOKEN_EXPIRED_EVENT: &str = "event-piper.token-expired";
+/// The notice before a stream ends because it reached `--max-stream-lifetime`.
+pub const LIFETIME_EVENT: &str = "event-piper.stream-lifetime";
 
 /// A comment line: ignored by clients, but it keeps proxies and idle-timeouts from closing the
 /// stream and lets a client tell a live stream from a dead one.

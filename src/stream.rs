@@ -3,13 +3,14 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
 use futures::Stream;
 use metrics::Gauge;
 use tokio::sync::watch;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -32,6 +33,8 @@ pub struct Streams {
     pub heartbeat: Duration,
     pub retry: Duration,
     pub page_size: i64,
+    /// `--max-stream-lifetime`.
+    pub max_lifetime: Option<Duration>,
     pub metrics: Metrics,
 }
 
@@ -60,6 +63,8 @@ enum Wake {
     Next(Next),
     Heartbeat,
     Stop,
+    /// The token expired or the stream reached its maximum lifetime.
+    End,
 }
 
 /// How long a new stream waits for the hub to become ready before it is refused with 503.
@@ -72,12 +77,14 @@ impl Streams {
     /// only otherwise), writing events in `format`. The first page of a replay is read here, so
     /// that a resume point the database cannot serve now is refused up front instead of starting
     /// a stream that would stall. Once open, the stream survives database outages (later pages
-    /// are retried while heartbeats continue) and ends only on shutdown.
+    /// are retried while heartbeats continue). It ends on shutdown, and with a notice when
+    /// `token_expires` passes or it reaches `--max-stream-lifetime`, whichever comes first.
     pub async fn open(
         self: &Arc<Self>,
         consumer: ConsumerId,
         cursor: Option<EventId>,
         format: Format,
+        token_expires: Option<SystemTime>,
     ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
         let mut follower = Follower::start(
             &self.router,
@@ -104,9 +111,15 @@ impl Streams {
             None => None,
         };
 
+        let end = self.end(token_expires);
         let streams = Arc::clone(self);
         let shutdown = self.shutdown.clone();
         Ok(async_stream::stream! {
+            // Boxed: most streams have no end, and their state need not carry a timer.
+            let mut ends = match end {
+                Some((at, _)) => Box::pin(tokio::time::sleep_until(at)).left_future(),
+                None => futures::future::pending().right_future(),
+            };
             let mut guard = StreamGuard::new(follower.consumer().clone(), cursor, &streams.metrics);
             // A client that has read this knows every event committed from now on will reach it.
             yield Ok(sse::retry(streams.retry));
@@ -128,11 +141,13 @@ impl Streams {
                     None if !follower.position().is_live() => tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => Wake::Stop,
+                        _ = &mut ends => Wake::End,
                         next = follower.next() => Wake::Next(next),
                     },
                     None => tokio::select! {
                         biased;
                         _ = shutdown.cancelled() => Wake::Stop,
+                        _ = &mut ends => Wake::End,
                         next = follower.next() => Wake::Next(next),
                         _ = heartbeat.tick() => Wake::Heartbeat,
                     },
@@ -144,6 +159,11 @@ impl Streams {
                         continue;
                     }
                     Wake::Stop => return,
+                    Wake::End => {
+                        let token_expired = end.is_some_and(|(_, token)| token);
+                        yield Ok(format.ending(token_expired));
+                        return;
+                    }
                 };
                 if follower.lags() > lags {
                     streams.metrics.lag_recoveries.increment(follower.lags() - lags);
@@ -170,9 +190,15 @@ impl Streams {
                             _ = tokio::time::sleep(backoff.next_delay()) => None,
                             _ = heartbeat.tick() => Some(Wake::Heartbeat),
                             _ = shutdown.cancelled() => Some(Wake::Stop),
+                            _ = &mut ends => Some(Wake::End),
                         };
                         match wake {
                             Some(Wake::Heartbeat) => yield Ok(sse::HEARTBEAT),
+                            Some(Wake::End) => {
+                                let token_expired = end.is_some_and(|(_, token)| token);
+                                yield Ok(format.ending(token_expired));
+                                return;
+                            }
                             Some(_) => return,
                             None => {}
                         }
@@ -181,6 +207,26 @@ impl Streams {
                 }
             }
         })
+    }
+
+    /// When a stream opened now must end, and whether that is because its token expires.
+    fn end(&self, token_expires: Option<SystemTime>) -> Option<(Instant, bool)> {
+        let now = Instant::now();
+        let token = token_expires.map(|expires| {
+            let left = expires
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            (now + left, true)
+        });
+        let lifetime = self.max_lifetime.map(|lifetime| (now + lifetime, false));
+        match (token, lifetime) {
+            (Some(token), Some(lifetime)) => Some(if token.0 <= lifetime.0 {
+                token
+            } else {
+                lifetime
+            }),
+            (one, other) => one.or(other),
+        }
     }
 
     /// The `Retry-After` seconds for refused requests: the same delay as the SSE `retry:` hint.

@@ -324,3 +324,42 @@ async fn abusive_clients_do_not_disturb_a_normal_consumer() {
     drop(held);
     assert_eq!(app.get("/health").await.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_new_one() {
+    let app = TestApp::builder().jwt_secret(SECRET).start().await;
+    let producer = app.producer().await;
+    let short = mint(SECRET, "toto", Duration::from_secs(2), false).unwrap();
+    let mut stream = app
+        .stream("/events", &[("Authorization", &format!("Bearer {short}"))])
+        .await;
+    let first = insert(&producer, "toto", "{}").await;
+    assert_eq!(stream.next().await.id, first);
+
+    // It ends by itself, with a notice that carries no id.
+    assert!(
+        stream.ends_within(PATIENCE).await,
+        "the stream outlived its token"
+    );
+    let notices: Vec<&str> = stream
+        .notices
+        .iter()
+        .map(|(event, _)| event.as_str())
+        .collect();
+    assert_eq!(notices, ["event-piper.token-expired"]);
+    assert_eq!(stream.last_event_id, Some(first));
+
+    // A fresh token resumes where the stream ended: nothing is lost.
+    let missed = insert(&producer, "toto", "{}").await;
+    let fresh = token("toto", false);
+    let mut resumed = app
+        .stream(
+            "/events",
+            &[
+                ("Authorization", &format!("Bearer {fresh}")),
+                ("Last-Event-ID", &first.to_string()),
+            ],
+        )
+        .await;
+    assert_eq!(resumed.next().await.id, missed);
+}

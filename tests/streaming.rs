@@ -497,3 +497,29 @@ async fn an_eventpiper_table_is_adopted() {
     let live = stream.next().await;
     assert_eq!((live.id, live.data.as_str()), (3, r#"{"foo":"bar"}"#));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_at_the_maximum_lifetime_and_resume() {
+    let app = TestApp::builder()
+        .max_stream_lifetime(Duration::from_secs(1))
+        .start()
+        .await;
+    let producer = app.producer().await;
+    let mut stream = app.consume("c", None).await;
+    let first = insert(&producer, "c", "{}").await;
+    assert_eq!(stream.next().await.id, first);
+    assert!(
+        stream.ends_within(PATIENCE).await,
+        "the stream outlived its lifetime"
+    );
+    let notices: Vec<&str> = stream
+        .notices
+        .iter()
+        .map(|(event, _)| event.as_str())
+        .collect();
+    assert_eq!(notices, ["event-piper.stream-lifetime"]);
+
+    let missed = insert(&producer, "c", "{}").await;
+    let mut resumed = app.consume("c", Some(first)).await;
+    assert_eq!(resumed.next().await.id, missed);
+}

@@ -151,6 +151,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// `--max-stream-lifetime`: every stream ends after this long.
+    pub fn max_stream_lifetime(mut self, lifetime: Duration) -> Self {
+        self.config.max_stream_lifetime = Some(lifetime);
+        self
+    }
+
     /// `--jwt-secret`: turns authentication on with this HS256 secret.
     pub fn jwt_secret(mut self, secret: &str) -> Self {
         self.config.jwt_secret = Some(secret.to_owned());
