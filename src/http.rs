@@ -255,6 +255,11 @@ async fn events(
     let token_expires = claims
         .as_ref()
         .map(|claims| std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp));
+    // A token past its `exp` but within the check's leeway would open a stream that ends at
+    // once, and a client would reconnect to the same end until the leeway ran out.
+    if token_expires.is_some_and(|expires| expires <= std::time::SystemTime::now()) {
+        return Err(ApiError::Unauthorized("token expired".into()));
+    }
     let consumer = match (claims, consumer_id(&headers, raw_query.as_deref())) {
         (None, requested) => requested?,
         // With a token the consumer may be left out: it is the token's.

@@ -15,6 +15,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use common::{PATIENCE, TestApp, insert};
+use event_piper::auth::mint;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -204,15 +205,28 @@ fn is_executable(path: &Path) -> bool {
         .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn page_publishes_shows_and_resumes_across_a_restart() {
-    let browser = match Browser::start().await {
-        Ok(browser) => browser,
+/// The browser tests run one at a time: started together on this machine, one browser failed to
+/// start and the other's console log held the first page's requests.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A browser, or None (the test is skipped) when Chromium is not installed and
+/// EVENT_PIPER_REQUIRE_BROWSER is not set.
+async fn browser_or_skip() -> Option<Browser> {
+    match Browser::start().await {
+        Ok(browser) => Some(browser),
         Err(reason) if std::env::var_os("EVENT_PIPER_REQUIRE_BROWSER").is_none() => {
             eprintln!("SKIPPED: {reason}");
-            return;
+            None
         }
         Err(reason) => panic!("EVENT_PIPER_REQUIRE_BROWSER is set, but: {reason}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_publishes_shows_and_resumes_across_a_restart() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(browser) = browser_or_skip().await else {
+        return;
     };
     let app = TestApp::start().await;
     let producer = app.producer().await;
@@ -345,6 +359,53 @@ async fn page_publishes_shows_and_resumes_across_a_restart() {
         json!(0),
         "the browser's own reconnect resumed, not the page's fallback"
     );
+
+    browser.quit().await;
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_asks_for_a_new_token_when_its_token_expires() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(browser) = browser_or_skip().await else {
+        return;
+    };
+    const SECRET: &str = "browser-secret-browser-secret-browser!";
+    let app = TestApp::builder().jwt_secret(SECRET).start().await;
+    let producer = app.producer().await;
+    let token = |ttl| mint(SECRET, "toto", Duration::from_secs(ttl), false).unwrap();
+    let connect_with = "document.getElementById('token').value = arguments[0];
+                        document.getElementById('connect').click();";
+
+    browser.open(&format!("{}/?consumer=toto", app.base)).await;
+    browser.run(connect_with, json!([token(2)])).await;
+    browser
+        .wait_for("the stream to be live", "return piper.state === 'live'")
+        .await;
+    let first = insert(&producer, "toto", "{}").await;
+    browser
+        .wait_for(
+            "the first event",
+            &format!("return piper.received.includes({first})"),
+        )
+        .await;
+
+    // The stream ends with the token; the page stops and asks for another one.
+    browser
+        .wait_for(
+            "the page to ask for a new token",
+            "return piper.state === 'token-expired'",
+        )
+        .await;
+    let missed = insert(&producer, "toto", "{}").await;
+    browser.run(connect_with, json!([token(600)])).await;
+    browser
+        .wait_for(
+            "the event inserted while the token was expired",
+            &format!("return piper.received.includes({missed})"),
+        )
+        .await;
+    assert_eq!(browser.received().await, vec![first, missed]);
 
     browser.quit().await;
     app.stop().await.expect("clean shutdown");

@@ -349,6 +349,13 @@ async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_new_one() {
     assert_eq!(notices, ["event-piper.token-expired"]);
     assert_eq!(stream.last_event_id, Some(first));
 
+    // The same token now gets a 401, even within the leeway the check allows for clock skew:
+    // a client does not reconnect to a stream that would end at once.
+    let response = app
+        .get_with("/events", &[("Authorization", &format!("Bearer {short}"))])
+        .await;
+    assert_refused(response, 401, "token expired").await;
+
     // A fresh token resumes where the stream ended: nothing is lost.
     let missed = insert(&producer, "toto", "{}").await;
     let fresh = token("toto", false);
