@@ -28,6 +28,9 @@ pub struct Claims {
     /// Whether the bearer may publish events (POST /events).
     #[serde(default)]
     pub publish: bool,
+    /// Type patterns (`order.*`, `ping`): the bearer reads only events of these types.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub types: Option<Vec<String>>,
 }
 
 /// Why a request is not authenticated; answered with 401.
@@ -164,6 +167,7 @@ pub fn mint(secret: &str, sub: &str, ttl: Duration, publish: bool) -> Result<Str
             .map_err(|why| KeyError::BadSubject(why.to_string()))?,
         exp: (now + ttl).as_secs(),
         publish,
+        types: None,
     };
     let key = EncodingKey::from_secret(secret.as_bytes());
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 
 use crate::channel::RecvError;
 use crate::event::{ConsumerId, EventId, EventRow};
+use crate::filter::TypeFilter;
 use crate::hub::Published;
 use crate::router::{Refused, Router, Subscription};
 use crate::sse::Frame;
@@ -105,6 +106,17 @@ pub enum Next {
     Closed,
 }
 
+/// Where followers take events from; one per instance, shared by all its followers.
+#[derive(Clone)]
+pub struct Sources {
+    pub router: Arc<Router>,
+    /// The hub's published id: every event at or below it is final in the table.
+    pub published: watch::Receiver<Published>,
+    pub store: Store,
+    /// Rows per replay page.
+    pub page_size: i64,
+}
+
 /// Follows one consumer from a resume point.
 pub struct Follower {
     consumer: ConsumerId,
@@ -113,6 +125,8 @@ pub struct Follower {
     store: Store,
     page_size: i64,
     position: Position,
+    /// Only events of these types are handed out; the others still move the position.
+    types: Option<TypeFilter>,
     /// Lag recoveries so far (for metrics).
     lags: u64,
 }
@@ -130,17 +144,16 @@ impl Follower {
     /// Subscribes to `consumer` and places the follower after `after`, or live when None. Waits
     /// until the hub has a published id (it has none just after start-up).
     pub async fn start(
-        router: &Arc<Router>,
-        mut published: watch::Receiver<Published>,
-        store: Store,
-        page_size: i64,
+        sources: &Sources,
         consumer: ConsumerId,
         after: Option<EventId>,
+        types: Option<TypeFilter>,
         ready_wait: std::time::Duration,
     ) -> Result<Follower, StartError> {
         // Subscribe before reading the published id, so that no frame published after it is
         // missed.
-        let subscription = router.subscribe(&consumer)?;
+        let subscription = sources.router.subscribe(&consumer)?;
+        let mut published = sources.published.clone();
         let start = tokio::time::timeout(ready_wait, published.wait_for(Option::is_some))
             .await
             .ok()
@@ -150,9 +163,10 @@ impl Follower {
             consumer,
             subscription,
             published,
-            store,
-            page_size,
+            store: sources.store.clone(),
+            page_size: sources.page_size,
             position: Position::new(after, start),
+            types,
             lags: 0,
         })
     }
@@ -180,7 +194,7 @@ impl Follower {
             }
             match self.subscription.receiver().recv().await {
                 Ok(frame) => {
-                    if self.position.live(frame.id) {
+                    if self.position.live(frame.id) && self.wants(&frame) {
                         return Next::Live(frame);
                     }
                 }
@@ -209,6 +223,10 @@ impl Follower {
             let complete = (rows.len() as i64) < self.page_size;
             self.position
                 .replayed(rows.last().map(|row| row.id), complete);
+            let mut rows = rows;
+            if let Some(types) = &self.types {
+                rows.retain(|row| types.matches(&row.event_type));
+            }
             if !rows.is_empty() {
                 return Some(Ok(rows));
             }
@@ -222,13 +240,21 @@ impl Follower {
     pub fn try_next_live(&mut self) -> Option<Frame> {
         while self.position.is_live() {
             match self.subscription.receiver().try_recv()? {
-                Ok(frame) if self.position.live(frame.id) => return Some(frame),
+                Ok(frame) if self.position.live(frame.id) && self.wants(&frame) => {
+                    return Some(frame);
+                }
                 Ok(_) => {}
                 Err(RecvError::Lagged(_)) => self.recover(),
                 Err(RecvError::Closed) => return None,
             }
         }
         None
+    }
+
+    fn wants(&self, frame: &Frame) -> bool {
+        self.types
+            .as_ref()
+            .is_none_or(|types| types.matches(frame.event_type()))
     }
 
     fn recover(&mut self) {

@@ -15,6 +15,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::auth::{Auth, Claims};
 use crate::event::{ConsumerId, EventId};
+use crate::filter::TypeFilter;
 use crate::metrics::Metrics;
 use crate::publisher::{PublishError, Publisher};
 use crate::router::Refused;
@@ -24,6 +25,7 @@ use crate::stream::{OpenError, Streams};
 
 const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-consumer-id");
 const LAST_EVENT_ID_HEADER: HeaderName = HeaderName::from_static("last-event-id");
+const TYPES_HEADER: HeaderName = HeaderName::from_static("x-event-types");
 
 /// The built-in page: one file, no build step, no external assets.
 const PAGE: &str = include_str!("../static/index.html");
@@ -237,6 +239,8 @@ pub struct EventsQuery {
     pub last_event_id: Option<String>,
     /// A token, for `EventSource` (which cannot send an Authorization header).
     pub access_token: Option<String>,
+    /// Type patterns, comma-separated (for `EventSource`, which cannot send `X-Event-Types`).
+    pub types: Option<String>,
     /// `true`: events as `data: {"type", "payload"}` without an `event:` line (see [`Format`]).
     pub envelope: Option<String>,
 }
@@ -260,6 +264,7 @@ async fn events(
     if token_expires.is_some_and(|expires| expires <= std::time::SystemTime::now()) {
         return Err(ApiError::Unauthorized("token expired".into()));
     }
+    let types = event_types(&headers, &query, claims.as_ref())?;
     let consumer = match (claims, consumer_id(&headers, raw_query.as_deref())) {
         (None, requested) => requested?,
         // With a token the consumer may be left out: it is the token's.
@@ -289,7 +294,7 @@ async fn events(
     let streams = &state.streams;
     let retry_after = streams.retry_after();
     let stream = streams
-        .open(consumer, cursor, format, token_expires)
+        .open(consumer, cursor, format, token_expires, types)
         .await
         .map_err(|error| match error {
             OpenError::Refused(Refused::TooManyForConsumer) => ApiError::TooManyRequests {
@@ -394,7 +399,7 @@ async fn health() -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let pool = state.store.pool_status();
     let read = crate::metrics::ReadGauges {
-        consumers: state.streams.router.consumers(),
+        consumers: state.streams.sources.router.consumers(),
         pool_size: pool.size,
         pool_available: pool.available,
         pool_waiting: pool.waiting,
@@ -409,7 +414,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 /// `GET /ready`: 200 once the hub has its starting point and the notification connection is
 /// listening, 503 before that and while it reconnects.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
-    let published = *state.streams.published.borrow();
+    let published = *state.streams.sources.published.borrow();
     let listening = *state.streams.listening.borrow();
     let status = if published.is_some() && listening {
         StatusCode::OK
@@ -437,6 +442,45 @@ fn consumer_id(headers: &HeaderMap, raw_query: Option<&str>) -> Result<ConsumerI
         None => Err(ApiError::BadRequest(
             "missing X-Consumer-Id header (or consumer query parameter)".into(),
         )),
+    }
+}
+
+/// The types a stream asks for (`X-Event-Types`, else the `types` query parameter), within what
+/// its token allows; the token's types when it asks for none.
+fn event_types(
+    headers: &HeaderMap,
+    query: &EventsQuery,
+    claims: Option<&Claims>,
+) -> Result<Option<TypeFilter>, ApiError> {
+    let requested = match (headers.get(TYPES_HEADER), &query.types) {
+        (Some(value), _) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest("invalid X-Event-Types: not ASCII".into()))
+                .and_then(|text| {
+                    TypeFilter::parse(text).map_err(|why| {
+                        ApiError::BadRequest(format!("invalid X-Event-Types: {why}"))
+                    })
+                })?,
+        ),
+        (None, Some(text)) => Some(
+            TypeFilter::parse(text)
+                .map_err(|why| ApiError::BadRequest(format!("invalid types parameter: {why}")))?,
+        ),
+        (None, None) => None,
+    };
+    let Some(patterns) = claims.and_then(|claims| claims.types.as_ref()) else {
+        return Ok(requested);
+    };
+    let allowed = TypeFilter::from_patterns(patterns.iter().map(String::as_str))
+        .map_err(|why| ApiError::Unauthorized(format!("the token's types claim: {why}")))?;
+    match requested {
+        None => Ok(Some(allowed)),
+        Some(requested) if requested.within(&allowed) => Ok(Some(requested)),
+        Some(_) => Err(ApiError::Forbidden(format!(
+            "this token may read types {} only",
+            patterns.join(",")
+        ))),
     }
 }
 

@@ -14,6 +14,7 @@ pub mod bell;
 pub mod channel;
 pub mod config;
 pub mod event;
+pub mod filter;
 pub mod follower;
 pub mod http;
 pub mod hub;
@@ -196,15 +197,17 @@ pub async fn serve(
     }
 
     let streams = Arc::new(stream::Streams {
-        store: store.clone(),
-        router,
-        published: published_rx,
+        sources: follower::Sources {
+            router,
+            published: published_rx,
+            store: store.clone(),
+            page_size: i64::from(config.batch_size),
+        },
         listening: listening_rx,
         shutdown: stop.clone(),
         heartbeat: config.heartbeat,
         max_lifetime: config.max_stream_lifetime,
         retry: config.retry,
-        page_size: i64::from(config.batch_size),
         metrics: metrics.clone(),
     });
     let publisher = publisher::Publisher::start(

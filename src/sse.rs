@@ -19,6 +19,8 @@ pub struct Frame {
     /// The same event in [`Format::Envelope`], rendered by the first stream that sends it in that
     /// format and shared with the others, like `bytes`.
     envelope: Arc<OnceLock<Bytes>>,
+    /// Where the type is in `bytes`, so a stream's type filter reads it without parsing.
+    type_at: (u32, u32),
 }
 
 impl Frame {
@@ -29,11 +31,21 @@ impl Frame {
     pub fn render(id: EventId, event_type: &str, payload: &str) -> Frame {
         let mut buf = BytesMut::with_capacity(32 + event_type.len() + payload.len());
         put_event(&mut buf, id, event_type, payload);
+        // The type (line breaks replaced, which keeps its length) sits right after `event: `.
+        let end = b"id: ".len() + itoa::Buffer::new().format(id.0).len() + b"\nevent: ".len();
+        let type_at = (end as u32, (end + event_type.len()) as u32);
         Frame {
             id,
             bytes: buf.freeze(),
             envelope: Arc::default(),
+            type_at,
         }
+    }
+
+    /// The event's type, as sent.
+    pub fn event_type(&self) -> &str {
+        let (start, end) = self.type_at;
+        std::str::from_utf8(&self.bytes[start as usize..end as usize]).unwrap_or_default()
     }
 }
 
@@ -219,6 +231,9 @@ mod tests {
             text(&frame),
             "id: 1\nevent: insert\ndata: {\"foo\":\"bar\"}\n\n"
         );
+        assert_eq!(frame.event_type(), "insert");
+        let long_id = Frame::render(EventId(1234567), "a\nb", "1");
+        assert_eq!(long_id.event_type(), "a b");
     }
 
     #[test]

@@ -15,24 +15,21 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::event::{ConsumerId, EventId, EventRow};
-use crate::follower::{Follower, Next, StartError};
-use crate::hub::Published;
+use crate::filter::TypeFilter;
+use crate::follower::{Follower, Next, Sources, StartError};
 use crate::metrics::Metrics;
-use crate::router::{Refused, Router};
+use crate::router::Refused;
 use crate::sse::{self, Format, Frame};
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
 /// What every stream shares.
 pub struct Streams {
-    pub store: Store,
-    pub router: Arc<Router>,
-    pub published: watch::Receiver<Published>,
+    pub sources: Sources,
     /// Whether the notification connection is listening (for readiness).
     pub listening: watch::Receiver<bool>,
     pub shutdown: CancellationToken,
     pub heartbeat: Duration,
     pub retry: Duration,
-    pub page_size: i64,
     /// `--max-stream-lifetime`.
     pub max_lifetime: Option<Duration>,
     pub metrics: Metrics,
@@ -85,17 +82,10 @@ impl Streams {
         cursor: Option<EventId>,
         format: Format,
         token_expires: Option<SystemTime>,
+        types: Option<TypeFilter>,
     ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
-        let mut follower = Follower::start(
-            &self.router,
-            self.published.clone(),
-            self.store.clone(),
-            self.page_size,
-            consumer,
-            cursor,
-            READY_WAIT,
-        )
-        .await?;
+        let mut follower =
+            Follower::start(&self.sources, consumer, cursor, types, READY_WAIT).await?;
         let first = match follower.next_page().await {
             Some(Ok(rows)) => Some(Next::Page(rows)),
             Some(Err(error)) => return Err(error.into()),
@@ -105,7 +95,7 @@ impl Streams {
         // kept, and is told so.
         let truncated = match cursor {
             Some(cursor) => {
-                let deleted_upto = self.store.deleted_upto().await?;
+                let deleted_upto = self.sources.store.deleted_upto().await?;
                 (cursor < deleted_upto).then(|| format.truncated(cursor, deleted_upto))
             }
             None => None,

@@ -121,11 +121,16 @@ async fn tokens_decide_who_reads_and_who_publishes() {
 }
 
 fn expired_token() -> String {
-    let claims = event_piper::auth::Claims {
+    signed(event_piper::auth::Claims {
         sub: event_piper::event::ConsumerId::parse(b"toto").unwrap(),
         exp: 1_000_000,
         publish: false,
-    };
+        types: None,
+    })
+}
+
+/// A token with exactly these claims, signed with the test secret.
+fn signed(claims: event_piper::auth::Claims) -> String {
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
         &claims,
@@ -369,4 +374,45 @@ async fn a_stream_ends_when_its_token_expires_and_resumes_with_a_new_one() {
         )
         .await;
     assert_eq!(resumed.next().await.id, missed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_with_types_reads_only_those() {
+    let app = TestApp::builder().jwt_secret(SECRET).start().await;
+    let producer = app.producer().await;
+    let orders_only = signed(event_piper::auth::Claims {
+        sub: event_piper::event::ConsumerId::parse(b"toto").unwrap(),
+        exp: 4_000_000_000,
+        publish: false,
+        types: Some(vec!["order.*".into()]),
+    });
+    let bearer = format!("Bearer {orders_only}");
+    let auth = [("Authorization", bearer.as_str())];
+
+    // Asking for more than the token allows is refused; asking for less is fine.
+    let response = app.get_with("/events?types=ping", &auth).await;
+    assert_refused(response, 403, "this token may read types order.* only").await;
+    let response = app.get_with("/events?types=order.*,ping", &auth).await;
+    assert_refused(response, 403, "may read types order.* only").await;
+
+    let mut narrower = app.stream("/events?types=order.created", &auth).await;
+    let mut all_allowed = app.stream("/events", &auth).await;
+    let typed = |event_type: &'static str| {
+        let producer = &producer;
+        async move {
+            producer
+                .query_one(
+                    "insert into events (type, subscriber) values ($1::text, 'toto') returning id",
+                    &[&event_type],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    typed("ping").await;
+    let item = typed("order.item.added").await;
+    let created = typed("order.created").await;
+    assert_eq!(all_allowed.ids(2).await, [item, created]);
+    assert_eq!(narrower.next().await.id, created);
 }

@@ -523,3 +523,68 @@ async fn streams_end_at_the_maximum_lifetime_and_resume() {
     let mut resumed = app.consume("c", Some(first)).await;
     assert_eq!(resumed.next().await.id, missed);
 }
+
+/// Inserts an event of `event_type` for `consumer`; returns its id.
+async fn insert_typed(producer: &tokio_postgres::Client, consumer: &str, event_type: &str) -> i64 {
+    producer
+        .query_one(
+            "insert into events (type, subscriber) values ($1::text, $2::text) returning id",
+            &[&event_type, &consumer],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_filter_applies_to_replay_and_live_alike() {
+    let app = TestApp::start().await;
+    let producer = app.producer().await;
+    let created = insert_typed(&producer, "c", "order.created").await;
+    let ping = insert_typed(&producer, "c", "ping").await;
+    insert_typed(&producer, "c", "order").await;
+    let added = insert_typed(&producer, "c", "order.item.added").await;
+
+    // Replay, then live, through the query parameter.
+    let mut stream = app
+        .stream(
+            "/events?types=order.*,ping",
+            &[("X-Consumer-Id", "c"), ("Last-Event-ID", "0")],
+        )
+        .await;
+    assert_eq!(stream.ids(3).await, [created, ping, added]);
+    insert_typed(&producer, "c", "pong").await;
+    let live = insert_typed(&producer, "c", "order.paid").await;
+    assert_eq!(stream.next().await.id, live);
+
+    // Through the header, resuming after an id: filtered ids are skipped, nothing else.
+    let mut pings = app
+        .stream(
+            "/events",
+            &[
+                ("X-Consumer-Id", "c"),
+                ("X-Event-Types", "ping"),
+                ("Last-Event-ID", &created.to_string()),
+            ],
+        )
+        .await;
+    assert_eq!(pings.next().await.id, ping);
+    let next_ping = insert_typed(&producer, "c", "ping").await;
+    assert_eq!(pings.next().await.id, next_ping);
+
+    for (path, headers, reason) in [
+        ("/events?types=order*", vec![], "invalid types parameter"),
+        (
+            "/events",
+            vec![("X-Event-Types", "a,,b")],
+            "invalid X-Event-Types",
+        ),
+    ] {
+        let mut headers = headers;
+        headers.push(("X-Consumer-Id", "c"));
+        let response = app.get_with(path, &headers).await;
+        assert_eq!(response.status(), 400, "{path} {headers:?}");
+        let body = response.text().await.unwrap();
+        assert!(body.contains(reason), "{body}");
+    }
+}
