@@ -14,6 +14,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 use crate::event::ConsumerId;
+use crate::filter::TypeFilter;
 
 /// The cookie a browser page may carry its token in.
 pub const COOKIE: &str = "event_piper_token";
@@ -61,6 +62,8 @@ pub enum KeyError {
     ShortSecret,
     #[error("invalid consumer id for the token's subject: {0}")]
     BadSubject(String),
+    #[error("invalid types for the token: {0}")]
+    BadTypes(String),
 }
 
 /// Verifies tokens.
@@ -156,6 +159,17 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Mints an HS256 token, as `event-piper token` does for a backend to copy.
 pub fn mint(secret: &str, sub: &str, ttl: Duration, publish: bool) -> Result<String, KeyError> {
+    mint_for_types(secret, sub, ttl, publish, None)
+}
+
+/// [`mint`], limited to events of the given type patterns (comma-separated, as in `?types=`).
+pub fn mint_for_types(
+    secret: &str,
+    sub: &str,
+    ttl: Duration,
+    publish: bool,
+    types: Option<&str>,
+) -> Result<String, KeyError> {
     if secret.len() < 32 {
         return Err(KeyError::ShortSecret);
     }
@@ -167,7 +181,17 @@ pub fn mint(secret: &str, sub: &str, ttl: Duration, publish: bool) -> Result<Str
             .map_err(|why| KeyError::BadSubject(why.to_string()))?,
         exp: (now + ttl).as_secs(),
         publish,
-        types: None,
+        types: match types {
+            Some(text) => {
+                TypeFilter::parse(text).map_err(KeyError::BadTypes)?;
+                Some(
+                    text.split(',')
+                        .map(|pattern| pattern.trim().to_owned())
+                        .collect(),
+                )
+            }
+            None => None,
+        },
     };
     let key = EncodingKey::from_secret(secret.as_bytes());
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)

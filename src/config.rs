@@ -196,6 +196,9 @@ pub enum Command {
         /// Allow the bearer to publish events.
         #[arg(long)]
         publish: bool,
+        /// Limit the bearer to events of these types (comma-separated: `order.*,ping`).
+        #[arg(long)]
+        types: Option<String>,
     },
 }
 

@@ -21,11 +21,19 @@ async fn main() -> ExitCode {
 }
 
 async fn run(config: Config) -> anyhow::Result<()> {
-    if let Some(Command::Token { sub, ttl, publish }) = &config.command {
+    if let Some(Command::Token {
+        sub,
+        ttl,
+        publish,
+        types,
+    }) = &config.command
+    {
         let secret = config.jwt_secret.as_deref().ok_or_else(|| {
             anyhow::anyhow!("event-piper token needs --jwt-secret (or EVENT_PIPER_JWT_SECRET)")
         })?;
-        println!("{}", event_piper::auth::mint(secret, sub, *ttl, *publish)?);
+        let token =
+            event_piper::auth::mint_for_types(secret, sub, *ttl, *publish, types.as_deref())?;
+        println!("{token}");
         return Ok(());
     }
     if config.dump_config {
