@@ -62,6 +62,19 @@ impl TypeFilter {
         Ok(filter)
     }
 
+    /// The exact names, and the prefixes as SQL `LIKE` patterns (`order.%`), for a query that
+    /// filters in the database.
+    pub fn to_sql(&self) -> (Vec<String>, Vec<String>) {
+        let like = |prefix: &String| {
+            let escaped = prefix
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_");
+            format!("{escaped}%")
+        };
+        (self.exact.clone(), self.prefixes.iter().map(like).collect())
+    }
+
     pub fn matches(&self, event_type: &str) -> bool {
         self.exact.iter().any(|exact| exact == event_type)
             || self
@@ -104,6 +117,13 @@ mod tests {
         for no in ["order", "order.", "orders.x", "pingpong", "x.order.created"] {
             assert!(!orders.matches(no), "{no}");
         }
+    }
+
+    #[test]
+    fn prefixes_become_escaped_like_patterns() {
+        let (exact, like) = filter("a_b.*,c%d.*,ping").to_sql();
+        assert_eq!(exact, ["ping"]);
+        assert_eq!(like, ["a\\_b.%", "c\\%d.%"]);
     }
 
     #[test]

@@ -150,6 +150,7 @@ pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
         .route("/", get(page))
         .route("/events", get(events).post(publish))
         .route("/events/{id}", get(event_by_id))
+        .route("/history", get(history))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -243,7 +244,24 @@ pub struct EventsQuery {
     pub types: Option<String>,
     /// `true`: events as `data: {"type", "payload"}` without an `event:` line (see [`Format`]).
     pub envelope: Option<String>,
+    // `GET /history` only:
+    /// Events with a higher id (the keyset of the next page).
+    pub after: Option<String>,
+    /// Events up to this id.
+    pub upto: Option<String>,
+    /// Events whose timestamp is at or after this time (RFC 3339).
+    pub since: Option<String>,
+    /// Events whose timestamp is before this time (RFC 3339).
+    pub until: Option<String>,
+    /// JSON the payload must contain (`payload @> ...`).
+    pub payload: Option<String>,
+    /// Events per page (default 100, at most 1000).
+    pub limit: Option<String>,
 }
+
+/// Events per page of `GET /history` unless the client asks, and at most.
+const HISTORY_PAGE: i64 = 100;
+const MAX_HISTORY_PAGE: i64 = 1000;
 
 /// `GET /events`: the consumer's event stream.
 async fn events(
@@ -265,22 +283,7 @@ async fn events(
         return Err(ApiError::Unauthorized("token expired".into()));
     }
     let types = event_types(&headers, &query, claims.as_ref())?;
-    let consumer = match (claims, consumer_id(&headers, raw_query.as_deref())) {
-        (None, requested) => requested?,
-        // With a token the consumer may be left out: it is the token's.
-        (Some(claims), Err(_)) if !names_consumer(&headers, &query) => claims.sub,
-        (Some(claims), requested) => {
-            let requested = requested?;
-            if requested != claims.sub {
-                return Err(ApiError::Forbidden(format!(
-                    "this token may read consumer {:?}, not {:?}",
-                    claims.sub.as_str(),
-                    requested.as_str()
-                )));
-            }
-            requested
-        }
-    };
+    let consumer = reader(claims, &headers, raw_query.as_deref(), &query)?;
     let cursor = last_event_id(&headers, &query)?;
     let format = match query.envelope.as_deref() {
         None | Some("false") => Format::Named,
@@ -317,6 +320,118 @@ async fn events(
         body,
     )
         .into_response())
+}
+
+/// The consumer a request reads: the one it names, which must be its token's when it has one; a
+/// request with a token may leave it out.
+fn reader(
+    claims: Option<Claims>,
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    query: &EventsQuery,
+) -> Result<ConsumerId, ApiError> {
+    Ok(match (claims, consumer_id(headers, raw_query)) {
+        (None, requested) => requested?,
+        // With a token the consumer may be left out: it is the token's.
+        (Some(claims), Err(_)) if !names_consumer(headers, query) => claims.sub,
+        (Some(claims), requested) => {
+            let requested = requested?;
+            if requested != claims.sub {
+                return Err(ApiError::Forbidden(format!(
+                    "this token may read consumer {:?}, not {:?}",
+                    claims.sub.as_str(),
+                    requested.as_str()
+                )));
+            }
+            requested
+        }
+    })
+}
+
+/// `GET /history`: a consumer's past events (and the broadcasts) as JSON, oldest first, filtered
+/// by type, id range, time range and payload containment, a bounded page at a time with a link
+/// to the next.
+async fn history(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(raw_query): RawQuery,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
+    let claims = state.claims(&headers, query.access_token.as_deref())?;
+    let types = event_types(&headers, &query, claims.as_ref())?;
+    let consumer = reader(claims, &headers, raw_query.as_deref(), &query)?;
+    let id = |name: &str, value: &Option<String>, default: i64| match value {
+        Some(text) => parse_last_event_id(text.as_bytes())
+            .map_err(|_| ApiError::BadRequest(format!("invalid {name}: expected an event id"))),
+        None => Ok(EventId(default)),
+    };
+    let time = |name: &str, value: &Option<String>| {
+        value
+            .as_deref()
+            .map(|text| {
+                humantime::parse_rfc3339_weak(text).map_err(|_| {
+                    ApiError::BadRequest(format!(
+                        "invalid {name}: expected a time such as 2026-11-27T10:00:00Z"
+                    ))
+                })
+            })
+            .transpose()
+    };
+    if let Some(payload) = &query.payload
+        && serde_json::from_str::<serde_json::Value>(payload).is_err()
+    {
+        return Err(ApiError::BadRequest(
+            "invalid payload: expected JSON".into(),
+        ));
+    }
+    let limit = match &query.limit {
+        Some(text) => text
+            .parse::<i64>()
+            .ok()
+            .filter(|limit| (1..=MAX_HISTORY_PAGE).contains(limit))
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!("invalid limit: expected 1 to {MAX_HISTORY_PAGE}"))
+            })?,
+        None => HISTORY_PAGE,
+    };
+    let search = crate::store::HistorySearch {
+        consumer: &consumer,
+        after: id("after", &query.after, 0)?,
+        upto: id("upto", &query.upto, i64::MAX)?,
+        since: time("since", &query.since)?,
+        until: time("until", &query.until)?,
+        payload: query.payload.as_deref(),
+        types: types.as_ref(),
+        limit,
+    };
+    let page = state
+        .store
+        .history(&search)
+        .await
+        .map_err(|error| ApiError::from_store(&error, state.streams.retry_after()))?;
+    // A full page may have more after it: the same search, after its last id.
+    let next = match page.last() {
+        Some((last, _)) if page.len() as i64 == limit => {
+            let mut next = form_urlencoded::Serializer::new(String::new());
+            for (key, value) in form_urlencoded::parse(raw_query.unwrap_or_default().as_bytes()) {
+                if key != "after" && key != "access_token" {
+                    next.append_pair(&key, &value);
+                }
+            }
+            next.append_pair("after", &last.to_string());
+            serde_json::Value::from(format!("/history?{}", next.finish()))
+        }
+        _ => serde_json::Value::Null,
+    };
+    let events = page
+        .iter()
+        .map(|(_, json)| json.as_str())
+        .collect::<Vec<_>>()
+        .join(",");
+    let body = format!("{{\"events\":[{events}],\"next\":{next}}}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 /// `POST /events`: inserts one event or a batch (all or nothing, through the [`Publisher`], which

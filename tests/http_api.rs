@@ -327,3 +327,92 @@ async fn retention_deletes_old_events_and_tells_resuming_clients() {
     assert_eq!(later.next().await.id, 5);
     assert!(later.notices.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_is_searchable_and_paginated() {
+    let app = TestApp::start().await;
+    let producer = app.producer().await;
+    let add =
+        |event_type: &'static str, subscriber: Option<&'static str>, payload: &'static str| {
+            let producer = &producer;
+            async move {
+                producer
+                    .query_one(
+                        "insert into events (type, subscriber, payload) \
+                     values ($1::text, $2::text, $3::text::jsonb) returning id",
+                        &[&event_type, &subscriber, &payload],
+                    )
+                    .await
+                    .unwrap()
+                    .get::<_, i64>(0)
+            }
+        };
+    let created = add("order.created", Some("c"), r#"{"n": 1, "tag": "x"}"#).await;
+    let ping = add("ping", Some("c"), "{}").await;
+    add("order.created", Some("d"), r#"{"tag": "x"}"#).await;
+    let broadcast = add("news", None, "{}").await;
+    let paid = add("order.paid", Some("c"), r#"{"n": 2, "tag": "x"}"#).await;
+
+    let search = |query: &str| {
+        let path = format!("/history?consumer=c{query}");
+        let app = &app;
+        async move {
+            let response = app.get(&path).await;
+            assert_eq!(response.status(), 200, "{path}");
+            let body: serde_json::Value = response.json().await.unwrap();
+            let ids: Vec<i64> = body["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|event| event["id"].as_i64().unwrap())
+                .collect();
+            (ids, body["next"].as_str().map(str::to_owned), body)
+        }
+    };
+    let (ids, next, body) = search("").await;
+    assert_eq!(ids, [created, ping, broadcast, paid]);
+    assert_eq!(next, None);
+    assert_eq!(body["events"][0]["type"], "order.created");
+    assert_eq!(body["events"][0]["payload"]["n"], 1);
+    assert_eq!(body["events"][2]["subscriber"], serde_json::Value::Null);
+
+    assert_eq!(search("&types=order.*").await.0, [created, paid]);
+    assert_eq!(
+        search("&payload=%7B%22tag%22%3A%22x%22%7D").await.0,
+        [created, paid]
+    );
+    assert_eq!(
+        search(&format!("&after={created}&upto={broadcast}"))
+            .await
+            .0,
+        [ping, broadcast]
+    );
+    assert_eq!(
+        search("&since=2999-01-01T00:00:00Z").await.0,
+        Vec::<i64>::new()
+    );
+    assert_eq!(search("&until=2999-01-01T00:00:00Z").await.0.len(), 4);
+
+    // Keyset pages: a full page links to the next one, the last one to nothing.
+    let (first, next, _) = search("&limit=3").await;
+    assert_eq!(first, [created, ping, broadcast]);
+    let next = next.expect("a link to the next page");
+    let body: serde_json::Value = app.get(&next).await.json().await.unwrap();
+    assert_eq!(body["events"][0]["id"], paid);
+    assert_eq!(body["next"], serde_json::Value::Null);
+
+    for (query, reason) in [
+        ("&limit=0", "invalid limit"),
+        ("&limit=1001", "invalid limit"),
+        ("&since=yesterday", "invalid since"),
+        ("&after=x", "invalid after"),
+        ("&payload=nope", "invalid payload"),
+        ("&types=or*der", "invalid types parameter"),
+    ] {
+        let response = app.get(&format!("/history?consumer=c{query}")).await;
+        assert_eq!(response.status(), 400, "{query}");
+        assert!(response.text().await.unwrap().contains(reason), "{query}");
+    }
+    let response = app.get("/history").await;
+    assert_eq!(response.status(), 400);
+}

@@ -415,4 +415,18 @@ async fn a_token_with_types_reads_only_those() {
     let created = typed("order.created").await;
     assert_eq!(all_allowed.ids(2).await, [item, created]);
     assert_eq!(narrower.next().await.id, created);
+
+    // History applies the same rules.
+    let body: serde_json::Value = app.get_with("/history", &auth).await.json().await.unwrap();
+    let types: Vec<&str> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|event| event["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["order.item.added", "order.created"]);
+    let response = app.get_with("/history?consumer=titi", &auth).await;
+    assert_refused(response, 403, "may read consumer \"toto\"").await;
+    let response = app.get_with("/history?consumer=toto", &[]).await;
+    assert_refused(response, 401, "missing token").await;
 }
