@@ -257,6 +257,8 @@ pub struct EventsQuery {
     pub payload: Option<String>,
     /// Events per page (default 100, at most 1000).
     pub limit: Option<String>,
+    /// Instead of `limit`: the newest this many events.
+    pub last: Option<String>,
 }
 
 /// Events per page of `GET /history` unless the client asks, and at most.
@@ -386,15 +388,21 @@ async fn history(
             "invalid payload: expected JSON".into(),
         ));
     }
-    let limit = match &query.limit {
-        Some(text) => text
-            .parse::<i64>()
+    let count = |name: &str, text: &str| {
+        text.parse::<i64>()
             .ok()
-            .filter(|limit| (1..=MAX_HISTORY_PAGE).contains(limit))
+            .filter(|count| (1..=MAX_HISTORY_PAGE).contains(count))
             .ok_or_else(|| {
-                ApiError::BadRequest(format!("invalid limit: expected 1 to {MAX_HISTORY_PAGE}"))
-            })?,
-        None => HISTORY_PAGE,
+                ApiError::BadRequest(format!("invalid {name}: expected 1 to {MAX_HISTORY_PAGE}"))
+            })
+    };
+    let (limit, newest) = match (&query.limit, &query.last) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest("give limit or last, not both".into()));
+        }
+        (Some(limit), None) => (count("limit", limit)?, false),
+        (None, Some(last)) => (count("last", last)?, true),
+        (None, None) => (HISTORY_PAGE, false),
     };
     let search = crate::store::HistorySearch {
         consumer: &consumer,
@@ -405,6 +413,7 @@ async fn history(
         payload: query.payload.as_deref(),
         types: types.as_ref(),
         limit,
+        newest,
     };
     let page = state
         .store
@@ -413,7 +422,7 @@ async fn history(
         .map_err(|error| ApiError::from_store(&error, state.streams.retry_after()))?;
     // A full page may have more after it: the same search, after its last id.
     let next = match page.last() {
-        Some((last, _)) if page.len() as i64 == limit => {
+        Some((last, _)) if !newest && page.len() as i64 == limit => {
             let mut next = form_urlencoded::Serializer::new(String::new());
             for (key, value) in form_urlencoded::parse(raw_query.unwrap_or_default().as_bytes()) {
                 if key != "after" && key != "access_token" {

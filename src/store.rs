@@ -46,6 +46,8 @@ pub struct HistorySearch<'a> {
     pub payload: Option<&'a str>,
     pub types: Option<&'a TypeFilter>,
     pub limit: i64,
+    /// The newest `limit` events instead of the oldest (still returned oldest first).
+    pub newest: bool,
 }
 
 /// Decodes a row read with [`COLUMNS`].
@@ -206,6 +208,8 @@ impl Store {
     /// in the database. Two index scans merged, as for replay.
     pub async fn history(&self, search: &HistorySearch<'_>) -> Result<Vec<(EventId, String)>> {
         let client = self.pool.get().await?;
+        // The newest ones are read newest first, then put back in order.
+        let order = if search.newest { "DESC" } else { "ASC" };
         let filters = "id > $2 AND id <= $3 \
              AND ($5::timestamptz IS NULL OR timestamp >= $5) \
              AND ($6::timestamptz IS NULL OR timestamp < $6) \
@@ -215,11 +219,12 @@ impl Store {
             .prepare_cached(&format!(
                 "SELECT id, json_build_object('id', id, 'type', type, 'timestamp', timestamp, \
                    'subscriber', subscriber, 'payload', payload)::text FROM ( \
-                   (SELECT * FROM events WHERE subscriber = $1 AND {filters} ORDER BY id LIMIT $4) \
+                   (SELECT * FROM events WHERE subscriber = $1 AND {filters} \
+                    ORDER BY id {order} LIMIT $4) \
                    UNION ALL \
                    (SELECT * FROM events WHERE subscriber IS NULL AND {filters} \
-                    ORDER BY id LIMIT $4) \
-                 ) page ORDER BY id LIMIT $4"
+                    ORDER BY id {order} LIMIT $4) \
+                 ) page ORDER BY id {order} LIMIT $4"
             ))
             .await?;
         let (exact, like) = match search.types {
@@ -245,9 +250,14 @@ impl Store {
                 ],
             )
             .await?;
-        rows.iter()
+        let mut page = rows
+            .iter()
             .map(|row| Ok((EventId(row.try_get(0)?), row.try_get(1)?)))
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        if search.newest {
+            page.reverse();
+        }
+        Ok(page)
     }
 
     /// Inserts `events` in one statement (all or nothing) and returns their ids, in order.

@@ -401,8 +401,13 @@ async fn history_is_searchable_and_paginated() {
     assert_eq!(body["events"][0]["id"], paid);
     assert_eq!(body["next"], serde_json::Value::Null);
 
+    let (newest, next, _) = search("&last=2").await;
+    assert_eq!((newest, next), (vec![broadcast, paid], None));
+
     for (query, reason) in [
         ("&limit=0", "invalid limit"),
+        ("&last=0", "invalid last"),
+        ("&last=2&limit=2", "not both"),
         ("&limit=1001", "invalid limit"),
         ("&since=yesterday", "invalid since"),
         ("&after=x", "invalid after"),
