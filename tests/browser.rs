@@ -410,3 +410,67 @@ async fn page_asks_for_a_new_token_when_its_token_expires() {
     browser.quit().await;
     app.stop().await.expect("clean shutdown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_shows_recent_events_and_searches_history() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(browser) = browser_or_skip().await else {
+        return;
+    };
+    let app = TestApp::start().await;
+    let producer = app.producer().await;
+    let add = |event_type: &'static str, payload: &'static str| {
+        let producer = &producer;
+        async move {
+            producer
+                .query_one(
+                    "insert into events (type, subscriber, payload) \
+                     values ($1::text, 'hist', $2::text::jsonb) returning id",
+                    &[&event_type, &payload],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let created = add("order.created", r#"{"tag": "x"}"#).await;
+    let ping = add("ping", "{}").await;
+    let paid = add("order.paid", r#"{"tag": "x"}"#).await;
+
+    // Opening the page shows the recent events, then goes live right after them.
+    browser.open(&format!("{}/?consumer=hist", app.base)).await;
+    browser
+        .wait_for("the stream to be live", "return piper.state === 'live'")
+        .await;
+    let history = browser.run("return piper.history", json!([])).await;
+    assert_eq!(history, json!([created, ping, paid]));
+    let live = add("ping", "{}").await;
+    browser
+        .wait_for(
+            "the live event",
+            &format!("return piper.received.includes({live})"),
+        )
+        .await;
+    assert_eq!(browser.received().await, vec![live], "nothing shown twice");
+
+    // The search over history, next to the live list.
+    browser
+        .run(
+            "document.getElementById('search-types').value = 'order.*';
+             document.getElementById('search-payload').value = '{\"tag\": \"x\"}';
+             document.getElementById('search-go').click();",
+            json!([]),
+        )
+        .await;
+    let found = browser
+        .wait_for(
+            "the search results",
+            "return piper.searchResults.length === 2 ? piper.searchResults : null",
+        )
+        .await;
+    assert_eq!(found, json!([created, paid]));
+    assert_eq!(browser.console_errors().await, Vec::<String>::new());
+
+    browser.quit().await;
+    app.stop().await.expect("clean shutdown");
+}
