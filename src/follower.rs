@@ -121,9 +121,7 @@ pub struct Sources {
 pub struct Follower {
     consumer: ConsumerId,
     subscription: Subscription,
-    published: watch::Receiver<Published>,
-    store: Store,
-    page_size: i64,
+    sources: Sources,
     position: Position,
     /// Only events of these types are handed out; the others still move the position.
     types: Option<TypeFilter>,
@@ -162,9 +160,7 @@ impl Follower {
         Ok(Follower {
             consumer,
             subscription,
-            published,
-            store: sources.store.clone(),
-            page_size: sources.page_size,
+            sources: sources.clone(),
             position: Position::new(after, start),
             types,
             lags: 0,
@@ -210,17 +206,18 @@ impl Follower {
         while let Some((after, upto)) = self.position.page() {
             // Boxed: a query future is large, and every idle follower would carry its space all
             // its life.
-            let read =
-                Box::pin(
-                    self.store
-                        .read_consumer(&self.consumer, after, upto, self.page_size),
-                )
-                .await;
+            let read = Box::pin(self.sources.store.read_consumer(
+                &self.consumer,
+                after,
+                upto,
+                self.sources.page_size,
+            ))
+            .await;
             let rows = match read {
                 Ok(rows) => rows,
                 Err(error) => return Some(Err(error)),
             };
-            let complete = (rows.len() as i64) < self.page_size;
+            let complete = (rows.len() as i64) < self.sources.page_size;
             self.position
                 .replayed(rows.last().map(|row| row.id), complete);
             let mut rows = rows;
@@ -258,7 +255,7 @@ impl Follower {
     }
 
     fn recover(&mut self) {
-        let published = (*self.published.borrow()).unwrap_or(self.position.cursor());
+        let published = (*self.sources.published.borrow()).unwrap_or(self.position.cursor());
         self.lags += 1;
         tracing::debug!(
             consumer = %self.consumer,

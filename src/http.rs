@@ -16,6 +16,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{Auth, Claims};
 use crate::event::{ConsumerId, EventId};
 use crate::filter::TypeFilter;
+use crate::follower::StartError;
 use crate::metrics::Metrics;
 use crate::publisher::{PublishError, Publisher};
 use crate::router::Refused;
@@ -302,10 +303,12 @@ async fn events(
         .open(consumer, cursor, format, token_expires, types)
         .await
         .map_err(|error| match error {
-            OpenError::Refused(Refused::TooManyForConsumer) => ApiError::TooManyRequests {
-                reason: error.to_string(),
-                retry_after,
-            },
+            OpenError::Start(StartError::Refused(Refused::TooManyForConsumer)) => {
+                ApiError::TooManyRequests {
+                    reason: error.to_string(),
+                    retry_after,
+                }
+            }
             _ => ApiError::Unavailable {
                 reason: error.to_string(),
                 retry_after,

@@ -18,7 +18,6 @@ use crate::event::{ConsumerId, EventId, EventRow};
 use crate::filter::TypeFilter;
 use crate::follower::{Follower, Next, Sources, StartError};
 use crate::metrics::Metrics;
-use crate::router::Refused;
 use crate::sse::{self, Format, Frame};
 use crate::store::StoreError;
 
@@ -38,21 +37,10 @@ pub struct Streams {
 /// Why a stream cannot be opened now; the client should retry shortly.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("not ready: the service has not yet reached the database")]
-    NotReady,
+    #[error(transparent)]
+    Start(#[from] StartError),
     #[error("cannot replay from the database right now: {0}")]
     Replay(#[from] StoreError),
-    #[error(transparent)]
-    Refused(#[from] Refused),
-}
-
-impl From<StartError> for OpenError {
-    fn from(error: StartError) -> Self {
-        match error {
-            StartError::NotReady => OpenError::NotReady,
-            StartError::Refused(refused) => OpenError::Refused(refused),
-        }
-    }
 }
 
 /// What a stream waiting for its follower woke up for.
