@@ -208,9 +208,9 @@ impl Follower {
             // its life.
             let read = Box::pin(self.sources.store.read_consumer(
                 &self.consumer,
-                after,
-                upto,
+                (after, upto),
                 self.sources.page_size,
+                self.types.as_ref(),
             ))
             .await;
             let rows = match read {

@@ -50,6 +50,17 @@ pub struct HistorySearch<'a> {
     pub newest: bool,
 }
 
+/// A type filter as query parameters: the exact names (NULL: no filter) and the `LIKE` patterns.
+fn sql_types(types: Option<&TypeFilter>) -> (Option<Vec<String>>, Vec<String>) {
+    match types {
+        Some(types) => {
+            let (exact, like) = types.to_sql();
+            (Some(exact), like)
+        }
+        None => (None, Vec::new()),
+    }
+}
+
 /// Decodes a row read with [`COLUMNS`].
 fn event_row(row: &tokio_postgres::Row) -> std::result::Result<EventRow, tokio_postgres::Error> {
     Ok(EventRow {
@@ -173,29 +184,36 @@ impl Store {
     }
 
     /// One page of a consumer's history: its events and the broadcasts (NULL subscriber) in
-    /// `(after, upto]`, in id order. Two index scans merged, so a page costs its own size however
-    /// long the history is.
+    /// `(after, upto]`, in id order, of the given types only. Two index scans merged, so a page
+    /// costs its own size however long the history is; the types narrow the rows in the database
+    /// (the follower still decides with the same filter, as for live frames).
     pub async fn read_consumer(
         &self,
         consumer: &ConsumerId,
-        after: EventId,
-        upto: EventId,
+        (after, upto): (EventId, EventId),
         limit: i64,
+        types: Option<&TypeFilter>,
     ) -> Result<Vec<EventRow>> {
         let client = self.pool.get().await?;
+        let filters = "id > $2 AND id <= $3 \
+             AND ($5::text[] IS NULL OR type = ANY($5) OR type LIKE ANY($6))";
         let statement = client
             .prepare_cached(&format!(
                 "SELECT * FROM ( \
                    (SELECT {COLUMNS} FROM events \
-                    WHERE subscriber = $1 AND id > $2 AND id <= $3 ORDER BY id LIMIT $4) \
+                    WHERE subscriber = $1 AND {filters} ORDER BY id LIMIT $4) \
                    UNION ALL \
                    (SELECT {COLUMNS} FROM events \
-                    WHERE subscriber IS NULL AND id > $2 AND id <= $3 ORDER BY id LIMIT $4) \
+                    WHERE subscriber IS NULL AND {filters} ORDER BY id LIMIT $4) \
                  ) page ORDER BY id LIMIT $4"
             ))
             .await?;
+        let (exact, like) = sql_types(types);
         let rows = client
-            .query(&statement, &[&consumer.as_str(), &after.0, &upto.0, &limit])
+            .query(
+                &statement,
+                &[&consumer.as_str(), &after.0, &upto.0, &limit, &exact, &like],
+            )
             .await?;
         rows.iter()
             .map(event_row)
@@ -227,13 +245,7 @@ impl Store {
                  ) page ORDER BY id {order} LIMIT $4"
             ))
             .await?;
-        let (exact, like) = match search.types {
-            Some(types) => {
-                let (exact, like) = types.to_sql();
-                (Some(exact), like)
-            }
-            None => (None, Vec::new()),
-        };
+        let (exact, like) = sql_types(search.types);
         let rows = client
             .query(
                 &statement,

@@ -572,6 +572,18 @@ async fn a_type_filter_applies_to_replay_and_live_alike() {
     let next_ping = insert_typed(&producer, "c", "ping").await;
     assert_eq!(pings.next().await.id, next_ping);
 
+    // Prefixes are matched literally in the database too: `_`, `%` and `\` are no wildcards.
+    let odd = insert_typed(&producer, "e", "a\\b_%.x").await;
+    insert_typed(&producer, "e", "a\\bX%.x").await;
+    let mut literal = app
+        .stream(
+            "/events?types=a%5Cb_%25.*",
+            &[("X-Consumer-Id", "e"), ("Last-Event-ID", "0")],
+        )
+        .await;
+    assert_eq!(literal.next().await.id, odd);
+    assert_eq!(literal.next_within(Duration::from_millis(300)).await, None);
+
     for (path, headers, reason) in [
         ("/events?types=order*", vec![], "invalid types parameter"),
         (
