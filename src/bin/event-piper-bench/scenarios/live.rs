@@ -30,6 +30,8 @@ const BACKLOG_EVERY: Duration = Duration::from_millis(5);
 pub struct Plan {
     pub label: String,
     pub consumers: Arc<[Arc<str>]>,
+    /// Event types the producers cycle through (see [`Targets::types`]).
+    pub types: Arc<[Arc<str>]>,
     pub specs: Vec<ConnSpec>,
     pub rate: f64,
     /// What latency is measured from.
@@ -47,11 +49,13 @@ impl Plan {
                 consumer: consumer.clone(),
                 index: index as u32,
                 last_event_id: None,
+                only_type: None,
             })
             .collect();
         Plan {
             label,
             consumers,
+            types: producer::one_type(),
             specs,
             rate,
             stamp: Stamp::Committed,
@@ -152,6 +156,7 @@ where
     let backlog = Backlog::start(Arc::clone(&counter), Arc::clone(&shared), deadline);
     let targets = Targets {
         consumers: Arc::clone(&plan.consumers),
+        types: Arc::clone(&plan.types),
         ledger: Some(Arc::clone(&ledger)),
         counter,
         stamp: plan.stamp,
@@ -166,7 +171,10 @@ where
     let expected_frames: u64 = plan
         .specs
         .iter()
-        .map(|spec| produced.per_consumer[spec.index as usize])
+        .map(|spec| {
+            let kind = spec.only_type.as_ref().map(|only| only.kind);
+            produced.rows_for(spec.index, kind)
+        })
         .sum();
     let arrived = consumer::wait_until(DRAIN_TIMEOUT, || {
         shared.frames.load(Ordering::Relaxed) >= expected_frames
