@@ -592,3 +592,62 @@ pub async fn bulk(
     }
     Ok((combine(vec![worker], start.elapsed(), consumers, 1), counts))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Hands out ids 1, 2, 3, ... and remembers what each was sent with.
+    struct FakeSink(Arc<Mutex<Vec<(String, String)>>>);
+
+    impl Sink for FakeSink {
+        async fn send(&mut self, consumer: &str, event_type: &str, _seq: i64) -> Result<i64> {
+            let mut sent = self.0.lock().unwrap();
+            sent.push((consumer.to_owned(), event_type.to_owned()));
+            Ok(sent.len() as i64)
+        }
+    }
+
+    #[tokio::test]
+    async fn each_consumer_gets_the_types_in_turn_and_the_ledger_knows_them() {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let ledger = Arc::new(Ledger::new(1, Instant::now()));
+        let targets = Targets {
+            consumers: ["c0", "c1"].into_iter().map(Arc::from).collect(),
+            types: ["t0", "t1", "t2"].into_iter().map(Arc::from).collect(),
+            ledger: Some(Arc::clone(&ledger)),
+            counter: Arc::new(AtomicU64::new(0)),
+            stamp: Stamp::Committed,
+        };
+        // 12 events over 120 ms: only who gets what is checked, never when. (The schedule stops
+        // at twice the duration; a shorter one could be cut short on a busy machine.)
+        let produced = paced_with(
+            vec![FakeSink(Arc::clone(&sent))],
+            100.0,
+            Duration::from_millis(120),
+            targets,
+        )
+        .await
+        .unwrap();
+        let sent = sent.lock().unwrap();
+        let got: Vec<(&str, &str)> = sent.iter().map(|(c, t)| (&**c, &**t)).collect();
+        assert_eq!(
+            &got[..6],
+            [
+                ("c0", "t0"),
+                ("c1", "t0"),
+                ("c0", "t1"),
+                ("c1", "t1"),
+                ("c0", "t2"),
+                ("c1", "t2")
+            ]
+        );
+        assert_eq!(produced.rows, 12);
+        assert_eq!(produced.per_consumer, [6, 6]);
+        assert_eq!(produced.rows_for(1, Some(2)), 2);
+        assert_eq!(produced.rows_for(0, None), 6);
+        // Event 6 (the sixth id) went to c1 with t2.
+        assert_eq!((ledger.owner(6), ledger.kind(6)), (Some(1), Some(2)));
+    }
+}

@@ -1,4 +1,4 @@
-//! The live run shared by the latency, fanout, dbcost, producers and publish scenarios:
+//! The live run shared by the latency, fanout, filter, dbcost, producers and publish scenarios:
 //! connections open and live first, then producers run (single-row transactions at a steady rate
 //! by default, or whatever producing future the scenario passes to [`run_with`]), then the bench
 //! waits for the last frame and settles every connection against the ledger.
@@ -73,6 +73,8 @@ pub struct Outcome {
     pub drain: Option<Duration>,
     pub connect_time: Duration,
     pub cpu: String,
+    /// The service's share of `cpu`, in cores.
+    pub service_cores: Option<f64>,
     /// The most events committed (returned to their producer) but not yet read by a consumer,
     /// sampled every few milliseconds while producers ran. Meaningful when each event goes to
     /// exactly one connection.
@@ -183,7 +185,7 @@ where
     .await;
     let drain = (arrived && shared.frames.load(Ordering::Relaxed) >= expected_frames)
         .then(|| stopped.elapsed());
-    let cpu = cpu.describe();
+    let (service_cores, cpu) = (cpu.service_cores(), cpu.describe());
     drop(progress);
     let settled = fleet.close().await;
     for error in &settled.errors {
@@ -197,6 +199,7 @@ where
         drain,
         connect_time,
         cpu,
+        service_cores,
         behind_max,
     })
 }
