@@ -24,8 +24,8 @@ pub struct Args {
     #[arg(long, default_value = "20s", value_parser = parse_duration)]
     pub duration: Duration,
 
-    /// Events per second for the paced scenarios (latency, fanout, dbcost, and the paced phases of
-    /// producers and publish).
+    /// Events per second for the paced scenarios (latency, fanout, filter, dbcost, and the paced
+    /// phases of producers and publish).
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,
 
@@ -37,9 +37,14 @@ pub struct Args {
     #[arg(long, default_value_t = 100)]
     pub latency_consumers: usize,
 
-    /// Connections of the one consumer in fanout shape (a), and consumers of shape (b).
+    /// Connections of the one consumer in fanout shape (a), and consumers of shape (b); the
+    /// same for the filter scenario's shapes (b) and (a).
     #[arg(long, default_value_t = 1000)]
     pub fanout: usize,
+
+    /// Event types the filter scenario cycles through; a filtered stream asks for one of them.
+    #[arg(long, default_value_t = 10)]
+    pub filter_types: usize,
 
     /// Rows per transaction in the throughput scenario.
     #[arg(long, default_value_t = 100)]
@@ -101,6 +106,7 @@ pub enum Scenario {
     Latency,
     Throughput,
     Fanout,
+    Filter,
     Connections,
     Replay,
     Dbcost,
@@ -119,6 +125,7 @@ impl Scenario {
                 Latency,
                 Throughput,
                 Fanout,
+                Filter,
                 Connections,
                 Replay,
                 Producers,

@@ -27,6 +27,16 @@ pub struct ConnSpec {
     /// Index of the consumer in the scenario's consumer list (the ledger's owner).
     pub index: u32,
     pub last_event_id: Option<i64>,
+    /// Ask for one event type only; `None`: every type.
+    pub only_type: Option<OnlyType>,
+}
+
+/// A stream that asks for one event type: `GET /events?types={name}`.
+#[derive(Debug, Clone)]
+pub struct OnlyType {
+    /// The type's index in the producers' list, as the ledger records it.
+    pub kind: u16,
+    pub name: Arc<str>,
 }
 
 /// What every connection of a fleet shares: counters for progress and the latency histogram.
@@ -103,13 +113,18 @@ async fn stream(
     if let Some(resume) = &resume {
         headers.push(("last-event-id", resume));
     }
+    // The type names are the bench's own (`bench.N`): nothing to escape in the query.
+    let path = match &report.spec.only_type {
+        Some(only) => format!("/events?types={}", only.name),
+        None => "/events".to_owned(),
+    };
     let timeout = deadline.saturating_duration_since(Instant::now());
-    let mut open = tokio::time::timeout(timeout, client::get(addr, "/events", &headers))
+    let mut open = tokio::time::timeout(timeout, client::get(addr, &path, &headers))
         .await
         .map_err(|_| anyhow::anyhow!("no response before the deadline"))??;
     anyhow::ensure!(
         open.response.status().is_success(),
-        "GET /events answered {}",
+        "GET {path} answered {}",
         open.response.status()
     );
 

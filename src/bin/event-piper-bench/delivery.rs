@@ -1,7 +1,7 @@
 //! The exactly-once, in-order check, per consumer connection.
 //!
-//! A connection must receive every event produced for its consumer after it went live, once, in
-//! id order, and nothing else. Each connection keeps a bitmap of the ids it received (relative to
+//! A connection must receive every event produced for its consumer after it went live (of its
+//! one type, when the stream asks for one), once, in id order, and nothing else. Each connection keeps a bitmap of the ids it received (relative to
 //! the ledger's base) so that a repeat is told apart from a late arrival; what it never received
 //! is counted at the end against the ledger.
 
@@ -71,16 +71,18 @@ impl Delivery {
     }
 
     /// Compares with the ledger: (ids produced for `consumer` never received, ids received that
-    /// were produced for someone else or not by the bench).
-    pub fn settle(&self, ledger: &Ledger, consumer: u32) -> (u64, u64) {
+    /// were produced for someone else or not by the bench). With `kind`, the connection asked for
+    /// that type only: the consumer's events of other types count as foreign if they arrive.
+    pub fn settle(&self, ledger: &Ledger, consumer: u32, kind: Option<u16>) -> (u64, u64) {
         let mut lost = 0;
         let mut foreign = 0;
         let upto = ledger
             .highest()
             .max(self.base + self.seen.len() as i64 * 64 - 1);
         for id in ledger.base()..=upto {
-            let owner = ledger.owner(id);
-            match (owner == Some(consumer), self.has(id)) {
+            let wanted = ledger.owner(id) == Some(consumer)
+                && kind.is_none_or(|kind| ledger.kind(id) == Some(kind));
+            match (wanted, self.has(id)) {
                 (true, false) => lost += 1,
                 (false, true) => foreign += 1,
                 _ => {}
@@ -126,7 +128,7 @@ mod tests {
     fn tells_duplicates_from_late_arrivals_and_counts_losses() {
         let ledger = Ledger::new(10, Instant::now());
         for id in 10..20 {
-            ledger.record(id, (id % 2) as u32, None);
+            ledger.record(id, (id % 2) as u32, 0, None);
         }
         let mut delivery = Delivery::new(10);
         assert_eq!(delivery.observe(Some(10)), Arrival::InOrder);
@@ -137,7 +139,24 @@ mod tests {
         assert_eq!(delivery.observe(None), Arrival::Malformed);
         assert_eq!(delivery.observe(Some(3)), Arrival::Malformed);
         // Consumer 0 owns the even ids 10..=18: 16 and 18 never came; 15 is consumer 1's.
-        assert_eq!(delivery.settle(&ledger, 0), (2, 1));
+        assert_eq!(delivery.settle(&ledger, 0, None), (2, 1));
         assert_eq!(delivery.received, 4);
+    }
+
+    #[test]
+    fn a_stream_of_one_type_expects_only_that_type() {
+        let ledger = Ledger::new(10, Instant::now());
+        // Consumer 0's events 10..20, types 0, 1, 2, 0, 1, 2, ...
+        for id in 10..20 {
+            ledger.record(id, 0, (id % 3) as u16, None);
+        }
+        let mut delivery = Delivery::new(10);
+        // Type 1 is 10, 13, 16, 19: 19 never came, 11 is type 2.
+        for id in [10, 11, 13, 16] {
+            delivery.observe(Some(id));
+        }
+        assert_eq!(delivery.settle(&ledger, 0, Some(1)), (1, 1));
+        // Without a filter the stream should have had all ten.
+        assert_eq!(delivery.settle(&ledger, 0, None), (6, 0));
     }
 }

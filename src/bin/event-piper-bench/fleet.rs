@@ -113,7 +113,10 @@ impl Fleet {
                 }
             };
             unmatched += consumer::resolve(&mut report, &shared);
-            let (lost, foreign) = report.delivery.settle(&shared.ledger, report.spec.index);
+            let kind = report.spec.only_type.as_ref().map(|only| only.kind);
+            let (lost, foreign) = report
+                .delivery
+                .settle(&shared.ledger, report.spec.index, kind);
             delivery.received += report.delivery.received;
             delivery.lost += lost;
             delivery.duplicates += report.delivery.duplicates;

@@ -1,12 +1,12 @@
-//! The ledger: for every event id the bench produced, which consumer it was for and when the
-//! producer's commit returned.
+//! The ledger: for every event id the bench produced, which consumer it was for, which of the
+//! scenario's event types it has, and when the producer's commit returned.
 //!
 //! Producers write it, consumer connections read it when a frame arrives, and the delivery check
 //! reads it at the end. It is indexed by id (ids are dense: one sequence, `CACHE 1`), lock-free,
 //! and grows in fixed chunks allocated on first use, so it costs nothing for ids never produced.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU16, AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 
 const CHUNK_BITS: u32 = 16;
@@ -21,6 +21,9 @@ const UNTIMED: u64 = u64::MAX;
 struct Slot {
     /// Consumer index + 1; 0 = not produced by the bench (yet).
     owner: AtomicU32,
+    /// Index of the event's type in the producers' list of types (0 when there is one); it fits
+    /// in the padding after `owner`, so a slot stays 16 bytes.
+    kind: AtomicU16,
     /// Nanoseconds after the epoch at which the commit returned; 0 = not recorded yet.
     committed_ns: AtomicU64,
 }
@@ -80,13 +83,15 @@ impl Ledger {
         slots.get(offset & (CHUNK - 1))
     }
 
-    /// Records that `id` is for consumer `owner` and committed at `committed` (`None`: no time).
-    /// Returns false when the id is outside the ledger's range, which the caller must report.
-    pub fn record(&self, id: i64, owner: u32, committed: Option<Instant>) -> bool {
+    /// Records that `id` is for consumer `owner`, has type `kind`, and committed at `committed`
+    /// (`None`: no time). Returns false when the id is outside the ledger's range, which the
+    /// caller must report.
+    pub fn record(&self, id: i64, owner: u32, kind: u16, committed: Option<Instant>) -> bool {
         let Some(slot) = self.slot(id, true) else {
             return false;
         };
         slot.owner.store(owner + 1, Ordering::Relaxed);
+        slot.kind.store(kind, Ordering::Relaxed);
         let at = committed.map_or(UNTIMED, |at| self.nanos(at));
         // Release: a reader that sees the time also sees the owner.
         slot.committed_ns.store(at, Ordering::Release);
@@ -110,6 +115,12 @@ impl Ledger {
         let owner = self.slot(id, false)?.owner.load(Ordering::Acquire);
         owner.checked_sub(1)
     }
+
+    /// The type index `id` was produced with, if the bench produced it.
+    pub fn kind(&self, id: i64) -> Option<u16> {
+        let slot = self.slot(id, false)?;
+        (slot.owner.load(Ordering::Acquire) != 0).then(|| slot.kind.load(Ordering::Relaxed))
+    }
 }
 
 #[cfg(test)]
@@ -121,13 +132,15 @@ mod tests {
         let epoch = Instant::now();
         let ledger = Ledger::new(100, epoch);
         assert_eq!(ledger.commit(100), Commit::Unknown);
-        assert!(ledger.record(100, 3, Some(epoch)));
-        assert!(ledger.record(100 + CHUNK as i64 + 5, 0, None));
-        assert!(!ledger.record(99, 0, None));
+        assert!(ledger.record(100, 3, 7, Some(epoch)));
+        assert!(ledger.record(100 + CHUNK as i64 + 5, 0, 0, None));
+        assert!(!ledger.record(99, 0, 0, None));
         assert!(matches!(ledger.commit(100), Commit::At(_)));
         assert_eq!(ledger.owner(100), Some(3));
         assert_eq!(ledger.commit(100 + CHUNK as i64 + 5), Commit::Untimed);
         assert_eq!(ledger.owner(101), None);
+        assert_eq!(ledger.kind(100), Some(7));
+        assert_eq!(ledger.kind(101), None);
         assert_eq!(ledger.highest(), 100 + CHUNK as i64 + 5);
     }
 }

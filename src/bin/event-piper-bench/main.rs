@@ -7,8 +7,9 @@
 //! the frame), throughput and the service's memory. One markdown table per scenario at the end.
 //!
 //! Scenarios (`--help` for their knobs): `latency`, `throughput`, `fanout`, `connections`,
-//! `replay`, `dbcost` (issue 4: what consumers get), and `producers` and `publish` (issue 9: what
-//! the application's writers pay). `producers` compares single-row producers on a plain table with
+//! `replay`, `dbcost` (issue 4: what consumers get), `filter` (what type filters cost: streams
+//! asking for one of 10 types against the same streams asking for all), and `producers` and
+//! `publish` (issue 9: what the application's writers pay). `producers` compares single-row producers on a plain table with
 //! the same producers on `events` (service streaming every event), for `synchronous_commit` on
 //! and off and 1 to 64 connections, checks multi-row INSERTs and COPY beside them, and runs 1,000
 //! events/s from 1 to 64 connections; `publish` does the same over `POST /events`. Their latency

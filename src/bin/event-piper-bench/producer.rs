@@ -24,13 +24,21 @@ use crate::ledger::Ledger;
 
 /// One autocommit statement is one transaction: the response to it is the commit returning.
 const INSERT_ONE: &str = "INSERT INTO events (type, subscriber, payload) \
-     VALUES ('bench', $1, jsonb_build_object('seq', $2::bigint)) RETURNING id";
+     VALUES ($3, $1, jsonb_build_object('seq', $2::bigint)) RETURNING id";
+
+/// The event type of every event the bench writes, unless a scenario asks for several.
+pub const BENCH_TYPE: &str = "bench";
+
+/// [`BENCH_TYPE`] alone, for [`Targets::types`].
+pub fn one_type() -> Arc<[Arc<str>]> {
+    Arc::from([Arc::from(BENCH_TYPE)])
+}
 
 /// The EventPiper walkthrough's insert, into `table` (`events`, or the bench's plain table).
 fn insert_walkthrough(table: &str) -> String {
     format!(
         "INSERT INTO {table} (type, timestamp, subscriber, payload) \
-         VALUES ('bench', now(), $1, jsonb_build_object('seq', $2::bigint)) RETURNING id"
+         VALUES ('{BENCH_TYPE}', now(), $1, jsonb_build_object('seq', $2::bigint)) RETURNING id"
     )
 }
 
@@ -46,6 +54,10 @@ pub struct Produced {
     pub elapsed: Duration,
     /// Rows per consumer index.
     pub per_consumer: Vec<u64>,
+    /// Rows per consumer index and type index: `[consumer * types + kind]`.
+    pub per_consumer_type: Vec<u64>,
+    /// How many types the producers cycled through.
+    pub types: usize,
     /// Round trip of each insert (send to commit returned).
     pub commit: Summary,
     /// How far the paced schedule fell behind at worst (0 when producers kept up).
@@ -68,6 +80,28 @@ impl Produced {
         for (total, rows) in self.per_consumer.iter_mut().zip(other.per_consumer) {
             *total += rows;
         }
+        // The bulk drivers write type 0 only; others' types are a prefix of ours.
+        for (consumer, rows) in other
+            .per_consumer_type
+            .chunks(other.types.max(1))
+            .enumerate()
+        {
+            for (kind, rows) in rows.iter().enumerate() {
+                self.per_consumer_type[consumer * self.types + kind] += rows;
+            }
+        }
+    }
+
+    /// Rows produced for consumer `consumer`, of type `kind` only when given.
+    pub fn rows_for(&self, consumer: u32, kind: Option<u16>) -> u64 {
+        match kind {
+            None => self.per_consumer[consumer as usize],
+            Some(kind) => self
+                .per_consumer_type
+                .get(consumer as usize * self.types + kind as usize)
+                .copied()
+                .unwrap_or(0),
+        }
     }
 }
 
@@ -84,6 +118,11 @@ pub enum Stamp {
 #[derive(Clone)]
 pub struct Targets {
     pub consumers: Arc<[Arc<str>]>,
+    /// The event types the single-event drivers ([`paced_with`], [`flood_with`]) cycle through:
+    /// the n-th event of each consumer has type `n % len`, so that every consumer gets every type
+    /// in turn. The bulk drivers ([`flood`], [`bulk`], [`history`]) write one fixed type and
+    /// record type index 0.
+    pub types: Arc<[Arc<str>]>,
     pub ledger: Option<Arc<Ledger>>,
     /// Rows committed so far, for the progress line.
     pub counter: Arc<AtomicU64>,
@@ -105,25 +144,35 @@ pub async fn connect(url: &str) -> Result<Client> {
 struct Worker {
     rows: u64,
     transactions: u64,
-    per_consumer: Vec<u64>,
+    types: usize,
+    /// `[consumer * types + kind]`.
+    per_consumer_type: Vec<u64>,
     commit: Histogram<u64>,
     max_behind: Duration,
     unrecorded: u64,
 }
 
 impl Worker {
-    fn new(consumers: usize) -> Worker {
+    fn new(consumers: usize, types: usize) -> Worker {
         Worker {
             rows: 0,
             transactions: 0,
-            per_consumer: vec![0; consumers],
+            types,
+            per_consumer_type: vec![0; consumers * types],
             commit: new_histogram(),
             max_behind: Duration::ZERO,
             unrecorded: 0,
         }
     }
 
-    fn committed(&mut self, targets: &Targets, consumer: usize, ids: &[i64], sent: Instant) {
+    fn committed(
+        &mut self,
+        targets: &Targets,
+        consumer: usize,
+        kind: usize,
+        ids: &[i64],
+        sent: Instant,
+    ) {
         let now = Instant::now();
         self.commit
             .saturating_record((now - sent).as_micros().max(1) as u64);
@@ -133,25 +182,27 @@ impl Worker {
                 Stamp::Sent => sent,
             };
             for &id in ids {
-                if !ledger.record(id, consumer as u32, Some(at)) {
+                if !ledger.record(id, consumer as u32, kind as u16, Some(at)) {
                     self.unrecorded += 1;
                 }
             }
         }
         self.rows += ids.len() as u64;
         self.transactions += 1;
-        self.per_consumer[consumer] += ids.len() as u64;
+        self.per_consumer_type[consumer * self.types + kind] += ids.len() as u64;
         targets
             .counter
             .fetch_add(ids.len() as u64, Ordering::Relaxed);
     }
 }
 
-fn combine(workers: Vec<Worker>, elapsed: Duration, consumers: usize) -> Produced {
+fn combine(workers: Vec<Worker>, elapsed: Duration, consumers: usize, types: usize) -> Produced {
     let mut commit = new_histogram();
     let mut produced = Produced {
         elapsed,
         per_consumer: vec![0; consumers],
+        per_consumer_type: vec![0; consumers * types],
+        types,
         ..Produced::default()
     };
     for worker in workers {
@@ -159,10 +210,19 @@ fn combine(workers: Vec<Worker>, elapsed: Duration, consumers: usize) -> Produce
         produced.transactions += worker.transactions;
         produced.max_behind = produced.max_behind.max(worker.max_behind);
         produced.unrecorded += worker.unrecorded;
-        for (total, rows) in produced.per_consumer.iter_mut().zip(worker.per_consumer) {
+        for (total, rows) in produced
+            .per_consumer_type
+            .iter_mut()
+            .zip(worker.per_consumer_type)
+        {
             *total += rows;
         }
         let _ = commit.add(&worker.commit);
+    }
+    for (consumer, total) in produced.per_consumer.iter_mut().enumerate() {
+        *total = produced.per_consumer_type[consumer * types..(consumer + 1) * types]
+            .iter()
+            .sum();
     }
     produced.commit = Summary::of(&commit);
     produced
@@ -171,29 +231,54 @@ fn combine(workers: Vec<Worker>, elapsed: Duration, consumers: usize) -> Produce
 /// One producer connection: sends one event and returns its id once it is durable (the commit
 /// returned, or the service answered 201).
 pub trait Sink: Send + 'static {
-    fn send(&mut self, consumer: &str, seq: i64) -> impl Future<Output = Result<i64>> + Send;
+    fn send(
+        &mut self,
+        consumer: &str,
+        event_type: &str,
+        seq: i64,
+    ) -> impl Future<Output = Result<i64>> + Send;
 }
 
 /// A PostgreSQL connection inserting single-row autocommit transactions.
 pub struct SqlSink {
     client: Client,
     statement: tokio_postgres::Statement,
+    /// The type written into the statement's text (the walkthrough's form), or `None` when the
+    /// type is its third parameter.
+    fixed_type: Option<&'static str>,
 }
 
 impl SqlSink {
-    async fn new(client: Client, sql: &str) -> Result<SqlSink> {
+    async fn new(client: Client, sql: &str, fixed_type: Option<&'static str>) -> Result<SqlSink> {
         let statement = client.prepare(sql).await?;
-        Ok(SqlSink { client, statement })
+        Ok(SqlSink {
+            client,
+            statement,
+            fixed_type,
+        })
     }
 }
 
 impl Sink for SqlSink {
-    async fn send(&mut self, consumer: &str, seq: i64) -> Result<i64> {
-        let row = self
-            .client
-            .query_one(&self.statement, &[&consumer, &seq])
-            .await
-            .context("inserting an event")?;
+    async fn send(&mut self, consumer: &str, event_type: &str, seq: i64) -> Result<i64> {
+        let row = match self.fixed_type {
+            None => {
+                self.client
+                    .query_one(&self.statement, &[&consumer, &seq, &event_type])
+                    .await
+            }
+            Some(fixed) => {
+                // A scenario that wants several types must not get one silently.
+                anyhow::ensure!(
+                    event_type == fixed,
+                    "this producer writes type {fixed:?} only, not {event_type:?}"
+                );
+                self.client
+                    .query_one(&self.statement, &[&consumer, &seq])
+                    .await
+            }
+        }
+        .context("inserting an event")?;
         Ok(row.try_get(0)?)
     }
 }
@@ -213,7 +298,7 @@ pub async fn walkthrough_sinks(
         client
             .batch_execute(&format!("SET synchronous_commit = {setting}"))
             .await?;
-        SqlSink::new(client, &sql).await
+        SqlSink::new(client, &sql, Some(BENCH_TYPE)).await
     }))
     .await
 }
@@ -230,7 +315,7 @@ pub async fn paced(
     targets: Targets,
 ) -> Result<Produced> {
     let sinks = try_join_all(
-        (0..producers).map(|_| async { SqlSink::new(connect(url).await?, INSERT_ONE).await }),
+        (0..producers).map(|_| async { SqlSink::new(connect(url).await?, INSERT_ONE, None).await }),
     )
     .await?;
     paced_with(sinks, rate, duration, targets).await
@@ -247,11 +332,11 @@ pub async fn paced_with<S: Sink>(
     let start = tokio::time::Instant::now() + Duration::from_millis(20);
     let total = (rate * duration.as_secs_f64()).round() as u64;
     let cutoff = start + duration * 2;
-    let consumers = targets.consumers.len();
+    let (consumers, types) = (targets.consumers.len(), targets.types.len());
     let workers = sinks.into_iter().enumerate().map(|(p, mut sink)| {
         let targets = targets.clone();
         async move {
-            let mut worker = Worker::new(consumers);
+            let mut worker = Worker::new(consumers, types);
             for k in (p as u64..total).step_by(producers) {
                 if tokio::time::Instant::now() >= cutoff {
                     break;
@@ -261,15 +346,19 @@ pub async fn paced_with<S: Sink>(
                 let sent = Instant::now();
                 worker.max_behind = worker.max_behind.max(sent - due.into_std());
                 let consumer = (k % consumers as u64) as usize;
-                let id = sink.send(&targets.consumers[consumer], k as i64).await?;
-                worker.committed(&targets, consumer, &[id], sent);
+                // The round of k over the consumers: each consumer's events go through the types.
+                let kind = ((k / consumers as u64) % types as u64) as usize;
+                let id = sink
+                    .send(&targets.consumers[consumer], &targets.types[kind], k as i64)
+                    .await?;
+                worker.committed(&targets, consumer, kind, &[id], sent);
             }
             anyhow::Ok(worker)
         }
     });
     let workers = try_join_all(workers).await?;
     let elapsed = start.elapsed();
-    Ok(combine(workers, elapsed, consumers))
+    Ok(combine(workers, elapsed, consumers, types))
 }
 
 /// Every sink sends single events back to back for `duration`: as fast as they are taken.
@@ -280,19 +369,23 @@ pub async fn flood_with<S: Sink>(
 ) -> Result<Produced> {
     let start = Instant::now();
     let end = start + duration;
-    let consumers = targets.consumers.len();
+    let (consumers, types) = (targets.consumers.len(), targets.types.len());
     let workers = sinks.into_iter().enumerate().map(|(p, mut sink)| {
         let targets = targets.clone();
         async move {
-            let mut worker = Worker::new(consumers);
+            let mut worker = Worker::new(consumers, types);
             let mut seq = p as i64 * 1_000_000_000;
             // Bounded by time; each iteration is one round trip.
             while Instant::now() < end {
-                // Every connection cycles through all consumers, each starting at its own.
-                let consumer = (p + worker.transactions as usize) % consumers;
+                // Every connection cycles through all consumers, each starting at its own, and
+                // through the types once per round of consumers.
+                let n = p + worker.transactions as usize;
+                let (consumer, kind) = (n % consumers, (n / consumers) % types);
                 let sent = Instant::now();
-                let id = sink.send(&targets.consumers[consumer], seq).await?;
-                worker.committed(&targets, consumer, &[id], sent);
+                let id = sink
+                    .send(&targets.consumers[consumer], &targets.types[kind], seq)
+                    .await?;
+                worker.committed(&targets, consumer, kind, &[id], sent);
                 seq += 1;
             }
             anyhow::Ok(worker)
@@ -300,7 +393,7 @@ pub async fn flood_with<S: Sink>(
     });
     let workers = try_join_all(workers).await?;
     let elapsed = start.elapsed();
-    Ok(combine(workers, elapsed, consumers))
+    Ok(combine(workers, elapsed, consumers, types))
 }
 
 /// Transactions of `batch` rows each, back to back on every connection, for `duration`: as fast
@@ -320,7 +413,7 @@ pub async fn flood(
         let targets = targets.clone();
         async move {
             let statement = client.prepare(INSERT_MANY).await?;
-            let mut worker = Worker::new(consumers);
+            let mut worker = Worker::new(consumers, 1);
             let mut seq = p as i64 * 1_000_000_000;
             // Bounded by time; each iteration is one round trip.
             while Instant::now() < end {
@@ -342,14 +435,14 @@ pub async fn flood(
                     .iter()
                     .map(|row| row.try_get(0))
                     .collect::<Result<Vec<i64>, _>>()?;
-                worker.committed(&targets, consumer, &ids, sent);
+                worker.committed(&targets, consumer, 0, &ids, sent);
             }
             anyhow::Ok(worker)
         }
     });
     let workers = try_join_all(workers).await?;
     let elapsed = start.elapsed();
-    Ok(combine(workers, elapsed, consumers))
+    Ok(combine(workers, elapsed, consumers, 1))
 }
 
 /// Bulk history for `consumer` (index 0 in `ledger`): `count` rows in transactions of `chunk`
@@ -394,7 +487,7 @@ pub async fn history(
         .await?;
     let mut recorded = 0;
     for row in rows {
-        if ledger.record(row.try_get(0)?, 0, None) {
+        if ledger.record(row.try_get(0)?, 0, 0, None) {
             recorded += 1;
         }
     }
@@ -441,7 +534,7 @@ pub async fn bulk(
         )
         .await?;
     let consumers = targets.consumers.len();
-    let mut worker = Worker::new(consumers);
+    let mut worker = Worker::new(consumers, 1);
     let mut counts = Bulk::default();
     let start = Instant::now();
     let end = start + duration;
@@ -460,7 +553,7 @@ pub async fn bulk(
             .iter()
             .map(|row| row.try_get(0))
             .collect::<Result<Vec<i64>, _>>()?;
-        worker.committed(&targets, consumer, &ids, sent);
+        worker.committed(&targets, consumer, 0, &ids, sent);
         counts.statements += 1;
         counts.statement_rows += ids.len() as u64;
         tokio::time::sleep(pause).await;
@@ -491,11 +584,70 @@ pub async fn bulk(
             "COPY wrote {copied} rows but {} carry its tag",
             ids.len()
         );
-        worker.committed(&targets, consumer, &ids, sent);
+        worker.committed(&targets, consumer, 0, &ids, sent);
         counts.copies += 1;
         counts.copy_rows += copied;
         round += 1;
         tokio::time::sleep(pause).await;
     }
-    Ok((combine(vec![worker], start.elapsed(), consumers), counts))
+    Ok((combine(vec![worker], start.elapsed(), consumers, 1), counts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// Hands out ids 1, 2, 3, ... and remembers what each was sent with.
+    struct FakeSink(Arc<Mutex<Vec<(String, String)>>>);
+
+    impl Sink for FakeSink {
+        async fn send(&mut self, consumer: &str, event_type: &str, _seq: i64) -> Result<i64> {
+            let mut sent = self.0.lock().unwrap();
+            sent.push((consumer.to_owned(), event_type.to_owned()));
+            Ok(sent.len() as i64)
+        }
+    }
+
+    #[tokio::test]
+    async fn each_consumer_gets_the_types_in_turn_and_the_ledger_knows_them() {
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let ledger = Arc::new(Ledger::new(1, Instant::now()));
+        let targets = Targets {
+            consumers: ["c0", "c1"].into_iter().map(Arc::from).collect(),
+            types: ["t0", "t1", "t2"].into_iter().map(Arc::from).collect(),
+            ledger: Some(Arc::clone(&ledger)),
+            counter: Arc::new(AtomicU64::new(0)),
+            stamp: Stamp::Committed,
+        };
+        // 12 events over 120 ms: only who gets what is checked, never when. (The schedule stops
+        // at twice the duration; a shorter one could be cut short on a busy machine.)
+        let produced = paced_with(
+            vec![FakeSink(Arc::clone(&sent))],
+            100.0,
+            Duration::from_millis(120),
+            targets,
+        )
+        .await
+        .unwrap();
+        let sent = sent.lock().unwrap();
+        let got: Vec<(&str, &str)> = sent.iter().map(|(c, t)| (&**c, &**t)).collect();
+        assert_eq!(
+            &got[..6],
+            [
+                ("c0", "t0"),
+                ("c1", "t0"),
+                ("c0", "t1"),
+                ("c1", "t1"),
+                ("c0", "t2"),
+                ("c1", "t2")
+            ]
+        );
+        assert_eq!(produced.rows, 12);
+        assert_eq!(produced.per_consumer, [6, 6]);
+        assert_eq!(produced.rows_for(1, Some(2)), 2);
+        assert_eq!(produced.rows_for(0, None), 6);
+        // Event 6 (the sixth id) went to c1 with t2.
+        assert_eq!((ledger.owner(6), ledger.kind(6)), (Some(1), Some(2)));
+    }
 }

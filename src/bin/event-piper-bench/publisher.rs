@@ -55,10 +55,11 @@ impl HttpSink {
 }
 
 impl Sink for HttpSink {
-    async fn send(&mut self, consumer: &str, seq: i64) -> Result<i64> {
-        // Consumer names are the bench's own (`prefix-N`): nothing to escape.
-        let body =
-            format!(r#"{{"type":"bench","subscriber":"{consumer}","payload":{{"seq":{seq}}}}}"#);
+    async fn send(&mut self, consumer: &str, event_type: &str, seq: i64) -> Result<i64> {
+        // Consumer names and types are the bench's own (`prefix-N`, `bench.N`): nothing to escape.
+        let body = format!(
+            r#"{{"type":"{event_type}","subscriber":"{consumer}","payload":{{"seq":{seq}}}}}"#
+        );
         let request = Request::post("/events")
             .header(header::HOST, self.host.clone())
             .header(header::CONTENT_TYPE, "application/json")

@@ -103,6 +103,7 @@ async fn hold(
             consumer: names[i % consumers].clone(),
             index: (i % consumers) as u32,
             last_event_id: None,
+            only_type: None,
         })
         .collect();
     let deadline = Instant::now() + bench.args.hold + Duration::from_secs(600);

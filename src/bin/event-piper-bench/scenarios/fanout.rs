@@ -26,9 +26,11 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
                 consumer: one[0].clone(),
                 index: 0,
                 last_event_id: None,
+                only_type: None,
             })
             .collect(),
         consumers: one,
+        types: crate::producer::one_type(),
         rate,
         stamp: crate::producer::Stamp::Committed,
     };

@@ -1,4 +1,4 @@
-//! The live run shared by the latency, fanout, dbcost, producers and publish scenarios:
+//! The live run shared by the latency, fanout, filter, dbcost, producers and publish scenarios:
 //! connections open and live first, then producers run (single-row transactions at a steady rate
 //! by default, or whatever producing future the scenario passes to [`run_with`]), then the bench
 //! waits for the last frame and settles every connection against the ledger.
@@ -30,6 +30,8 @@ const BACKLOG_EVERY: Duration = Duration::from_millis(5);
 pub struct Plan {
     pub label: String,
     pub consumers: Arc<[Arc<str>]>,
+    /// Event types the producers cycle through (see [`Targets::types`]).
+    pub types: Arc<[Arc<str>]>,
     pub specs: Vec<ConnSpec>,
     pub rate: f64,
     /// What latency is measured from.
@@ -47,11 +49,13 @@ impl Plan {
                 consumer: consumer.clone(),
                 index: index as u32,
                 last_event_id: None,
+                only_type: None,
             })
             .collect();
         Plan {
             label,
             consumers,
+            types: producer::one_type(),
             specs,
             rate,
             stamp: Stamp::Committed,
@@ -69,6 +73,8 @@ pub struct Outcome {
     pub drain: Option<Duration>,
     pub connect_time: Duration,
     pub cpu: String,
+    /// The service's share of `cpu`, in cores.
+    pub service_cores: Option<f64>,
     /// The most events committed (returned to their producer) but not yet read by a consumer,
     /// sampled every few milliseconds while producers ran. Meaningful when each event goes to
     /// exactly one connection.
@@ -152,6 +158,7 @@ where
     let backlog = Backlog::start(Arc::clone(&counter), Arc::clone(&shared), deadline);
     let targets = Targets {
         consumers: Arc::clone(&plan.consumers),
+        types: Arc::clone(&plan.types),
         ledger: Some(Arc::clone(&ledger)),
         counter,
         stamp: plan.stamp,
@@ -166,7 +173,10 @@ where
     let expected_frames: u64 = plan
         .specs
         .iter()
-        .map(|spec| produced.per_consumer[spec.index as usize])
+        .map(|spec| {
+            let kind = spec.only_type.as_ref().map(|only| only.kind);
+            produced.rows_for(spec.index, kind)
+        })
         .sum();
     let arrived = consumer::wait_until(DRAIN_TIMEOUT, || {
         shared.frames.load(Ordering::Relaxed) >= expected_frames
@@ -175,7 +185,7 @@ where
     .await;
     let drain = (arrived && shared.frames.load(Ordering::Relaxed) >= expected_frames)
         .then(|| stopped.elapsed());
-    let cpu = cpu.describe();
+    let (service_cores, cpu) = (cpu.service_cores(), cpu.describe());
     drop(progress);
     let settled = fleet.close().await;
     for error in &settled.errors {
@@ -189,6 +199,7 @@ where
         drain,
         connect_time,
         cpu,
+        service_cores,
         behind_max,
     })
 }

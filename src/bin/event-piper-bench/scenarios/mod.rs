@@ -1,10 +1,11 @@
-//! The scenarios of issue 4 (latency ... dbcost) and issue 9 (producers, publish: what
-//! event-piper costs the application's writers), and what they share: the bench context, the live
+//! The scenarios of issue 4 (latency ... dbcost), issue 9 (producers, publish: what
+//! event-piper costs the application's writers) and type filters (filter), and what they share: the bench context, the live
 //! run, CPU accounting.
 
 mod connections;
 mod dbcost;
 mod fanout;
+mod filter;
 mod latency;
 mod live;
 mod producers;
@@ -39,6 +40,7 @@ pub async fn run(scenario: Scenario, bench: &mut Bench) -> Result<Vec<Table>> {
         Scenario::Latency => latency::run(bench).await,
         Scenario::Throughput => throughput::run(bench).await,
         Scenario::Fanout => fanout::run(bench).await,
+        Scenario::Filter => filter::run(bench).await,
         Scenario::Connections => connections::run(bench).await,
         Scenario::Replay => replay::run(bench).await,
         Scenario::Dbcost => dbcost::run(bench).await,
@@ -84,6 +86,13 @@ impl CpuMeter {
             procfs::own_cpu(),
             procfs::machine_busy(),
         ]
+    }
+
+    /// The service's cores over the phase so far (`None` without a service), for comparing runs.
+    pub fn service_cores(&self) -> Option<f64> {
+        let pid = self.service_pid?;
+        let wall = self.started.elapsed().as_secs_f64().max(1e-9);
+        Some(procfs::cpu(pid).saturating_sub(self.start[0]).as_secs_f64() / wall)
     }
 
     /// "service 0.62 · postgres 0.55 · bench 0.40 cores" over the phase so far.

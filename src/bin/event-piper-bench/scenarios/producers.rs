@@ -130,6 +130,7 @@ async fn plain(
     let cpu = CpuMeter::start(Some(service.pid), bench.db.postmaster_pid());
     let targets = Targets {
         consumers: names("plain", CONSUMERS),
+        types: crate::producer::one_type(),
         ledger: None,
         counter,
         stamp: Stamp::Sent,

@@ -139,6 +139,7 @@ async fn replay(
         consumer: consumers[0].clone(),
         index: 0,
         last_event_id: Some(0),
+        only_type: None,
     };
     let progress = Progress::start(
         "replay".into(),

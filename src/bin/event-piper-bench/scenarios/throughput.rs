@@ -113,6 +113,7 @@ async fn ceiling(bench: &Bench, database: &str) -> Result<(Produced, String)> {
     let cpu = CpuMeter::start(None, bench.db.postmaster_pid());
     let targets = Targets {
         consumers: names("ceiling", 1),
+        types: crate::producer::one_type(),
         ledger: None,
         counter,
         stamp: Stamp::Committed,
@@ -154,6 +155,7 @@ async fn deliver(bench: &Bench, service: &Service, url: &str) -> Result<Measured
         consumer: consumers[0].clone(),
         index: 0,
         last_event_id: None,
+        only_type: None,
     };
     let deadline = Instant::now() + bench.args.duration + Duration::from_secs(600);
     let fleet = Fleet::open(service.addr, vec![spec], Arc::clone(&shared), 1, deadline);
@@ -171,6 +173,7 @@ async fn deliver(bench: &Bench, service: &Service, url: &str) -> Result<Measured
     let started = ledger.nanos(Instant::now());
     let targets = Targets {
         consumers,
+        types: crate::producer::one_type(),
         ledger: Some(Arc::clone(&ledger)),
         counter,
         stamp: Stamp::Committed,
