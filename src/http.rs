@@ -234,7 +234,8 @@ async fn page() -> Html<&'static str> {
     Html(PAGE)
 }
 
-/// Query parameters of `GET /events`, for clients that cannot send headers (`EventSource`).
+/// Query parameters of `GET /events` (for clients that cannot send headers: `EventSource`) and of
+/// `GET /history`.
 #[derive(Debug, Default, Deserialize)]
 pub struct EventsQuery {
     pub consumer: Option<String>,
