@@ -1,0 +1,107 @@
+//! `GET /events` (a consumer's stream) and `GET /events/{id}` (one event).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, RawQuery, State};
+use axum::http::{HeaderMap, HeaderName, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::follower::StartError;
+use crate::router::Refused;
+use crate::sse::Format;
+use crate::stream::OpenError;
+
+use super::request::{EventsQuery, event_types, last_event_id, parse_last_event_id, reader};
+use super::{ApiError, AppState};
+
+/// `GET /events`: the consumer's event stream.
+pub(super) async fn events(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(raw_query): RawQuery,
+    query: Result<Query<EventsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) =
+        query.map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
+    let claims = state.claims(&headers, query.access_token.as_deref())?;
+    // The stream ends when its token does.
+    let token_expires = claims
+        .as_ref()
+        .map(|claims| std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp));
+    // A token past its `exp` but within the check's leeway would open a stream that ends at
+    // once, and a client would reconnect to the same end until the leeway ran out.
+    if token_expires.is_some_and(|expires| expires <= std::time::SystemTime::now()) {
+        return Err(ApiError::Unauthorized("token expired".into()));
+    }
+    let types = event_types(&headers, &query, claims.as_ref())?;
+    let consumer = reader(claims, &headers, raw_query.as_deref(), &query)?;
+    let cursor = last_event_id(&headers, &query)?;
+    let format = match query.envelope.as_deref() {
+        None | Some("false") => Format::Named,
+        Some("true") => Format::Envelope,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "envelope must be true or false".into(),
+            ));
+        }
+    };
+    let streams = &state.streams;
+    let retry_after = streams.retry_after();
+    let stream = streams
+        .open(consumer, cursor, format, token_expires, types)
+        .await
+        .map_err(|error| match error {
+            OpenError::Start(StartError::Refused(Refused::TooManyForConsumer)) => {
+                ApiError::TooManyRequests {
+                    reason: error.to_string(),
+                    retry_after,
+                }
+            }
+            _ => ApiError::Unavailable {
+                reason: error.to_string(),
+                retry_after,
+            },
+        })?;
+    let body = Body::from_stream(stream);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // Tells nginx-style proxies not to buffer the stream.
+            (HeaderName::from_static("x-accel-buffering"), "no"),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `GET /events/{id}`: one event as JSON.
+pub(super) async fn event_by_id(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let claims = state.claims(&headers, None)?;
+    let id = parse_last_event_id(id.as_bytes()).map_err(|_| {
+        ApiError::BadRequest("invalid event id: expected a non-negative integer".into())
+    })?;
+    let (subscriber, json) = state
+        .store
+        .event_json(id)
+        .await
+        .map_err(|error| ApiError::from_store(&error, state.streams.retry_after()))?
+        .ok_or_else(|| ApiError::NotFound(format!("no event with id {id}")))?;
+    // A reader sees its own events and broadcasts; a publisher sees everything.
+    if let (Some(claims), Some(subscriber)) = (claims, subscriber)
+        && !claims.publish
+        && claims.sub.as_str() != subscriber
+    {
+        return Err(ApiError::Forbidden(format!(
+            "this token may read consumer {:?} only",
+            claims.sub.as_str()
+        )));
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
+}

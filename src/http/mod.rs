@@ -1,0 +1,192 @@
+//! HTTP: the routes and what the handlers share. Each endpoint has a module of its own; what a
+//! request asks for is checked in `request`, and every refusal is an `ApiError` (`error`).
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::auth::{Auth, Claims};
+use crate::metrics::Metrics;
+use crate::publisher::Publisher;
+use crate::store::Store;
+use crate::stream::Streams;
+
+mod error;
+mod events;
+mod history;
+mod publishing;
+mod request;
+
+pub use error::ApiError;
+use request::{CONSUMER_HEADER, EventsQuery, LAST_EVENT_ID_HEADER};
+
+/// The built-in page: one file, no build step, no external assets.
+const PAGE: &str = include_str!("../../static/index.html");
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub streams: Arc<Streams>,
+    pub store: Store,
+    pub publisher: Publisher,
+    pub metrics: Metrics,
+    /// None: authentication is off.
+    pub auth: Option<Auth>,
+}
+
+impl AppState {
+    /// The request's claims when authentication is on (401 without a valid token), None when
+    /// it is off.
+    fn claims(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<Option<Claims>, ApiError> {
+        self.auth
+            .as_ref()
+            .map(|auth| auth.authenticate(headers, query_token))
+            .transpose()
+            .map_err(|error| ApiError::Unauthorized(error.to_string()))
+    }
+}
+
+/// HTTP settings from the configuration.
+pub struct HttpSettings {
+    pub max_body_bytes: usize,
+    /// Allowed CORS origins; empty: no CORS headers; `*`: any origin (without credentials).
+    pub cors_origins: Vec<String>,
+}
+
+pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
+    let router = Router::new()
+        .route("/", get(page))
+        .route("/events", get(events::events).post(publishing::publish))
+        .route("/events/{id}", get(events::event_by_id))
+        .route("/history", get(history::history))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(settings.max_body_bytes))
+        .layer(TraceLayer::new_for_http().make_span_with(request_span))
+        // Shared, not cloned: every request would otherwise clone (and drop) each of its handles.
+        .with_state(Arc::new(state));
+    match cors(&settings.cors_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
+}
+
+/// Any other path: 404 with the paths there are.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no such path: {}; the API is GET /events, POST /events, GET /events/{{id}}, GET /health, \
+         GET /ready, GET /metrics and the page at GET /",
+        uri.path()
+    ))
+}
+
+/// A known path with another method: 405 (axum adds the `Allow` header).
+async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+/// Every request's span names its consumer, so a stream's log lines can be told apart.
+fn request_span(request: &axum::http::Request<Body>) -> tracing::Span {
+    let from_query = || {
+        Query::<EventsQuery>::try_from_uri(request.uri())
+            .ok()
+            .and_then(|Query(query)| query.consumer)
+    };
+    let consumer = request
+        .headers()
+        .get(CONSUMER_HEADER)
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned)
+        .or_else(from_query);
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = request.uri().path(),
+        consumer = consumer.as_deref().unwrap_or(""),
+    )
+}
+
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    if origins.is_empty() {
+        return None;
+    }
+    let layer = CorsLayer::new()
+        .allow_methods([Method::GET, Method::POST])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            CONSUMER_HEADER,
+            LAST_EVENT_ID_HEADER,
+        ])
+        .expose_headers([header::LOCATION, header::RETRY_AFTER])
+        .max_age(std::time::Duration::from_secs(3600));
+    if origins.iter().any(|origin| origin == "*") {
+        return Some(layer.allow_origin(AllowOrigin::any()));
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    Some(
+        layer
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_credentials(true),
+    )
+}
+
+async fn page() -> Html<&'static str> {
+    Html(PAGE)
+}
+
+/// `GET /health`: the process is up (liveness); says nothing of the database.
+async fn health() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// `GET /metrics`: Prometheus text format.
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let pool = state.store.pool_status();
+    let read = crate::metrics::ReadGauges {
+        consumers: state.streams.sources.router.consumers(),
+        pool_size: pool.size,
+        pool_available: pool.available,
+        pool_waiting: pool.waiting,
+    };
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(read),
+    )
+        .into_response()
+}
+
+/// `GET /ready`: 200 once the hub has its starting point and the notification connection is
+/// listening, 503 before that and while it reconnects.
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    let published = *state.streams.sources.published.borrow();
+    let listening = *state.streams.listening.borrow();
+    let status = if published.is_some() && listening {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({
+        "ready": status == StatusCode::OK,
+        "listening": listening,
+        "published": published,
+    });
+    (status, axum::Json(body)).into_response()
+}

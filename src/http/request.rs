@@ -1,0 +1,188 @@
+//! What a request asks for, checked once for streams and history alike: the consumer, the types,
+//! the resume point.
+
+use axum::http::{HeaderMap, HeaderName};
+use serde::Deserialize;
+
+use crate::auth::Claims;
+use crate::event::{ConsumerId, EventId};
+use crate::filter::TypeFilter;
+
+use super::ApiError;
+
+pub(super) const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-consumer-id");
+pub(super) const LAST_EVENT_ID_HEADER: HeaderName = HeaderName::from_static("last-event-id");
+pub(super) const TYPES_HEADER: HeaderName = HeaderName::from_static("x-event-types");
+
+/// Query parameters of `GET /events` (for clients that cannot send headers: `EventSource`) and of
+/// `GET /history`.
+#[derive(Debug, Default, Deserialize)]
+pub struct EventsQuery {
+    pub consumer: Option<String>,
+    pub last_event_id: Option<String>,
+    /// A token, for `EventSource` (which cannot send an Authorization header).
+    pub access_token: Option<String>,
+    /// Type patterns, comma-separated (for `EventSource`, which cannot send `X-Event-Types`).
+    pub types: Option<String>,
+    /// `true`: events as `data: {"type", "payload"}` without an `event:` line (see [`Format`]).
+    pub envelope: Option<String>,
+    // `GET /history` only:
+    /// Events with a higher id (the keyset of the next page).
+    pub after: Option<String>,
+    /// Events up to this id.
+    pub upto: Option<String>,
+    /// Events whose timestamp is at or after this time (RFC 3339).
+    pub since: Option<String>,
+    /// Events whose timestamp is before this time (RFC 3339).
+    pub until: Option<String>,
+    /// JSON the payload must contain (`payload @> ...`).
+    pub payload: Option<String>,
+    /// Events per page (default 100, at most 1000).
+    pub limit: Option<String>,
+    /// Instead of `limit`: the newest this many events.
+    pub last: Option<String>,
+}
+
+/// The consumer a request reads: the one it names, which must be its token's when it has one; a
+/// request with a token may leave it out.
+pub(super) fn reader(
+    claims: Option<Claims>,
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+    query: &EventsQuery,
+) -> Result<ConsumerId, ApiError> {
+    Ok(match (claims, consumer_id(headers, raw_query)) {
+        (None, requested) => requested?,
+        // With a token the consumer may be left out: it is the token's.
+        (Some(claims), Err(_)) if !names_consumer(headers, query) => claims.sub,
+        (Some(claims), requested) => {
+            let requested = requested?;
+            if requested != claims.sub {
+                return Err(ApiError::Forbidden(format!(
+                    "this token may read consumer {:?}, not {:?}",
+                    claims.sub.as_str(),
+                    requested.as_str()
+                )));
+            }
+            requested
+        }
+    })
+}
+
+/// The consumer: the `X-Consumer-Id` header, else the `consumer` query parameter. The parameter
+/// is decoded byte for byte (a lossy decoding would turn `%FF` into a valid consumer), and an
+/// error names where the bad value came from.
+pub(super) fn consumer_id(
+    headers: &HeaderMap,
+    raw_query: Option<&str>,
+) -> Result<ConsumerId, ApiError> {
+    let invalid = |source: &str, why| ApiError::BadRequest(format!("invalid {source}: {why}"));
+    if let Some(value) = headers.get(CONSUMER_HEADER) {
+        return ConsumerId::parse(value.as_bytes()).map_err(|why| invalid("X-Consumer-Id", why));
+    }
+    match raw_query.and_then(|query| query_param(query, "consumer")) {
+        Some(raw) => ConsumerId::parse(&raw).map_err(|why| invalid("consumer parameter", why)),
+        None => Err(ApiError::BadRequest(
+            "missing X-Consumer-Id header (or consumer query parameter)".into(),
+        )),
+    }
+}
+
+/// The types a stream asks for (`X-Event-Types`, else the `types` query parameter), within what
+/// its token allows; the token's types when it asks for none.
+pub(super) fn event_types(
+    headers: &HeaderMap,
+    query: &EventsQuery,
+    claims: Option<&Claims>,
+) -> Result<Option<TypeFilter>, ApiError> {
+    let requested = match (headers.get(TYPES_HEADER), &query.types) {
+        (Some(value), _) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::BadRequest("invalid X-Event-Types: not ASCII".into()))
+                .and_then(|text| {
+                    TypeFilter::parse(text).map_err(|why| {
+                        ApiError::BadRequest(format!("invalid X-Event-Types: {why}"))
+                    })
+                })?,
+        ),
+        (None, Some(text)) => Some(
+            TypeFilter::parse(text)
+                .map_err(|why| ApiError::BadRequest(format!("invalid types parameter: {why}")))?,
+        ),
+        (None, None) => None,
+    };
+    let Some(patterns) = claims.and_then(|claims| claims.types.as_ref()) else {
+        return Ok(requested);
+    };
+    let allowed = TypeFilter::from_patterns(patterns.iter().map(String::as_str))
+        .map_err(|why| ApiError::Unauthorized(format!("the token's types claim: {why}")))?;
+    match requested {
+        None => Ok(Some(allowed)),
+        Some(requested) if requested.within(&allowed) => Ok(Some(requested)),
+        Some(_) => Err(ApiError::Forbidden(format!(
+            "this token may read types {} only",
+            patterns.join(",")
+        ))),
+    }
+}
+
+/// The first value of `name` in a query string, percent-decoded into bytes (`+` is a space).
+fn query_param(query: &str, name: &str) -> Option<Vec<u8>> {
+    let decode = |text: &str| -> Vec<u8> {
+        percent_encoding::percent_decode_str(&text.replace('+', " ")).collect()
+    };
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (decode(key) == name.as_bytes()).then(|| decode(value))
+    })
+}
+
+/// Whether the request names a consumer at all (valid or not).
+fn names_consumer(headers: &HeaderMap, query: &EventsQuery) -> bool {
+    headers.contains_key(CONSUMER_HEADER) || query.consumer.is_some()
+}
+
+/// The resume point: the `Last-Event-ID` header (which a browser's own reconnect sends), else the
+/// `last_event_id` query parameter (which a page sets for its first connection).
+pub(super) fn last_event_id(
+    headers: &HeaderMap,
+    query: &EventsQuery,
+) -> Result<Option<EventId>, ApiError> {
+    match (headers.get(LAST_EVENT_ID_HEADER), &query.last_event_id) {
+        (Some(value), _) => parse_last_event_id(value.as_bytes()).map(Some),
+        (None, Some(text)) => parse_last_event_id(text.as_bytes()).map(Some),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A resume point is a non-negative integer: the id of the last event the client received.
+pub fn parse_last_event_id(raw: &[u8]) -> Result<EventId, ApiError> {
+    std::str::from_utf8(raw)
+        .ok()
+        .map(str::trim)
+        .filter(|text| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|text| text.parse::<i64>().ok())
+        .map(EventId)
+        .ok_or_else(|| {
+            ApiError::BadRequest(
+                "invalid Last-Event-ID: expected a non-negative integer event id".into(),
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_event_ids() {
+        assert_eq!(parse_last_event_id(b"5").unwrap(), EventId(5));
+        assert_eq!(parse_last_event_id(b" 0 ").unwrap(), EventId(0));
+        assert!(parse_last_event_id(b"-1").is_err());
+        assert!(parse_last_event_id(b"+1").is_err());
+        assert!(parse_last_event_id(b"abc").is_err());
+        assert!(parse_last_event_id(b"").is_err());
+        assert!(parse_last_event_id(b"99999999999999999999").is_err());
+    }
+}
