@@ -30,10 +30,8 @@ impl Frame {
     /// them, so they are replaced rather than allowed to break the framing.
     pub fn render(id: EventId, event_type: &str, payload: &str) -> Frame {
         let mut buf = BytesMut::with_capacity(32 + event_type.len() + payload.len());
-        put_event(&mut buf, id, event_type, payload);
-        // The type (line breaks replaced, which keeps its length) sits right after `event: `.
-        let end = b"id: ".len() + itoa::Buffer::new().format(id.0).len() + b"\nevent: ".len();
-        let type_at = (end as u32, (end + event_type.len()) as u32);
+        let at = put_event(&mut buf, id, event_type, payload);
+        let type_at = (at.start as u32, at.end as u32);
         Frame {
             id,
             bytes: buf.freeze(),
@@ -50,20 +48,29 @@ impl Frame {
 }
 
 /// Appends one event's frame to `buf` (see [`Frame::render`]); a replay renders a whole page into
-/// one buffer this way, so that a page costs one write instead of one per event.
-pub fn put_event(buf: &mut BytesMut, id: EventId, event_type: &str, payload: &str) {
+/// one buffer this way, so that a page costs one write instead of one per event. Returns where
+/// the type is in `buf`.
+pub fn put_event(
+    buf: &mut BytesMut,
+    id: EventId,
+    event_type: &str,
+    payload: &str,
+) -> std::ops::Range<usize> {
     buf.reserve(32 + event_type.len() + payload.len());
     buf.put_slice(b"id: ");
     buf.put_slice(itoa::Buffer::new().format(id.0).as_bytes());
     buf.put_slice(b"\nevent: ");
+    let type_start = buf.len();
     if event_type.contains(['\r', '\n']) {
         buf.put_slice(event_type.replace(['\r', '\n'], " ").as_bytes());
     } else {
         buf.put_slice(event_type.as_bytes());
     }
+    let type_at = type_start..buf.len();
     buf.put_slice(b"\ndata: ");
     put_compact_json(buf, payload);
     buf.put_slice(b"\n\n");
+    type_at
 }
 
 /// How a stream writes events. Browsers' `EventSource` fires `onmessage` only for frames without
@@ -82,7 +89,9 @@ impl Format {
     /// Appends one event (a replay renders its page through this).
     pub fn put_event(self, buf: &mut BytesMut, id: EventId, event_type: &str, payload: &str) {
         match self {
-            Format::Named => put_event(buf, id, event_type, payload),
+            Format::Named => {
+                put_event(buf, id, event_type, payload);
+            }
             Format::Envelope => put_envelope(buf, Some(id), event_type, payload),
         }
     }

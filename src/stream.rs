@@ -89,13 +89,17 @@ impl Streams {
             None => None,
         };
 
-        let end = self.end(token_expires);
+        // When the stream ends, and whether that is because its token expires.
+        let (ends_at, token_expired) = match self.end(token_expires) {
+            Some((at, token)) => (Some(at), token),
+            None => (None, false),
+        };
         let streams = Arc::clone(self);
         let shutdown = self.shutdown.clone();
         Ok(async_stream::stream! {
             // Boxed: most streams have no end, and their state need not carry a timer.
-            let mut ends = match end {
-                Some((at, _)) => Box::pin(tokio::time::sleep_until(at)).left_future(),
+            let mut ends = match ends_at {
+                Some(at) => Box::pin(tokio::time::sleep_until(at)).left_future(),
                 None => futures::future::pending().right_future(),
             };
             let mut guard = StreamGuard::new(follower.consumer().clone(), cursor, &streams.metrics);
@@ -138,7 +142,6 @@ impl Streams {
                     }
                     Wake::Stop => return,
                     Wake::End => {
-                        let token_expired = end.is_some_and(|(_, token)| token);
                         yield Ok(format.ending(token_expired));
                         return;
                     }
@@ -173,7 +176,6 @@ impl Streams {
                         match wake {
                             Some(Wake::Heartbeat) => yield Ok(sse::HEARTBEAT),
                             Some(Wake::End) => {
-                                let token_expired = end.is_some_and(|(_, token)| token);
                                 yield Ok(format.ending(token_expired));
                                 return;
                             }

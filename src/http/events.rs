@@ -13,7 +13,7 @@ use crate::router::Refused;
 use crate::sse::Format;
 use crate::stream::OpenError;
 
-use super::request::{EventsQuery, event_types, last_event_id, parse_last_event_id, reader};
+use super::request::{EventsQuery, Reading, last_event_id, parse_last_event_id};
 use super::{ApiError, AppState};
 
 /// `GET /events`: the consumer's event stream.
@@ -23,20 +23,17 @@ pub(super) async fn events(
     RawQuery(raw_query): RawQuery,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
-    let claims = state.claims(&headers, query.access_token.as_deref())?;
-    // The stream ends when its token does.
-    let token_expires = claims
-        .as_ref()
-        .map(|claims| std::time::UNIX_EPOCH + std::time::Duration::from_secs(claims.exp));
+    let Reading {
+        query,
+        consumer,
+        types,
+        token_expires,
+    } = Reading::check(&state, &headers, raw_query.as_deref(), query)?;
     // A token past its `exp` but within the check's leeway would open a stream that ends at
     // once, and a client would reconnect to the same end until the leeway ran out.
     if token_expires.is_some_and(|expires| expires <= std::time::SystemTime::now()) {
         return Err(ApiError::Unauthorized("token expired".into()));
     }
-    let types = event_types(&headers, &query, claims.as_ref())?;
-    let consumer = reader(claims, &headers, raw_query.as_deref(), &query)?;
     let cursor = last_event_id(&headers, &query)?;
     let format = match query.envelope.as_deref() {
         None | Some("false") => Format::Named,

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::event::EventId;
 
-use super::request::{EventsQuery, event_types, parse_last_event_id, reader};
+use super::request::{EventsQuery, Reading, parse_last_event_id};
 use super::{ApiError, AppState};
 
 /// Events per page of `GET /history` unless the client asks, and at most.
@@ -25,11 +25,12 @@ pub(super) async fn history(
     RawQuery(raw_query): RawQuery,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(query) =
-        query.map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
-    let claims = state.claims(&headers, query.access_token.as_deref())?;
-    let types = event_types(&headers, &query, claims.as_ref())?;
-    let consumer = reader(claims, &headers, raw_query.as_deref(), &query)?;
+    let Reading {
+        query,
+        consumer,
+        types,
+        ..
+    } = Reading::check(&state, &headers, raw_query.as_deref(), query)?;
     let id = |name: &str, value: &Option<String>, default: i64| match value {
         Some(text) => parse_last_event_id(text.as_bytes())
             .map_err(|_| ApiError::BadRequest(format!("invalid {name}: expected an event id"))),

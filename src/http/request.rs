@@ -1,6 +1,10 @@
 //! What a request asks for, checked once for streams and history alike: the consumer, the types,
 //! the resume point.
 
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::Query;
+use axum::extract::rejection::QueryRejection;
 use axum::http::{HeaderMap, HeaderName};
 use serde::Deserialize;
 
@@ -8,7 +12,7 @@ use crate::auth::Claims;
 use crate::event::{ConsumerId, EventId};
 use crate::filter::TypeFilter;
 
-use super::ApiError;
+use super::{ApiError, AppState};
 
 pub(super) const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-consumer-id");
 pub(super) const LAST_EVENT_ID_HEADER: HeaderName = HeaderName::from_static("last-event-id");
@@ -24,7 +28,8 @@ pub struct EventsQuery {
     pub access_token: Option<String>,
     /// Type patterns, comma-separated (for `EventSource`, which cannot send `X-Event-Types`).
     pub types: Option<String>,
-    /// `true`: events as `data: {"type", "payload"}` without an `event:` line (see [`Format`]).
+    /// `true`: events as `data: {"type", "payload"}` without an `event:` line (see
+    /// [`crate::sse::Format`]).
     pub envelope: Option<String>,
     // `GET /history` only:
     /// Events with a higher id (the keyset of the next page).
@@ -43,9 +48,43 @@ pub struct EventsQuery {
     pub last: Option<String>,
 }
 
+/// What a request that reads events (a stream or a history search) asked for, and may read.
+pub(super) struct Reading {
+    pub query: EventsQuery,
+    pub consumer: ConsumerId,
+    pub types: Option<TypeFilter>,
+    /// When its token expires (None without authentication).
+    pub token_expires: Option<SystemTime>,
+}
+
+impl Reading {
+    /// Checks the query, the token, the consumer and the types, in that order.
+    pub(super) fn check(
+        state: &AppState,
+        headers: &HeaderMap,
+        raw_query: Option<&str>,
+        query: Result<Query<EventsQuery>, QueryRejection>,
+    ) -> Result<Reading, ApiError> {
+        let Query(query) = query
+            .map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
+        let claims = state.claims(headers, query.access_token.as_deref())?;
+        let token_expires = claims
+            .as_ref()
+            .map(|claims| UNIX_EPOCH + Duration::from_secs(claims.exp));
+        let types = event_types(headers, &query, claims.as_ref())?;
+        let consumer = reader(claims, headers, raw_query, &query)?;
+        Ok(Reading {
+            query,
+            consumer,
+            types,
+            token_expires,
+        })
+    }
+}
+
 /// The consumer a request reads: the one it names, which must be its token's when it has one; a
 /// request with a token may leave it out.
-pub(super) fn reader(
+fn reader(
     claims: Option<Claims>,
     headers: &HeaderMap,
     raw_query: Option<&str>,
@@ -72,10 +111,7 @@ pub(super) fn reader(
 /// The consumer: the `X-Consumer-Id` header, else the `consumer` query parameter. The parameter
 /// is decoded byte for byte (a lossy decoding would turn `%FF` into a valid consumer), and an
 /// error names where the bad value came from.
-pub(super) fn consumer_id(
-    headers: &HeaderMap,
-    raw_query: Option<&str>,
-) -> Result<ConsumerId, ApiError> {
+fn consumer_id(headers: &HeaderMap, raw_query: Option<&str>) -> Result<ConsumerId, ApiError> {
     let invalid = |source: &str, why| ApiError::BadRequest(format!("invalid {source}: {why}"));
     if let Some(value) = headers.get(CONSUMER_HEADER) {
         return ConsumerId::parse(value.as_bytes()).map_err(|why| invalid("X-Consumer-Id", why));
@@ -90,7 +126,7 @@ pub(super) fn consumer_id(
 
 /// The types a stream asks for (`X-Event-Types`, else the `types` query parameter), within what
 /// its token allows; the token's types when it asks for none.
-pub(super) fn event_types(
+fn event_types(
     headers: &HeaderMap,
     query: &EventsQuery,
     claims: Option<&Claims>,
