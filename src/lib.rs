@@ -29,6 +29,7 @@ pub mod router;
 pub mod sse;
 pub mod store;
 pub mod stream;
+pub mod webhook;
 
 use std::future::Future;
 use std::str::FromStr;

@@ -1,0 +1,4 @@
+//! Webhooks: durable push delivery of a consumer's events over HTTP.
+
+pub mod client;
+pub mod signing;
