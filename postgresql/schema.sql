@@ -121,3 +121,36 @@ INSERT INTO event_piper_retention DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- Replay reads one consumer's events in id order, and the broadcasts (NULL subscriber) in id order.
 CREATE INDEX IF NOT EXISTS events_subscriber_id_idx ON events (subscriber, id);
 CREATE INDEX IF NOT EXISTS events_broadcast_id_idx ON events (id) WHERE subscriber IS NULL;
+
+-- Webhook subscriptions (README, "Webhooks"): the server remembers each one's position, so a
+-- receiver that is away gets what it missed when it is back. `position` is the last event id the
+-- receiver acknowledged with a 2xx; `pending_upto` is the end of the batch being delivered, and
+-- `pending_generation` the generation it was formed in (they make its webhook-id), so that an
+-- instance taking over sends that same batch again, under the same webhook-id. `generation`
+-- grows with every change made through the API; the instance delivering a subscription writes
+-- only while the generation it read is current, so a change always reaches it.
+CREATE TABLE IF NOT EXISTS event_piper_subscriptions (
+    id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    consumer        text        NOT NULL,
+    url             text        NOT NULL,
+    secret          text        NOT NULL,
+    types           text[],
+    batch_size      integer     NOT NULL CHECK (batch_size BETWEEN 1 AND 1000),
+    position        bigint      NOT NULL,
+    pending_upto    bigint,
+    pending_generation integer,
+    state           text        NOT NULL DEFAULT 'active'
+                                CHECK (state IN ('active', 'paused', 'disabled')),
+    generation      integer     NOT NULL DEFAULT 0,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    delivered       bigint      NOT NULL DEFAULT 0,
+    failed_attempts bigint      NOT NULL DEFAULT 0,
+    last_attempt_at timestamptz,
+    last_outcome    text,
+    last_error      text,
+    last_success_at timestamptz,
+    failing_since   timestamptz,
+    next_retry_at   timestamptz
+);
+CREATE INDEX IF NOT EXISTS event_piper_subscriptions_consumer_idx
+    ON event_piper_subscriptions (consumer);

@@ -32,6 +32,10 @@ pub struct Claims {
     /// Type patterns (`order.*`, `ping`): the bearer reads only events of these types.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub types: Option<Vec<String>>,
+    /// Whether the bearer may manage the webhook subscriptions of its consumer (`sub`): a
+    /// subscription sends the consumer's events to any URL, so it is a grant of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub subscriptions: bool,
 }
 
 /// Why a request is not authenticated; answered with 401.
@@ -159,16 +163,32 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// Mints an HS256 token, as `event-piper token` does for a backend to copy.
 pub fn mint(secret: &str, sub: &str, ttl: Duration, publish: bool) -> Result<String, KeyError> {
-    mint_for_types(secret, sub, ttl, publish, None)
+    let grants = Grants {
+        publish,
+        ..Grants::default()
+    };
+    mint_granting(secret, sub, ttl, grants)
 }
 
-/// [`mint`], limited to events of the given type patterns (comma-separated, as in `?types=`).
-pub fn mint_for_types(
+/// What a minted token grants besides reading its consumer's events.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Grants<'a> {
+    pub publish: bool,
+    pub subscriptions: bool,
+    /// Only events of these type patterns (comma-separated, as in `?types=`).
+    pub types: Option<&'a str>,
+}
+
+/// [`mint`], with every grant a token can carry.
+pub fn mint_granting(
     secret: &str,
     sub: &str,
     ttl: Duration,
-    publish: bool,
-    types: Option<&str>,
+    Grants {
+        publish,
+        subscriptions,
+        types,
+    }: Grants<'_>,
 ) -> Result<String, KeyError> {
     if secret.len() < 32 {
         return Err(KeyError::ShortSecret);
@@ -192,6 +212,7 @@ pub fn mint_for_types(
             }
             None => None,
         },
+        subscriptions,
     };
     let key = EncodingKey::from_secret(secret.as_bytes());
     jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key)

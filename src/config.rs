@@ -177,6 +177,39 @@ pub struct Config {
     #[serde(serialize_with = "millis")]
     pub idle_poll: Duration,
 
+    /// Let webhook subscriptions deliver to loopback, private and link-local addresses. Off by
+    /// default, so that a subscription cannot be used to reach inside the network.
+    #[arg(long, env = "EVENT_PIPER_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
+
+    /// How long a webhook receiver has to answer a delivery before it counts as failed.
+    #[arg(long, env = "EVENT_PIPER_WEBHOOK_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
+    pub webhook_timeout: Duration,
+
+    /// The first retry delay of a failed webhook delivery; each further one doubles, with jitter.
+    #[arg(long, env = "EVENT_PIPER_WEBHOOK_RETRY_MIN", default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
+    pub webhook_retry_min: Duration,
+
+    /// The longest retry delay of a failed webhook delivery (a receiver's Retry-After may ask
+    /// for longer, up to an hour).
+    #[arg(long, env = "EVENT_PIPER_WEBHOOK_RETRY_MAX", default_value = "10m", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
+    pub webhook_retry_max: Duration,
+
+    /// A webhook subscription failing for longer than this is marked failing (its events stay
+    /// in the table, retention included, until it recovers, is moved or deleted).
+    #[arg(long, env = "EVENT_PIPER_WEBHOOK_FAILING_AFTER", default_value = "15m", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
+    pub webhook_failing_after: Duration,
+
+    /// How often an instance looks for webhook subscriptions nobody delivers (new, resumed, or
+    /// left by an instance that died) and for changes made on other instances.
+    #[arg(long, env = "EVENT_PIPER_WEBHOOK_POLL", default_value = "2s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
+    pub webhook_poll: Duration,
+
     /// How long to keep retrying the first database connection at start-up.
     #[arg(long, env = "EVENT_PIPER_CONNECT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     #[serde(serialize_with = "millis")]
@@ -199,6 +232,9 @@ pub enum Command {
         /// Limit the bearer to events of these types (comma-separated: `order.*,ping`).
         #[arg(long)]
         types: Option<String>,
+        /// Allow the bearer to manage its consumer's webhook subscriptions.
+        #[arg(long)]
+        subscriptions: bool,
     },
 }
 

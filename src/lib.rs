@@ -186,7 +186,7 @@ pub async fn serve(
         config.hub_timing(),
         metrics.clone(),
     );
-    let bell = bell::Bell::new(pg_config, Arc::clone(&doorbell));
+    let bell = bell::Bell::new(pg_config.clone(), Arc::clone(&doorbell));
     tasks.spawn(hub.run(bell, Arc::clone(&doorbell), stop.clone()));
     if let Some(max_age) = config.retention {
         tasks.spawn(retention::run(
@@ -197,13 +197,38 @@ pub async fn serve(
         ));
     }
 
+    let sources = follower::Sources {
+        router,
+        published: published_rx,
+        store: store.clone(),
+        page_size: i64::from(config.batch_size),
+    };
+    let webhooks_changed = Arc::new(Notify::new());
+    let client = webhook::client::Client::new(webhook::client::ClientSettings {
+        timeout: config.webhook_timeout,
+        max_response_bytes: webhook::client::MAX_RESPONSE_BYTES,
+        allow_private: config.webhook_allow_private,
+    })
+    .map_err(|error| Error::Io {
+        context: "building the webhook client".into(),
+        source: std::io::Error::other(error),
+    })?;
+    tasks.spawn(webhook::supervisor::run(
+        pg_config.clone(),
+        Arc::new(webhook::delivery::Context {
+            sources: sources.clone(),
+            client,
+            allow_private: config.webhook_allow_private,
+            retry_min: config.webhook_retry_min,
+            retry_max: config.webhook_retry_max,
+            failing_after: config.webhook_failing_after,
+        }),
+        config.webhook_poll,
+        Arc::clone(&webhooks_changed),
+        stop.clone(),
+    ));
     let streams = Arc::new(stream::Streams {
-        sources: follower::Sources {
-            router,
-            published: published_rx,
-            store: store.clone(),
-            page_size: i64::from(config.batch_size),
-        },
+        sources,
         listening: listening_rx,
         shutdown: stop.clone(),
         heartbeat: config.heartbeat,
@@ -224,6 +249,11 @@ pub async fn serve(
             publisher,
             metrics,
             auth,
+            webhooks: http::WebhookSettings {
+                allow_private: config.webhook_allow_private,
+                failing_after: config.webhook_failing_after,
+                changed: webhooks_changed,
+            },
         },
         &http::HttpSettings {
             max_body_bytes: config.max_body,

@@ -26,13 +26,18 @@ async fn run(config: Config) -> anyhow::Result<()> {
         ttl,
         publish,
         types,
+        subscriptions,
     }) = &config.command
     {
         let secret = config.jwt_secret.as_deref().ok_or_else(|| {
             anyhow::anyhow!("event-piper token needs --jwt-secret (or EVENT_PIPER_JWT_SECRET)")
         })?;
-        let token =
-            event_piper::auth::mint_for_types(secret, sub, *ttl, *publish, types.as_deref())?;
+        let grants = event_piper::auth::Grants {
+            publish: *publish,
+            subscriptions: *subscriptions,
+            types: types.as_deref(),
+        };
+        let token = event_piper::auth::mint_granting(secret, sub, *ttl, grants)?;
         println!("{token}");
         return Ok(());
     }

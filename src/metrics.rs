@@ -102,6 +102,27 @@ impl Metrics {
     }
 }
 
+/// The metrics of one webhook subscription, labelled with its id, on the instance delivering it.
+#[derive(Clone)]
+pub struct WebhookMetrics {
+    pub delivered: Counter,
+    pub failed_attempts: Counter,
+    pub behind: Gauge,
+    pub last_success: Gauge,
+}
+
+impl WebhookMetrics {
+    pub fn new(subscription: i64) -> WebhookMetrics {
+        let label = subscription.to_string();
+        WebhookMetrics {
+            delivered: counter!("event_piper_webhook_delivered_events_total", "subscription" => label.clone()),
+            failed_attempts: counter!("event_piper_webhook_failed_attempts_total", "subscription" => label.clone()),
+            behind: gauge!("event_piper_webhook_behind_events", "subscription" => label.clone()),
+            last_success: gauge!("event_piper_webhook_last_success_timestamp_seconds", "subscription" => label),
+        }
+    }
+}
+
 /// The `# HELP` text of every metric: what it counts and when it moves. A metric registered in
 /// [`Metrics::new`] without a line here has no `# HELP` (tests/http_api.rs checks the scrape).
 fn describe() {
@@ -186,6 +207,30 @@ fn describe() {
         "event_piper_pool_connections_idle",
         Unit::Count,
         "Idle connections in the query pool, read at each scrape."
+    );
+    describe_counter!(
+        "event_piper_webhook_delivered_events_total",
+        Unit::Count,
+        "Events a webhook receiver acknowledged with a 2xx, by subscription, on the instance \
+         delivering it."
+    );
+    describe_counter!(
+        "event_piper_webhook_failed_attempts_total",
+        Unit::Count,
+        "Webhook deliveries that failed (error status, timeout, refused connection), by \
+         subscription; each is retried."
+    );
+    describe_gauge!(
+        "event_piper_webhook_behind_events",
+        Unit::Count,
+        "Events a webhook subscription has yet to deliver (counted up to 1,000,000), by \
+         subscription; 0 once it follows the live feed with nothing queued."
+    );
+    describe_gauge!(
+        "event_piper_webhook_last_success_timestamp_seconds",
+        Unit::Seconds,
+        "When the receiver last acknowledged a batch, in seconds since the Unix epoch, by \
+         subscription (its age: time() minus this)."
     );
     describe_gauge!(
         "event_piper_pool_waiting",

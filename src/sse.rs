@@ -40,6 +40,11 @@ impl Frame {
         }
     }
 
+    /// The event's id, type and compact payload, as rendered (webhooks send them as JSON).
+    pub fn parts(&self) -> Option<(EventId, &str, &str)> {
+        split_named(&self.bytes)
+    }
+
     /// The event's type, as sent.
     pub fn event_type(&self) -> &str {
         let (start, end) = self.type_at;
@@ -198,7 +203,7 @@ pub const HEARTBEAT: Bytes = Bytes::from_static(b":\n\n");
 /// Copies JSON text without the whitespace between tokens. The input is valid JSON (PostgreSQL
 /// rendered it), so tracking string literals and their escapes is all it takes; line breaks can
 /// only occur as whitespace between tokens, since JSON strings escape them.
-fn put_compact_json(buf: &mut BytesMut, json: &str) {
+pub fn put_compact_json(buf: &mut BytesMut, json: &str) {
     let mut in_string = false;
     let mut escaped = false;
     let mut start = 0;

@@ -1,6 +1,7 @@
 //! The events table, read and written through a small connection pool (deadpool-postgres).
 //!
-//! Every query the service runs lives here, as a prepared statement with bound parameters.
+//! Every query the service runs lives here, as a prepared statement with bound parameters; those
+//! on the webhook subscriptions live in [`subscriptions`].
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -11,6 +12,8 @@ use tokio_postgres::NoTls;
 use crate::backoff::Backoff;
 use crate::event::{ConsumerId, EventId, EventRow, NewEvent};
 use crate::filter::TypeFilter;
+
+pub mod subscriptions;
 
 /// The schema, applied at start-up unless told otherwise.
 pub const SCHEMA: &str = include_str!("../postgresql/schema.sql");
@@ -328,16 +331,21 @@ impl Store {
             .transpose()
     }
 
-    /// Deletes, oldest first, at most `limit` events older than `max_age`, none after `upto`, and
-    /// stops at the first event that is not old enough: what is deleted is always a prefix of the
-    /// ids, so "everything up to N is gone" stays true. Returns how many were deleted.
+    /// Deletes, oldest first, at most `limit` events older than `max_age`, none after `upto` nor
+    /// after the position of a webhook subscription that may still deliver (any not disabled by a
+    /// 410), and stops at the first event that is not old enough: what is deleted is always a
+    /// prefix of the ids, so "everything up to N is gone" stays true. Returns how many were
+    /// deleted.
     pub async fn expire(&self, max_age: Duration, upto: EventId, limit: i64) -> Result<i64> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
                 "WITH head AS ( \
                    SELECT id, timestamp < now() - make_interval(secs => $1::float8) AS old \
-                   FROM events WHERE id <= $2 ORDER BY id LIMIT $3), \
+                   FROM events WHERE id <= $2 AND id <= coalesce( \
+                     (SELECT min(position) FROM event_piper_subscriptions \
+                      WHERE state <> 'disabled'), $2) \
+                   ORDER BY id LIMIT $3), \
                  doomed AS ( \
                    SELECT id FROM head WHERE old AND id < coalesce( \
                      (SELECT min(id) FROM head WHERE NOT old), 9223372036854775807)), \

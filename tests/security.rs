@@ -126,6 +126,7 @@ fn expired_token() -> String {
         exp: 1_000_000,
         publish: false,
         types: None,
+        subscriptions: false,
     })
 }
 
@@ -385,6 +386,7 @@ async fn a_token_with_types_reads_only_those() {
         exp: 4_000_000_000,
         publish: false,
         types: Some(vec!["order.*".into()]),
+        subscriptions: false,
     });
     let bearer = format!("Bearer {orders_only}");
     let auth = [("Authorization", bearer.as_str())];

@@ -23,9 +23,11 @@ mod events;
 mod history;
 mod publishing;
 mod request;
+mod subscriptions;
 
 pub use error::ApiError;
 use request::{CONSUMER_HEADER, EventsQuery, LAST_EVENT_ID_HEADER};
+pub use subscriptions::WebhookSettings;
 
 /// The built-in page: one file, no build step, no external assets.
 const PAGE: &str = include_str!("../../static/index.html");
@@ -39,6 +41,7 @@ pub struct AppState {
     pub metrics: Metrics,
     /// None: authentication is off.
     pub auth: Option<Auth>,
+    pub webhooks: WebhookSettings,
 }
 
 impl AppState {
@@ -70,6 +73,16 @@ pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
         .route("/events", get(events::events).post(publishing::publish))
         .route("/events/{id}", get(events::event_by_id))
         .route("/history", get(history::history))
+        .route(
+            "/subscriptions",
+            get(subscriptions::list).post(subscriptions::create),
+        )
+        .route(
+            "/subscriptions/{id}",
+            get(subscriptions::show)
+                .patch(subscriptions::change)
+                .delete(subscriptions::delete),
+        )
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -88,8 +101,8 @@ pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
 /// Any other path: 404 with the paths there are.
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!(
-        "no such path: {}; the API is GET /events, POST /events, GET /events/{{id}}, GET /health, \
-         GET /ready, GET /metrics and the page at GET /",
+        "no such path: {}; the API is GET /events, POST /events, GET /events/{{id}}, \
+         GET /history, /subscriptions, GET /health, GET /ready, GET /metrics and the page at GET /",
         uri.path()
     ))
 }
@@ -125,7 +138,7 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
         return None;
     }
     let layer = CorsLayer::new()
-        .allow_methods([Method::GET, Method::POST])
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
         .allow_headers([
             header::CONTENT_TYPE,
             header::AUTHORIZATION,

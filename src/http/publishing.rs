@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::publisher::PublishError;
 
+use super::request::require_json;
 use super::{ApiError, AppState};
 
 /// `POST /events`: inserts one event or a batch (all or nothing, through the [`Publisher`], which
@@ -18,16 +19,7 @@ pub(super) async fn publish(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let is_json = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.split(';').next())
-        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json {
-        return Err(ApiError::UnsupportedMediaType(
-            "expected Content-Type: application/json".into(),
-        ));
-    }
+    require_json(&headers)?;
     let claims = state.claims(&headers, None)?;
     if claims.is_some_and(|claims| !claims.publish) {
         return Err(ApiError::Forbidden("this token may not publish".into()));

@@ -148,19 +148,35 @@ fn event_types(
         ),
         (None, None) => None,
     };
-    let Some(patterns) = claims.and_then(|claims| claims.types.as_ref()) else {
+    let Some((allowed, patterns)) = token_types(claims)? else {
         return Ok(requested);
     };
-    let allowed = TypeFilter::from_patterns(patterns.iter().map(String::as_str))
-        .map_err(|why| ApiError::Unauthorized(format!("the token's types claim: {why}")))?;
     match requested {
         None => Ok(Some(allowed)),
         Some(requested) if requested.within(&allowed) => Ok(Some(requested)),
-        Some(_) => Err(ApiError::Forbidden(format!(
-            "this token may read types {} only",
-            patterns.join(",")
-        ))),
+        Some(_) => Err(types_refused(patterns)),
     }
+}
+
+/// The types a token limits its bearer to, as a filter and as the claim's patterns; None when
+/// it reads every type.
+pub(super) fn token_types(
+    claims: Option<&Claims>,
+) -> Result<Option<(TypeFilter, &[String])>, ApiError> {
+    let Some(patterns) = claims.and_then(|claims| claims.types.as_ref()) else {
+        return Ok(None);
+    };
+    let allowed = TypeFilter::from_patterns(patterns.iter().map(String::as_str))
+        .map_err(|why| ApiError::Unauthorized(format!("the token's types claim: {why}")))?;
+    Ok(Some((allowed, patterns)))
+}
+
+/// 403 for types outside those a token allows.
+pub(super) fn types_refused(patterns: &[String]) -> ApiError {
+    ApiError::Forbidden(format!(
+        "this token may read types {} only",
+        patterns.join(",")
+    ))
 }
 
 /// The first value of `name` in a query string, percent-decoded into bytes (`+` is a space).
@@ -205,6 +221,22 @@ pub fn parse_last_event_id(raw: &[u8]) -> Result<EventId, ApiError> {
                 "invalid Last-Event-ID: expected a non-negative integer event id".into(),
             )
         })
+}
+
+/// 415 unless the body is declared as JSON.
+pub(super) fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let is_json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
+    if is_json {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(
+            "expected Content-Type: application/json".into(),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -29,6 +29,9 @@ use reqwest::{StatusCode, Url, redirect};
 /// The longest URL accepted: longer ones are more likely abuse than an endpoint, and some
 /// servers and proxies refuse them anyway.
 pub const MAX_URL_BYTES: usize = 2048;
+/// How much of a receiver's answer is read: enough for an error message, never an unbounded
+/// body.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 /// The longest a receiver can ask us to wait with `Retry-After`; past this the delivery schedule
 /// decides again rather than trusting a far-off date.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(60 * 60);

@@ -3,6 +3,8 @@
 //! whose parsing is the `eventsource-stream` crate's.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod receiver;
+
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -163,6 +165,26 @@ impl TestAppBuilder {
         self
     }
 
+    /// Webhooks as the tests need them: receivers on loopback allowed, quick retries, and a
+    /// quick look for subscriptions to claim.
+    pub fn webhooks_for_tests(mut self) -> Self {
+        self.config.webhook_allow_private = true;
+        self.config.webhook_retry_min = Duration::from_millis(20);
+        self.config.webhook_retry_max = Duration::from_millis(200);
+        self.config.webhook_poll = Duration::from_millis(100);
+        self
+    }
+
+    pub fn webhook_timeout(mut self, timeout: Duration) -> Self {
+        self.config.webhook_timeout = timeout;
+        self
+    }
+
+    pub fn webhook_failing_after(mut self, after: Duration) -> Self {
+        self.config.webhook_failing_after = after;
+        self
+    }
+
     /// Starts the app and waits until it is ready.
     pub async fn start(self) -> TestApp {
         let TestAppBuilder {
@@ -250,6 +272,11 @@ impl TestApp {
             .expect("the app task panicked")
     }
 
+    /// The database the app serves, for a second instance or a restart.
+    pub fn database_url(&self) -> &str {
+        &self.db_url
+    }
+
     pub async fn producer(&self) -> tokio_postgres::Client {
         connect(&self.db_url).await
     }
@@ -282,6 +309,29 @@ impl TestApp {
     /// `GET /events` with the given headers, as sent.
     pub async fn get_events(&self, headers: &[(&str, &str)]) -> reqwest::Response {
         self.get_with("/events", headers).await
+    }
+
+    /// A request of `method` on `path`, with a JSON body if given, as sent.
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<serde_json::Value>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.base));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("{method} {path}: {error}"))
     }
 
     /// The text of `GET /metrics`.

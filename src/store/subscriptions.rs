@@ -1,0 +1,440 @@
+//! The webhook subscriptions table: what the API reads and changes through the pool, and what
+//! the instance delivering a subscription writes through its [`Lease`], the one connection whose
+//! session holds the advisory lock that makes it the subscription's only deliverer.
+
+use std::time::SystemTime;
+
+use tokio_postgres::{NoTls, Statement};
+
+use super::{Result, Store, StoreError, harden, sql_types};
+use crate::event::{ConsumerId, EventId};
+use crate::filter::TypeFilter;
+
+/// The first key of every subscription's advisory lock ("evpw" read as a big-endian integer); the
+/// second is the subscription's id. Two-key advisory locks never collide with the one-key locks of
+/// the schema and the doorbell.
+pub const LOCK_CLASS: i32 = 1_702_260_855;
+
+/// A subscription as stored.
+#[derive(Debug, Clone)]
+pub struct SubscriptionRow {
+    pub id: i64,
+    pub consumer: String,
+    pub url: String,
+    /// The signing secret (`whsec_...`), never shown after creation.
+    pub secret: String,
+    pub types: Option<Vec<String>>,
+    pub batch_size: i32,
+    /// The last event id the receiver acknowledged.
+    pub position: EventId,
+    /// The batch being delivered, if one is: where it ends and the generation it was formed in.
+    pub pending: Option<(EventId, i32)>,
+    /// `active`, `paused` or `disabled` (the receiver answered 410 Gone).
+    pub state: String,
+    pub generation: i32,
+    pub created_at: SystemTime,
+    pub delivered: i64,
+    pub failed_attempts: i64,
+    pub last_attempt_at: Option<SystemTime>,
+    pub last_outcome: Option<String>,
+    pub last_error: Option<String>,
+    pub last_success_at: Option<SystemTime>,
+    pub failing_since: Option<SystemTime>,
+    pub next_retry_at: Option<SystemTime>,
+}
+
+const SUBSCRIPTION_COLUMNS: &str = "id, consumer, url, secret, types, batch_size, position, \
+     pending_upto, pending_generation, state, generation, created_at, delivered, failed_attempts, last_attempt_at, \
+     last_outcome, last_error, last_success_at, failing_since, next_retry_at";
+
+fn subscription_row(row: &tokio_postgres::Row) -> Result<SubscriptionRow> {
+    Ok(SubscriptionRow {
+        id: row.try_get(0)?,
+        consumer: row.try_get(1)?,
+        url: row.try_get(2)?,
+        secret: row.try_get(3)?,
+        types: row.try_get(4)?,
+        batch_size: row.try_get(5)?,
+        position: EventId(row.try_get(6)?),
+        pending: match (row.try_get::<_, Option<i64>>(7)?, row.try_get(8)?) {
+            (Some(upto), Some(generation)) => Some((EventId(upto), generation)),
+            _ => None,
+        },
+        state: row.try_get(9)?,
+        generation: row.try_get(10)?,
+        created_at: row.try_get(11)?,
+        delivered: row.try_get(12)?,
+        failed_attempts: row.try_get(13)?,
+        last_attempt_at: row.try_get(14)?,
+        last_outcome: row.try_get(15)?,
+        last_error: row.try_get(16)?,
+        last_success_at: row.try_get(17)?,
+        failing_since: row.try_get(18)?,
+        next_retry_at: row.try_get(19)?,
+    })
+}
+
+/// A subscription to create.
+pub struct NewSubscription<'a> {
+    pub consumer: &'a ConsumerId,
+    pub url: &'a str,
+    pub secret: &'a str,
+    pub types: Option<&'a [String]>,
+    pub batch_size: i32,
+    pub position: EventId,
+}
+
+/// What a `PATCH` changes; None leaves a field as it is.
+#[derive(Debug, Default)]
+pub struct SubscriptionChange {
+    pub url: Option<String>,
+    /// Some(None) removes the type filter.
+    pub types: Option<Option<Vec<String>>>,
+    pub batch_size: Option<i32>,
+    /// true pauses, false resumes (also a subscription disabled by a 410).
+    pub paused: Option<bool>,
+    /// Replays from here: the receiver gets every event after it again.
+    pub position: Option<EventId>,
+}
+
+impl Store {
+    pub async fn create_subscription(&self, new: &NewSubscription<'_>) -> Result<SubscriptionRow> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "INSERT INTO event_piper_subscriptions \
+                   (consumer, url, secret, types, batch_size, position) \
+                 VALUES ($1, $2, $3, $4, $5, $6) RETURNING {SUBSCRIPTION_COLUMNS}"
+            ))
+            .await?;
+        let row = client
+            .query_one(
+                &statement,
+                &[
+                    &new.consumer.as_str(),
+                    &new.url,
+                    &new.secret,
+                    &new.types,
+                    &new.batch_size,
+                    &new.position.0,
+                ],
+            )
+            .await?;
+        subscription_row(&row)
+    }
+
+    /// Every subscription, or those of one consumer, oldest first.
+    pub async fn subscriptions(
+        &self,
+        consumer: Option<&ConsumerId>,
+    ) -> Result<Vec<SubscriptionRow>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {SUBSCRIPTION_COLUMNS} FROM event_piper_subscriptions \
+                 WHERE $1::text IS NULL OR consumer = $1 ORDER BY id"
+            ))
+            .await?;
+        let rows = client
+            .query(&statement, &[&consumer.map(ConsumerId::as_str)])
+            .await?;
+        rows.iter().map(subscription_row).collect()
+    }
+
+    pub async fn subscription(&self, id: i64) -> Result<Option<SubscriptionRow>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT {SUBSCRIPTION_COLUMNS} FROM event_piper_subscriptions WHERE id = $1"
+            ))
+            .await?;
+        let row = client.query_opt(&statement, &[&id]).await?;
+        row.as_ref().map(subscription_row).transpose()
+    }
+
+    /// Applies a change and moves the generation on, so that the instance delivering the
+    /// subscription notices at its next write. The batch in flight is forgotten only when the
+    /// position or the types change (its events would differ); otherwise it is sent again under
+    /// the same webhook-id. Resuming clears the failure state. None: no such subscription.
+    pub async fn change_subscription(
+        &self,
+        id: i64,
+        change: &SubscriptionChange,
+    ) -> Result<Option<SubscriptionRow>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "UPDATE event_piper_subscriptions SET \
+                   url = coalesce($2, url), \
+                   types = CASE WHEN $3 THEN $4 ELSE types END, \
+                   batch_size = coalesce($5, batch_size), \
+                   state = CASE $6::boolean WHEN true THEN 'paused' WHEN false THEN 'active' \
+                           ELSE state END, \
+                   position = coalesce($7, position), \
+                   pending_upto = CASE WHEN $3 OR $7 IS NOT NULL THEN NULL ELSE pending_upto END, \
+                   pending_generation = CASE WHEN $3 OR $7 IS NOT NULL THEN NULL \
+                                        ELSE pending_generation END, \
+                   failing_since = CASE WHEN $6 = false THEN NULL ELSE failing_since END, \
+                   next_retry_at = CASE WHEN $6 = false THEN NULL ELSE next_retry_at END, \
+                   generation = generation + 1 \
+                 WHERE id = $1 RETURNING {SUBSCRIPTION_COLUMNS}"
+            ))
+            .await?;
+        let types = change.types.clone().flatten();
+        let row = client
+            .query_opt(
+                &statement,
+                &[
+                    &id,
+                    &change.url,
+                    &change.types.is_some(),
+                    &types,
+                    &change.batch_size,
+                    &change.paused,
+                    &change.position.map(|position| position.0),
+                ],
+            )
+            .await?;
+        row.as_ref().map(subscription_row).transpose()
+    }
+
+    /// Deletes a subscription; false if there was none. The instance delivering it stops at its
+    /// next write (it finds no row of its generation).
+    pub async fn delete_subscription(&self, id: i64) -> Result<bool> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("DELETE FROM event_piper_subscriptions WHERE id = $1")
+            .await?;
+        Ok(client.execute(&statement, &[&id]).await? == 1)
+    }
+
+    /// How many of the consumer's events of the given types (and broadcasts) lie after `after`,
+    /// counted up to `cap` (a receiver far behind reads as "at least `cap`").
+    pub async fn count_after(
+        &self,
+        consumer: &str,
+        after: EventId,
+        types: Option<&TypeFilter>,
+        cap: i64,
+    ) -> Result<i64> {
+        let client = self.pool.get().await?;
+        let filters = "id > $2 AND ($4::text[] IS NULL OR type = ANY($4) OR type LIKE ANY($5))";
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT count(*) FROM ( \
+                   (SELECT 1 FROM events WHERE subscriber = $1 AND {filters} LIMIT $3) \
+                   UNION ALL \
+                   (SELECT 1 FROM events WHERE subscriber IS NULL AND {filters} LIMIT $3) \
+                   LIMIT $3) behind"
+            ))
+            .await?;
+        let (exact, like) = sql_types(types);
+        let row = client
+            .query_one(&statement, &[&consumer, &after.0, &cap, &exact, &like])
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+}
+
+/// One attempt's outcome, as stored for `GET /subscriptions`.
+pub struct Attempt<'a> {
+    /// Short: "HTTP 200", "HTTP 503", "timed out".
+    pub outcome: &'a str,
+    /// Why it failed, when it did.
+    pub error: Option<&'a str>,
+}
+
+/// The connection that holds this instance's subscription locks, and the writes of the
+/// subscriptions it delivers. A write is accepted only while the subscription still has the
+/// generation the deliverer read: a change through the API, or a delete, refuses it.
+///
+/// Session advisory locks end with the session, so an instance that dies, or loses this
+/// connection, lets go of its subscriptions at once, and another instance claims them at its next
+/// look. Writes go through the same connection: once it is lost, the instance cannot acknowledge
+/// anything on a subscription it may no longer own.
+pub struct Lease {
+    client: tokio_postgres::Client,
+    statements: Statements,
+}
+
+/// The lease's statements, prepared once when it connects: each write is then one round trip.
+struct Statements {
+    states: Statement,
+    claim: Statement,
+    release: Statement,
+    begin_batch: Statement,
+    delivered: Statement,
+    failed: Statement,
+    disable: Statement,
+}
+
+impl Lease {
+    pub async fn connect(mut pg_config: tokio_postgres::Config) -> Result<Lease> {
+        pg_config.application_name("event-piper webhooks");
+        harden(&mut pg_config);
+        let (client, connection) = pg_config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "webhook lease connection lost");
+            }
+        });
+        let prepare = |sql: String| {
+            let client = &client;
+            async move { client.prepare(&sql).await }
+        };
+        let statements = Statements {
+            states: prepare("SELECT id, state, generation FROM event_piper_subscriptions".into())
+                .await?,
+            // Materialized: the lock function must only see the candidates, never a row another
+            // condition would have ruled out.
+            claim: prepare(format!(
+                "WITH candidates AS MATERIALIZED ( \
+                   SELECT id FROM event_piper_subscriptions \
+                   WHERE state = 'active' AND NOT (id = ANY($1)) ORDER BY id) \
+                 SELECT {SUBSCRIPTION_COLUMNS} FROM event_piper_subscriptions \
+                 WHERE id IN (SELECT id FROM candidates \
+                              WHERE pg_try_advisory_lock({LOCK_CLASS}, id::integer)) \
+                 ORDER BY id"
+            ))
+            .await?,
+            release: prepare(format!(
+                "SELECT pg_advisory_unlock({LOCK_CLASS}, $1::bigint::integer)"
+            ))
+            .await?,
+            begin_batch: prepare(
+                "UPDATE event_piper_subscriptions SET pending_upto = $3, pending_generation = $2 \
+                 WHERE id = $1 AND generation = $2 AND state = 'active'"
+                    .into(),
+            )
+            .await?,
+            delivered: prepare(
+                "UPDATE event_piper_subscriptions SET position = $3, pending_upto = NULL, \
+                   pending_generation = NULL, \
+                   delivered = delivered + $4, last_attempt_at = now(), last_outcome = $5, \
+                   last_error = NULL, last_success_at = now(), failing_since = NULL, \
+                   next_retry_at = NULL \
+                 WHERE id = $1 AND generation = $2 AND state = 'active'"
+                    .into(),
+            )
+            .await?,
+            failed: prepare(
+                "UPDATE event_piper_subscriptions SET failed_attempts = failed_attempts + 1, \
+                   last_attempt_at = now(), last_outcome = $3, last_error = $4, \
+                   failing_since = coalesce(failing_since, now()), next_retry_at = $5 \
+                 WHERE id = $1 AND generation = $2 AND state = 'active' \
+                 RETURNING failing_since"
+                    .into(),
+            )
+            .await?,
+            disable: prepare(
+                "UPDATE event_piper_subscriptions SET state = 'disabled', \
+                   failed_attempts = failed_attempts + 1, last_attempt_at = now(), \
+                   last_outcome = $3, last_error = $4, next_retry_at = NULL \
+                 WHERE id = $1 AND generation = $2 AND state = 'active'"
+                    .into(),
+            )
+            .await?,
+        };
+        Ok(Lease { client, statements })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.client.is_closed()
+    }
+
+    /// Every subscription's id, state and generation.
+    pub async fn states(&self) -> Result<Vec<(i64, String, i32)>> {
+        let statement = &self.statements.states;
+        let rows = self.client.query(statement, &[]).await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect()
+    }
+
+    /// Takes the lock of every active subscription not in `held` that no other instance holds;
+    /// returns their rows.
+    pub async fn claim(&self, held: &[i64]) -> Result<Vec<SubscriptionRow>> {
+        let statement = &self.statements.claim;
+        let rows = self.client.query(statement, &[&held]).await?;
+        rows.iter().map(subscription_row).collect()
+    }
+
+    /// Lets go of a subscription (it was paused, disabled, deleted or changed).
+    pub async fn release(&self, id: i64) -> Result<()> {
+        let statement = &self.statements.release;
+        self.client.execute(statement, &[&id]).await?;
+        Ok(())
+    }
+
+    /// Records the batch about to be sent, `(position, upto]`, formed in the current generation.
+    /// False: the subscription changed.
+    pub async fn begin_batch(&self, id: i64, generation: i32, upto: EventId) -> Result<bool> {
+        let statement = &self.statements.begin_batch;
+        Ok(self
+            .client
+            .execute(statement, &[&id, &generation, &upto.0])
+            .await?
+            == 1)
+    }
+
+    /// The receiver acknowledged the batch ending at `upto`, of `count` events. False: the
+    /// subscription changed in the meantime, and the position did not move.
+    pub async fn delivered(
+        &self,
+        id: i64,
+        generation: i32,
+        upto: EventId,
+        count: i64,
+        attempt: &Attempt<'_>,
+    ) -> Result<bool> {
+        let statement = &self.statements.delivered;
+        Ok(self
+            .client
+            .execute(
+                statement,
+                &[&id, &generation, &upto.0, &count, &attempt.outcome],
+            )
+            .await?
+            == 1)
+    }
+
+    /// An attempt failed; the next is at `retry_at`. Returns since when the subscription has
+    /// been failing, or None if it changed in the meantime.
+    pub async fn failed(
+        &self,
+        id: i64,
+        generation: i32,
+        attempt: &Attempt<'_>,
+        retry_at: SystemTime,
+    ) -> Result<Option<SystemTime>> {
+        let statement = &self.statements.failed;
+        let row = self
+            .client
+            .query_opt(
+                statement,
+                &[
+                    &id,
+                    &generation,
+                    &attempt.outcome,
+                    &attempt.error,
+                    &retry_at,
+                ],
+            )
+            .await?;
+        row.map(|row| row.try_get(0).map_err(StoreError::from))
+            .transpose()
+    }
+
+    /// The receiver answered 410 Gone: the subscription is disabled until resumed.
+    pub async fn disable(&self, id: i64, generation: i32, attempt: &Attempt<'_>) -> Result<bool> {
+        let statement = &self.statements.disable;
+        Ok(self
+            .client
+            .execute(
+                statement,
+                &[&id, &generation, &attempt.outcome, &attempt.error],
+            )
+            .await?
+            == 1)
+    }
+}

@@ -1,0 +1,498 @@
+//! Delivering one subscription, on the instance that holds its lock: the consumer's events in id
+//! order, a batch at a time, each batch retried until the receiver acknowledges it.
+//!
+//! Events come from a [`Follower`], like a stream's: from the table after downtime or a lag, then
+//! from the hub's live feed, so a subscription that is caught up costs no database reads. Each
+//! batch costs two writes on the lease connection: the batch about to be sent (so an instance
+//! taking over after a crash sends that same batch, under the same webhook-id), then the position
+//! once the receiver answered 2xx.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio_util::sync::CancellationToken;
+
+use super::client::{Client, Outcome, check_url};
+use super::signing::Secret;
+use crate::backoff::Backoff;
+use crate::event::{ConsumerId, EventId, EventRow};
+use crate::filter::TypeFilter;
+use crate::follower::{Follower, Next, Sources};
+use crate::metrics::WebhookMetrics;
+use crate::sse::{Frame, put_compact_json};
+use crate::store::StoreError;
+use crate::store::subscriptions::{Attempt, Lease, SubscriptionRow};
+
+/// The most events a batch may hold (the schema's limit on `batch_size`).
+pub const MAX_BATCH: i32 = 1000;
+
+/// What every delivery of an instance shares.
+pub struct Context {
+    pub sources: Sources,
+    pub client: Client,
+    pub allow_private: bool,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub failing_after: Duration,
+}
+
+/// Why a delivery ended.
+#[derive(Debug)]
+pub enum Ended {
+    /// The instance is stopping, or the supervisor stopped it.
+    Stopped,
+    /// The subscription changed or was deleted through the API: the supervisor looks again.
+    Changed,
+    /// The receiver answered 410 Gone.
+    Disabled,
+    /// The subscription's stored form cannot be delivered (a corrupt secret or consumer).
+    Broken(String),
+    /// A write on the lease connection failed: the lock may be gone with it.
+    LeaseLost(StoreError),
+}
+
+/// Events gathered for one request: their JSON objects, the range they cover, and how many.
+struct Batch {
+    /// `{"id":..,"type":..,"payload":..},` for each event, the last comma included.
+    events: BytesMut,
+    count: i64,
+    /// The batch covers the consumer's events in `(position, upto]`.
+    upto: EventId,
+    /// The subscription's generation when the batch was formed.
+    generation: i32,
+}
+
+impl Batch {
+    fn new(generation: i32) -> Batch {
+        Batch {
+            events: BytesMut::new(),
+            count: 0,
+            upto: EventId(0),
+            generation,
+        }
+    }
+
+    /// The batch's webhook-id: the same for every attempt, and for an instance that takes the
+    /// batch over; a new one after a change through the API (a replay is new messages).
+    fn message_id(&self, subscription: i64) -> String {
+        format!("evp_{subscription}_{}_{}", self.generation, self.upto)
+    }
+
+    fn push(&mut self, id: EventId, event_type: &str, payload: &str) {
+        self.events.reserve(40 + event_type.len() + payload.len());
+        self.events.put_slice(b"{\"id\":");
+        self.events
+            .put_slice(itoa::Buffer::new().format(id.0).as_bytes());
+        self.events.put_slice(b",\"type\":");
+        let quoted = serde_json::Value::from(event_type).to_string();
+        self.events.put_slice(quoted.as_bytes());
+        self.events.put_slice(b",\"payload\":");
+        put_compact_json(&mut self.events, payload);
+        self.events.put_slice(b"},");
+        self.count += 1;
+        self.upto = self.upto.max(id);
+    }
+
+    fn push_rows(&mut self, rows: &[EventRow]) {
+        for row in rows {
+            self.push(row.id, &row.event_type, &row.payload);
+        }
+    }
+
+    fn push_frame(&mut self, frame: &Frame) {
+        if let Some((id, event_type, payload)) = frame.parts() {
+            self.push(id, event_type, payload);
+        }
+    }
+
+    /// The request body: `{"subscription":..,"consumer":..,"events":[...]}`.
+    fn body(&self, subscription: i64, consumer: &ConsumerId) -> Bytes {
+        let events = self.events.strip_suffix(b",").unwrap_or(&self.events);
+        let mut body = BytesMut::with_capacity(64 + consumer.as_str().len() + events.len());
+        body.put_slice(b"{\"subscription\":");
+        body.put_slice(itoa::Buffer::new().format(subscription).as_bytes());
+        body.put_slice(b",\"consumer\":");
+        body.put_slice(
+            serde_json::Value::from(consumer.as_str())
+                .to_string()
+                .as_bytes(),
+        );
+        body.put_slice(b",\"events\":[");
+        body.put_slice(events);
+        body.put_slice(b"]}");
+        body.freeze()
+    }
+}
+
+/// One subscription being delivered.
+struct Delivery<'a> {
+    context: &'a Context,
+    lease: &'a Lease,
+    stop: &'a CancellationToken,
+    id: i64,
+    /// The generation read with the row: every write is refused once the API changed it.
+    generation: i32,
+    consumer: ConsumerId,
+    url: String,
+    secret: Secret,
+    types: Option<TypeFilter>,
+    batch_size: i32,
+    /// The last event id the receiver acknowledged.
+    position: EventId,
+    failing_since: Option<SystemTime>,
+    /// Whether the "failing" state change was logged.
+    marked_failing: bool,
+    metrics: WebhookMetrics,
+}
+
+/// Delivers `subscription` until it is stopped, changed, disabled, or the lease is lost.
+pub async fn run(
+    context: Arc<Context>,
+    lease: Arc<Lease>,
+    subscription: SubscriptionRow,
+    stop: CancellationToken,
+) -> Ended {
+    let id = subscription.id;
+    let broken = |what: String| {
+        tracing::error!(subscription = id, "cannot deliver: {what}");
+        Ended::Broken(what)
+    };
+    let secret = match Secret::parse(&subscription.secret) {
+        Ok(secret) => secret,
+        Err(error) => return broken(format!("stored secret: {error}")),
+    };
+    let consumer = match ConsumerId::parse(subscription.consumer.as_bytes()) {
+        Ok(consumer) => consumer,
+        Err(error) => return broken(format!("stored consumer: {error}")),
+    };
+    let types = match &subscription.types {
+        Some(patterns) => match TypeFilter::from_patterns(patterns.iter().map(String::as_str)) {
+            Ok(types) => Some(types),
+            Err(error) => return broken(format!("stored types: {error}")),
+        },
+        None => None,
+    };
+    let mut delivery = Delivery {
+        context: &context,
+        lease: &lease,
+        stop: &stop,
+        id,
+        generation: subscription.generation,
+        consumer,
+        url: subscription.url,
+        secret,
+        types,
+        batch_size: subscription.batch_size.clamp(1, MAX_BATCH),
+        position: subscription.position,
+        failing_since: subscription.failing_since,
+        marked_failing: false,
+        metrics: WebhookMetrics::new(id),
+    };
+    tracing::info!(
+        subscription = id,
+        consumer = %delivery.consumer,
+        after = %delivery.position,
+        "delivering webhook subscription"
+    );
+    let ended = delivery.follow(subscription.pending).await;
+    tracing::info!(
+        subscription = id,
+        ?ended,
+        "stopped delivering webhook subscription"
+    );
+    ended
+}
+
+/// A step that either goes on or ends the delivery.
+type Step<T> = Result<T, Ended>;
+
+impl Delivery<'_> {
+    async fn follow(&mut self, pending: Option<(EventId, i32)>) -> Ended {
+        match self.follow_inner(pending).await {
+            Ok(never) => match never {},
+            Err(ended) => ended,
+        }
+    }
+
+    async fn follow_inner(
+        &mut self,
+        pending: Option<(EventId, i32)>,
+    ) -> Step<std::convert::Infallible> {
+        // The batch in flight when the last deliverer stopped goes first, exactly as it was and
+        // under the same webhook-id.
+        if let Some((upto, generation)) = pending.filter(|(upto, _)| *upto > self.position) {
+            let rows = self.read_pending(upto).await?;
+            let mut batch = Batch::new(generation);
+            batch.push_rows(&rows);
+            batch.upto = upto;
+            self.send(&batch).await?;
+        }
+        let sources = Sources {
+            page_size: i64::from(self.batch_size),
+            ..self.context.sources.clone()
+        };
+        let mut follower = loop {
+            match Follower::start(
+                &sources,
+                self.consumer.clone(),
+                Some(self.position),
+                self.types.clone(),
+                Duration::from_secs(30),
+            )
+            .await
+            {
+                Ok(follower) => break follower,
+                Err(error) => {
+                    tracing::warn!(subscription = self.id, %error, "cannot follow the consumer yet");
+                    self.pause(Duration::from_secs(1)).await?;
+                }
+            }
+        };
+        let mut reads = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut counted_at: Option<tokio::time::Instant> = None;
+        loop {
+            let next = tokio::select! {
+                next = follower.next() => next,
+                _ = self.stop.cancelled() => return Err(Ended::Stopped),
+            };
+            let mut batch = Batch::new(self.generation);
+            let mut drained = false;
+            match next {
+                Next::Page(rows) => batch.push_rows(&rows),
+                Next::Live(frame) => {
+                    batch.push_frame(&frame);
+                    while batch.count < i64::from(self.batch_size) {
+                        match follower.try_next_live() {
+                            Some(frame) => batch.push_frame(&frame),
+                            None => {
+                                drained = true;
+                                break;
+                            }
+                        }
+                    }
+                }
+                Next::Failed(error) => {
+                    let delay = reads.next_delay();
+                    tracing::warn!(subscription = self.id, %error, ?delay, "reading events failed; retrying");
+                    self.pause(delay).await?;
+                    continue;
+                }
+                Next::Closed => return Err(Ended::Stopped),
+            }
+            reads.reset();
+            // The follower's cursor also covers the events it skipped (other types): the
+            // acknowledged position moves past them too.
+            batch.upto = batch.upto.max(follower.position().cursor());
+            self.send(&batch).await?;
+            if drained && follower.position().is_live() {
+                self.metrics.behind.set(0.0);
+            } else if counted_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+                counted_at = Some(tokio::time::Instant::now());
+                self.count_behind().await;
+            }
+        }
+    }
+
+    /// The pending batch's events, read again from the table (retried until it works).
+    async fn read_pending(&self, upto: EventId) -> Step<Vec<EventRow>> {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            let read = self
+                .context
+                .sources
+                .store
+                .read_consumer(
+                    &self.consumer,
+                    (self.position, upto),
+                    i64::from(MAX_BATCH),
+                    self.types.as_ref(),
+                )
+                .await;
+            match read {
+                Ok(rows) => return Ok(rows),
+                Err(error) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(subscription = self.id, %error, ?delay, "reading the pending batch failed; retrying");
+                    self.pause(delay).await?;
+                }
+            }
+        }
+    }
+
+    /// Sends `batch` until the receiver acknowledges it, then moves the position past it.
+    async fn send(&mut self, batch: &Batch) -> Step<()> {
+        // Recorded before it is sent. A pending batch taken over in the same generation is
+        // recorded again, unchanged; one from an earlier generation keeps its record, and so
+        // its webhook-id.
+        if batch.generation == self.generation
+            && !self
+                .write(self.lease.begin_batch(self.id, self.generation, batch.upto))
+                .await?
+        {
+            return Err(Ended::Changed);
+        }
+        let body = batch.body(self.id, &self.consumer);
+        let message_id = batch.message_id(self.id);
+        let mut backoff = Backoff::new(self.context.retry_min, self.context.retry_max);
+        loop {
+            let outcome = match check_url(&self.url, self.context.allow_private) {
+                Ok(url) => {
+                    let timestamp = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs() as i64;
+                    let headers = [
+                        ("webhook-id", message_id.clone()),
+                        ("webhook-timestamp", timestamp.to_string()),
+                        (
+                            "webhook-signature",
+                            self.secret.sign(&message_id, timestamp, &body),
+                        ),
+                    ];
+                    tokio::select! {
+                        outcome = self.context.client.post(&url, &headers, body.clone()) => outcome,
+                        _ = self.stop.cancelled() => return Err(Ended::Stopped),
+                    }
+                }
+                Err(error) => Outcome::Failed {
+                    reason: error.to_string(),
+                },
+            };
+            match outcome {
+                Outcome::Delivered { status } => {
+                    let outcome = format!("HTTP {status}");
+                    let attempt = Attempt {
+                        outcome: &outcome,
+                        error: None,
+                    };
+                    let stored = self
+                        .write(self.lease.delivered(
+                            self.id,
+                            self.generation,
+                            batch.upto,
+                            batch.count,
+                            &attempt,
+                        ))
+                        .await?;
+                    if !stored {
+                        return Err(Ended::Changed);
+                    }
+                    self.position = batch.upto;
+                    self.metrics.delivered.increment(batch.count as u64);
+                    self.metrics.last_success.set(
+                        SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs_f64(),
+                    );
+                    if self.failing_since.take().is_some() {
+                        tracing::info!(
+                            subscription = self.id,
+                            "webhook receiver recovered: delivering again"
+                        );
+                        self.marked_failing = false;
+                    }
+                    return Ok(());
+                }
+                Outcome::Gone => {
+                    let attempt = Attempt {
+                        outcome: "HTTP 410",
+                        error: Some("the receiver answered 410 Gone: disabled until resumed"),
+                    };
+                    self.metrics.failed_attempts.increment(1);
+                    if !self
+                        .write(self.lease.disable(self.id, self.generation, &attempt))
+                        .await?
+                    {
+                        return Err(Ended::Changed);
+                    }
+                    tracing::warn!(subscription = self.id, url = %self.url, "webhook receiver answered 410 Gone: subscription disabled");
+                    return Err(Ended::Disabled);
+                }
+                Outcome::Refused {
+                    status,
+                    retry_after,
+                    reason,
+                } => {
+                    let delay = retry_after.unwrap_or_else(|| backoff.next_jittered());
+                    self.failed(&format!("HTTP {status}"), &reason, delay)
+                        .await?;
+                }
+                Outcome::Failed { reason } => {
+                    let delay = backoff.next_jittered();
+                    self.failed("no answer", &reason, delay).await?;
+                }
+            }
+        }
+    }
+
+    /// Records a failed attempt, logs a state change, and waits `delay` before the next one.
+    async fn failed(&mut self, outcome: &str, reason: &str, delay: Duration) -> Step<()> {
+        self.metrics.failed_attempts.increment(1);
+        let attempt = Attempt {
+            outcome,
+            error: Some(reason),
+        };
+        let retry_at = SystemTime::now() + delay;
+        let Some(since) = self
+            .write(
+                self.lease
+                    .failed(self.id, self.generation, &attempt, retry_at),
+            )
+            .await?
+        else {
+            return Err(Ended::Changed);
+        };
+        if self.failing_since.replace(since).is_none() {
+            tracing::warn!(subscription = self.id, url = %self.url, reason, ?delay, "webhook delivery failed; retrying");
+        }
+        let failing_for = since.elapsed().unwrap_or_default();
+        if !self.marked_failing && failing_for >= self.context.failing_after {
+            self.marked_failing = true;
+            tracing::error!(
+                subscription = self.id,
+                url = %self.url,
+                reason,
+                failing_for = %humantime::format_duration(Duration::from_secs(failing_for.as_secs())),
+                "webhook subscription is failing: its events are kept until it recovers"
+            );
+        }
+        self.pause(delay).await
+    }
+
+    /// Counts the events still to deliver, for the metric (bounded: a receiver far behind reads
+    /// as a million).
+    async fn count_behind(&self) {
+        let count = self
+            .context
+            .sources
+            .store
+            .count_after(
+                self.consumer.as_str(),
+                self.position,
+                self.types.as_ref(),
+                1_000_000,
+            )
+            .await;
+        if let Ok(count) = count {
+            self.metrics.behind.set(count as f64);
+        }
+    }
+
+    async fn pause(&self, delay: Duration) -> Step<()> {
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => Ok(()),
+            _ = self.stop.cancelled() => Err(Ended::Stopped),
+        }
+    }
+
+    /// A write on the lease: a failure ends the delivery (the lock may be gone with the
+    /// connection), and so does a stop, which the write does not wait for.
+    async fn write<T>(
+        &self,
+        write: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Step<T> {
+        write.await.map_err(Ended::LeaseLost)
+    }
+}

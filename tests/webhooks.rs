@@ -1,0 +1,559 @@
+//! Webhook subscriptions, end to end: the API, delivery in order with Standard Webhooks
+//! signatures checked by a library this project did not write, retries, 410 Gone, pause and
+//! replay, restarts, and two instances on one database.
+
+mod common;
+
+use std::time::Duration;
+
+use common::receiver::{Answer, Receiver};
+use common::{TestApp, insert};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+async fn subscribe(app: &TestApp, receiver: &Receiver, body: Value) -> Value {
+    let mut body = body;
+    body["url"] = Value::from(receiver.url.clone());
+    let response = app
+        .send(Method::POST, "/subscriptions", &[], Some(body))
+        .await;
+    assert_eq!(response.status(), 201);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(location, format!("/subscriptions/{}", created["id"]));
+    receiver.verify_with(
+        created["secret"]
+            .as_str()
+            .expect("the secret is shown once"),
+    );
+    created
+}
+
+async fn show(app: &TestApp, id: &Value) -> Value {
+    let response = app.get(&format!("/subscriptions/{id}")).await;
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+async fn patch(app: &TestApp, id: &Value, body: Value) -> Value {
+    let response = app
+        .send(
+            Method::PATCH,
+            &format!("/subscriptions/{id}"),
+            &[],
+            Some(body),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    response.json().await.unwrap()
+}
+
+/// Polls the subscription until `until` holds.
+async fn wait_for(app: &TestApp, id: &Value, what: &str, until: impl Fn(&Value) -> bool) -> Value {
+    let wait = async {
+        loop {
+            let shown = show(app, id).await;
+            if until(&shown) {
+                return shown;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    match tokio::time::timeout(common::PATIENCE, wait).await {
+        Ok(shown) => shown,
+        Err(_) => panic!("waited in vain for {what}: {}", show(app, id).await),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_a_consumers_events_and_broadcasts_in_order_signed_in_batches() {
+    let app = TestApp::builder().webhooks_for_tests().start().await;
+    let receiver = Receiver::start().await;
+    let created = subscribe(
+        &app,
+        &receiver,
+        json!({"consumer": "toto", "batch_size": 7}),
+    )
+    .await;
+    assert_eq!(created["status"], "active");
+    assert_eq!(created["batch_size"], 7);
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"));
+
+    let producer = app.producer().await;
+    let mut expected = Vec::new();
+    for n in 0..40 {
+        let to = match n % 4 {
+            0 => "titi",
+            _ => "toto",
+        };
+        let id = insert(&producer, to, &format!(r#"{{"n": {n}}}"#)).await;
+        if to == "toto" {
+            expected.push(id);
+        }
+    }
+    let broadcast: i64 = producer
+        .query_one(
+            "INSERT INTO events (type, payload) VALUES ('all', '{\"b\": 1}') RETURNING id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    expected.push(broadcast);
+
+    let ids = receiver.wait_for_accepted(expected.len()).await;
+    assert_eq!(
+        ids, expected,
+        "every event of toto and the broadcast, in order, once"
+    );
+    let requests = receiver.requests();
+    assert_eq!(receiver.bad_signatures(), 0, "every signature verifies");
+    assert!(requests.iter().all(|request| request.events.len() <= 7));
+    assert!(requests.iter().all(|request| request.consumer == "toto"));
+    let first = &requests[0].events[0];
+    assert_eq!((first.1.as_str(), &first.2), ("insert", &json!({"n": 1})));
+
+    let shown = wait_for(&app, &created["id"], "the position to move", |shown| {
+        shown["position"] == json!(broadcast)
+    })
+    .await;
+    assert_eq!(shown["behind"], 0);
+    assert_eq!(shown["delivered"], json!(expected.len()));
+    assert_eq!(shown["last_outcome"], "HTTP 200");
+    assert!(
+        shown.get("secret").is_none(),
+        "the secret is shown only once"
+    );
+    let metrics = app.metrics().await;
+    let id = &created["id"];
+    assert!(
+        metrics.contains(&format!(
+            "event_piper_webhook_delivered_events_total{{subscription=\"{id}\"}} {}",
+            expected.len()
+        )),
+        "{metrics}"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_receiver_gets_the_same_batch_again_until_it_accepts_it() {
+    let app = TestApp::builder()
+        .webhooks_for_tests()
+        .webhook_failing_after(Duration::from_millis(100))
+        .start()
+        .await;
+    let receiver = Receiver::start().await;
+    receiver.answer(|_| Answer::Status(503, None));
+    let created = subscribe(&app, &receiver, json!({"consumer": "toto"})).await;
+    let id = &created["id"];
+    let producer = app.producer().await;
+    let first = insert(&producer, "toto", "{}").await;
+
+    let shown = wait_for(&app, id, "the subscription to be failing", |shown| {
+        shown["status"] == "failing"
+    })
+    .await;
+    assert!(shown["failed_attempts"].as_i64().unwrap() >= 2);
+    assert_eq!(shown["last_outcome"], "HTTP 503");
+    assert!(shown["next_retry_at"].is_string(), "{shown}");
+    assert_eq!(
+        shown["position"], created["position"],
+        "nothing acknowledged"
+    );
+
+    // More events while it fails: the failing batch is not skipped, nor grown.
+    let second = insert(&producer, "toto", "{}").await;
+    receiver.answer(|_| Answer::Accept);
+    let ids = receiver.wait_for_accepted(2).await;
+    assert_eq!(ids, [first, second]);
+    let requests = receiver.requests();
+    let retried: Vec<&str> = requests
+        .iter()
+        .filter(|request| request.events[0].0 == first)
+        .map(|request| request.webhook_id.as_str())
+        .collect();
+    assert!(retried.len() >= 3, "{requests:?}");
+    assert!(
+        retried.iter().all(|id| *id == retried[0]),
+        "every attempt of a batch has the same webhook-id: {retried:?}"
+    );
+    let shown = wait_for(&app, id, "recovery", |shown| shown["status"] == "active").await;
+    assert!(shown["failing_since"].is_null());
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let app = TestApp::builder().webhooks_for_tests().start().await;
+    let receiver = Receiver::start().await;
+    receiver.answer(|n| match n {
+        0 => Answer::Status(429, Some(1)),
+        _ => Answer::Accept,
+    });
+    let created = subscribe(&app, &receiver, json!({"consumer": "toto"})).await;
+    let producer = app.producer().await;
+    insert(&producer, "toto", "{}").await;
+    let shown = wait_for(&app, &created["id"], "the first attempt", |shown| {
+        shown["last_outcome"] == "HTTP 429"
+    })
+    .await;
+    // The retry is planned a second after the attempt, not at the 20 ms of the test schedule.
+    let planned = humantime::parse_rfc3339(shown["next_retry_at"].as_str().unwrap()).unwrap();
+    let attempted = humantime::parse_rfc3339(shown["last_attempt_at"].as_str().unwrap()).unwrap();
+    let wait = planned.duration_since(attempted).unwrap();
+    assert!(wait >= Duration::from_millis(900), "{wait:?}");
+    receiver.wait_for_accepted(1).await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gone_disables_the_subscription_until_it_is_resumed() {
+    let app = TestApp::builder().webhooks_for_tests().start().await;
+    let receiver = Receiver::start().await;
+    receiver.answer(|n| match n {
+        0 => Answer::Status(410, None),
+        _ => Answer::Accept,
+    });
+    let created = subscribe(&app, &receiver, json!({"consumer": "toto"})).await;
+    let id = &created["id"];
+    let producer = app.producer().await;
+    let first = insert(&producer, "toto", "{}").await;
+    wait_for(&app, id, "disabled", |shown| shown["status"] == "disabled").await;
+    let second = insert(&producer, "toto", "{}").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        receiver.requests().len(),
+        1,
+        "a disabled subscription is not delivered"
+    );
+
+    patch(&app, id, json!({"paused": false})).await;
+    assert_eq!(receiver.wait_for_accepted(2).await, [first, second]);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_deliveries_and_a_new_position_replays_from_it() {
+    let app = TestApp::builder().webhooks_for_tests().start().await;
+    let receiver = Receiver::start().await;
+    let producer = app.producer().await;
+    let before = insert(&producer, "toto", "{}").await;
+    let created = subscribe(&app, &receiver, json!({"consumer": "toto"})).await;
+    let id = &created["id"];
+    assert_eq!(
+        created["position"],
+        json!(before),
+        "it starts after the newest event"
+    );
+
+    let paused = patch(&app, id, json!({"paused": true})).await;
+    assert_eq!(paused["status"], "paused");
+    let during = insert(&producer, "toto", "{}").await;
+    let shown = wait_for(&app, id, "an event behind", |shown| shown["behind"] == 1).await;
+    assert_eq!(shown["position"], json!(before));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        receiver.requests().is_empty(),
+        "nothing is sent while paused"
+    );
+
+    patch(&app, id, json!({"paused": false})).await;
+    assert_eq!(receiver.wait_for_accepted(1).await, [during]);
+    let after = insert(&producer, "toto", "{}").await;
+    assert_eq!(receiver.wait_for_accepted(2).await, [during, after]);
+
+    // Replay from the start: everything again, under new webhook-ids.
+    patch(&app, id, json!({"after": 0})).await;
+    let ids = receiver.wait_for_accepted(5).await;
+    assert_eq!(ids, [during, after, before, during, after]);
+    let requests = receiver.requests();
+    let first_ids: Vec<&str> = requests[..2]
+        .iter()
+        .map(|r| r.webhook_id.as_str())
+        .collect();
+    assert!(
+        requests[2..]
+            .iter()
+            .all(|request| !first_ids.contains(&request.webhook_id.as_str())),
+        "{requests:?}"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn types_narrow_what_a_subscription_delivers() {
+    let app = TestApp::builder().webhooks_for_tests().start().await;
+    let receiver = Receiver::start().await;
+    let created = subscribe(
+        &app,
+        &receiver,
+        json!({"consumer": "toto", "types": ["order.*"]}),
+    )
+    .await;
+    let producer = app.producer().await;
+    let mut wanted = Vec::new();
+    for event_type in ["order.created", "ping", "order.paid", "orders"] {
+        let id: i64 = producer
+            .query_one(
+                "INSERT INTO events (type, subscriber) VALUES ($1, 'toto') RETURNING id",
+                &[&event_type],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if event_type.starts_with("order.") {
+            wanted.push(id);
+        }
+    }
+    assert_eq!(receiver.wait_for_accepted(2).await, wanted);
+    // The position moves past the events of other types too.
+    let last: i64 = producer
+        .query_one("SELECT max(id) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let shown = show(&app, &created["id"]).await;
+    assert!(shown["position"].as_i64().unwrap() >= wanted[1], "{shown}");
+    assert!(shown["position"].as_i64().unwrap() <= last);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_is_published_while_the_service_is_down_is_delivered_after_a_restart() {
+    let app = TestApp::builder().webhooks_for_tests().start().await;
+    let receiver = Receiver::start().await;
+    subscribe(
+        &app,
+        &receiver,
+        json!({"consumer": "toto", "batch_size": 3}),
+    )
+    .await;
+    let producer = app.producer().await;
+    let first = insert(&producer, "toto", "{}").await;
+    receiver.wait_for_accepted(1).await;
+    let database = app.database_url().to_owned();
+    app.stop().await.unwrap();
+
+    let mut expected = vec![first];
+    for _ in 0..10 {
+        expected.push(insert(&producer, "toto", "{}").await);
+    }
+    let app = TestApp::builder()
+        .webhooks_for_tests()
+        .database(&database)
+        .start()
+        .await;
+    assert_eq!(receiver.wait_for_accepted(11).await, expected);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_two_instances_delivers_and_the_other_takes_over_when_it_stops() {
+    let first = TestApp::builder().webhooks_for_tests().start().await;
+    let second = TestApp::builder()
+        .webhooks_for_tests()
+        .database(first.database_url())
+        .start()
+        .await;
+    let receiver = Receiver::start().await;
+    let created = subscribe(
+        &first,
+        &receiver,
+        json!({"consumer": "toto", "batch_size": 5}),
+    )
+    .await;
+    let producer = first.producer().await;
+    let mut expected = Vec::new();
+    for _ in 0..20 {
+        expected.push(insert(&producer, "toto", "{}").await);
+    }
+    receiver.wait_for_accepted(20).await;
+    let holders: i64 = producer
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 1702260855 \
+             AND objid = $1::bigint::oid AND granted",
+            &[&created["id"].as_i64().unwrap()],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holders, 1, "exactly one instance holds the subscription");
+
+    first.stop().await.unwrap();
+    for _ in 0..20 {
+        expected.push(insert(&producer, "toto", "{}").await);
+    }
+    let ids = receiver.wait_for_accepted(40).await;
+    assert_eq!(ids, expected, "in order, nothing lost, nothing repeated");
+    second.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_a_clear_refusal() {
+    let app = TestApp::builder().start().await;
+    let refused = |status: u16, body: Value, why: &'static str| {
+        let app = &app;
+        async move {
+            let response = app
+                .send(Method::POST, "/subscriptions", &[], Some(body.clone()))
+                .await;
+            assert_eq!(response.status(), status, "{body}");
+            let text = response.text().await.unwrap();
+            assert!(text.contains(why), "{body}: {text}");
+        }
+    };
+    let url = "http://127.0.0.1:9/hook";
+    refused(400, json!({"url": url}), "consumer is required").await;
+    refused(
+        400,
+        json!({"consumer": "toto", "url": url}),
+        "refused (loopback)",
+    )
+    .await;
+    refused(
+        400,
+        json!({"consumer": "toto", "url": "http://10.1.2.3/"}),
+        "refused",
+    )
+    .await;
+    refused(
+        400,
+        json!({"consumer": "toto", "url": "ftp://example.com/"}),
+        "url",
+    )
+    .await;
+    let public = "https://receiver.example/hook";
+    refused(
+        400,
+        json!({"consumer": "toto", "url": public, "batch_size": 0}),
+        "batch_size",
+    )
+    .await;
+    refused(
+        400,
+        json!({"consumer": "toto", "url": public, "after": "later"}),
+        "after",
+    )
+    .await;
+    refused(
+        400,
+        json!({"consumer": "toto", "url": public, "types": ["a*"]}),
+        "types",
+    )
+    .await;
+    refused(
+        400,
+        json!({"consumer": "toto", "url": public, "colour": 1}),
+        "unknown field",
+    )
+    .await;
+    refused(400, json!({"consumer": "", "url": public}), "consumer").await;
+
+    let response = app.send(Method::POST, "/subscriptions", &[], None).await;
+    assert_eq!(response.status(), 415);
+    for path in ["/subscriptions/12345", "/subscriptions/nope"] {
+        let response = app.get(path).await;
+        assert_eq!(response.status(), 404, "{path}");
+    }
+    let response = app
+        .send(Method::DELETE, "/subscriptions/12345", &[], None)
+        .await;
+    assert_eq!(response.status(), 404);
+
+    // A public URL is accepted (nothing answers there; the subscription just retries).
+    let response = app
+        .send(
+            Method::POST,
+            "/subscriptions",
+            &[],
+            Some(json!({"consumer": "toto", "url": public})),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    let path = format!("/subscriptions/{}", created["id"]);
+    let response = app
+        .send(Method::PATCH, &path, &[], Some(json!({"batch_size": 5000})))
+        .await;
+    assert_eq!(response.status(), 400);
+    let response = app.send(Method::DELETE, &path, &[], None).await;
+    assert_eq!(response.status(), 204);
+    assert_eq!(app.get(&path).await.status(), 404);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_authentication_a_token_needs_the_grant_and_sees_only_its_consumer() {
+    let secret = "a-test-secret-that-is-long-enough-32";
+    let app = TestApp::builder()
+        .webhooks_for_tests()
+        .jwt_secret(secret)
+        .start()
+        .await;
+    let token = |sub: &str, subscriptions: bool| {
+        let grants = event_piper::auth::Grants {
+            subscriptions,
+            ..Default::default()
+        };
+        let token = event_piper::auth::mint_granting(secret, sub, Duration::from_secs(600), grants)
+            .unwrap();
+        format!("Bearer {token}")
+    };
+    let receiver = Receiver::start().await;
+    let body = json!({"url": receiver.url});
+
+    let reader = token("toto", false);
+    let response = app
+        .send(
+            Method::POST,
+            "/subscriptions",
+            &[("Authorization", &reader)],
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(response.status(), 403);
+    let response = app.send(Method::GET, "/subscriptions", &[], None).await;
+    assert_eq!(response.status(), 401);
+
+    let toto = token("toto", true);
+    let toto = [("Authorization", toto.as_str())];
+    let response = app
+        .send(
+            Method::POST,
+            "/subscriptions",
+            &toto,
+            Some(json!({"url": receiver.url, "consumer": "titi"})),
+        )
+        .await;
+    assert_eq!(response.status(), 403, "another consumer's events");
+    let response = app
+        .send(Method::POST, "/subscriptions", &toto, Some(body.clone()))
+        .await;
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    assert_eq!(created["consumer"], "toto");
+
+    let titi = token("titi", true);
+    let titi = [("Authorization", titi.as_str())];
+    let listed: Value = app
+        .send(Method::GET, "/subscriptions", &titi, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["subscriptions"], json!([]));
+    let path = format!("/subscriptions/{}", created["id"]);
+    let response = app.send(Method::GET, &path, &titi, None).await;
+    assert_eq!(response.status(), 404);
+    let response = app.send(Method::DELETE, &path, &titi, None).await;
+    assert_eq!(response.status(), 404);
+    let listed: Value = app
+        .send(Method::GET, "/subscriptions", &toto, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["subscriptions"].as_array().unwrap().len(), 1);
+    app.stop().await.unwrap();
+}
