@@ -469,6 +469,40 @@ async fn page_shows_recent_events_and_searches_history() {
         )
         .await;
     assert_eq!(found, json!([created, paid]));
+
+    // The consumer's webhook subscriptions are listed (a public URL: nothing is delivered, the
+    // subscription retries, and the page shows it doing so).
+    let response = app
+        .send(
+            reqwest::Method::POST,
+            "/subscriptions",
+            &[],
+            Some(json!({"consumer": "hist", "url": "https://receiver.example/hook"})),
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    let subscription: Value = response.json().await.unwrap();
+    browser
+        .run(
+            "document.getElementById('subs-refresh').click();",
+            json!([]),
+        )
+        .await;
+    let listed = browser
+        .wait_for(
+            "the subscription listed",
+            "return piper.subscriptions.length === 1 ? piper.subscriptions[0] : null",
+        )
+        .await;
+    assert_eq!(listed["id"], subscription["id"]);
+    assert_eq!(listed["url"], "https://receiver.example/hook");
+    let cells = browser
+        .run(
+            "return Array.from(document.querySelectorAll('#subs-rows td')).map(td => td.textContent)",
+            json!([]),
+        )
+        .await;
+    assert_eq!(cells[0], json!(subscription["id"].to_string()));
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
 
     browser.quit().await;

@@ -415,7 +415,11 @@ impl Delivery<'_> {
                     retry_after,
                     reason,
                 } => {
-                    let delay = retry_after.unwrap_or_else(|| backoff.next_jittered());
+                    // The receiver's wish, but never sooner than the first retry: a
+                    // `Retry-After: 0` on every answer would otherwise spin.
+                    let delay = retry_after
+                        .map(|delay| delay.max(self.context.retry_min))
+                        .unwrap_or_else(|| backoff.next_jittered());
                     self.failed(&format!("HTTP {status}"), &reason, delay)
                         .await?;
                 }
