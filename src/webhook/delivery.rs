@@ -336,6 +336,13 @@ impl Delivery<'_> {
         let message_id = batch.message_id(self.id);
         let mut backoff = Backoff::new(self.context.retry_min, self.context.retry_max);
         loop {
+            // A lease found closed may already have let the lock go to another instance: this
+            // one sends nothing more (a retry comes after a pause without a write).
+            if self.lease.is_closed() {
+                return Err(Ended::LeaseLost(StoreError::Unexpected(
+                    "the lease connection closed".into(),
+                )));
+            }
             let outcome = match check_url(&self.url, self.context.allow_private) {
                 Ok(url) => {
                     let timestamp = SystemTime::now()
