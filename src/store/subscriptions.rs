@@ -261,6 +261,7 @@ pub struct Lease {
 struct Statements {
     states: Statement,
     claim: Statement,
+    rows: Statement,
     release: Statement,
     begin_batch: Statement,
     delivered: Statement,
@@ -291,10 +292,13 @@ impl Lease {
                 "WITH candidates AS MATERIALIZED ( \
                    SELECT id FROM event_piper_subscriptions \
                    WHERE state = 'active' AND NOT (id = ANY($1)) ORDER BY id) \
-                 SELECT {SUBSCRIPTION_COLUMNS} FROM event_piper_subscriptions \
-                 WHERE id IN (SELECT id FROM candidates \
-                              WHERE pg_try_advisory_lock({LOCK_CLASS}, id::integer)) \
-                 ORDER BY id"
+                 SELECT id FROM candidates \
+                 WHERE pg_try_advisory_lock({LOCK_CLASS}, id::integer)"
+            ))
+            .await?,
+            rows: prepare(format!(
+                "SELECT {SUBSCRIPTION_COLUMNS} FROM event_piper_subscriptions \
+                 WHERE id = ANY($1) ORDER BY id"
             ))
             .await?,
             release: prepare(format!(
@@ -354,9 +358,39 @@ impl Lease {
     /// Takes the lock of every active subscription not in `held` that no other instance holds;
     /// returns their rows.
     pub async fn claim(&self, held: &[i64]) -> Result<Vec<SubscriptionRow>> {
-        let statement = &self.statements.claim;
-        let rows = self.client.query(statement, &[&held]).await?;
-        rows.iter().map(subscription_row).collect()
+        let locked: Vec<i64> = self
+            .client
+            .query(&self.statements.claim, &[&held])
+            .await?
+            .iter()
+            .map(|row| row.try_get(0))
+            .collect::<std::result::Result<_, _>>()?;
+        if locked.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Read by a statement of its own, begun once the locks are held. The claim's snapshot
+        // is older than its locks: read there, a row could miss the positions the last
+        // deliverer stored before it died and let go, and they would be sent again.
+        let rows = self
+            .client
+            .query(&self.statements.rows, &[&locked])
+            .await?
+            .iter()
+            .map(subscription_row)
+            .collect::<Result<Vec<_>>>()?;
+        // Paused or deleted between the two statements: let go at once.
+        for id in &locked {
+            if !rows
+                .iter()
+                .any(|row| row.id == *id && row.state == "active")
+            {
+                self.release(*id).await?;
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .filter(|row| row.state == "active")
+            .collect())
     }
 
     /// Lets go of a subscription (it was paused, disabled, deleted or changed).
