@@ -1175,3 +1175,233 @@ async fn a_deliverer_killed_mid_batch_is_taken_over_under_the_same_webhook_id() 
     );
     app.stop().await.unwrap();
 }
+
+/// An instance that takes a subscription over must start from what the last deliverer stored
+/// before it died, not from an older state of the row.
+///
+/// The claim (`Lease::claim`) reads the subscription row in the same statement that takes its
+/// advisory lock, so the row comes from the statement's snapshot, taken *before* the lock was
+/// granted. If the deliverer stores positions and dies while that statement runs, the new
+/// deliverer starts from an older position and sends again batches the receiver acknowledged
+/// and the old deliverer stored, re-cut into batches of its own, under webhook-ids the receiver
+/// never saw. On a busy machine a statement can take any time between its snapshot and its
+/// lock; here a row-level security policy makes every read of the row by an instance that
+/// does not hold its lock wait 300 ms (the policy's only effect), so that the kill lands in
+/// that window at once. The service runs as a role of its own, as RLS does not apply to
+/// superusers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_starts_from_the_position_stored_last() {
+    let _serial = SERIAL.lock().await;
+    let db_url = common::fresh_database().await;
+    let admin = common::connect(&db_url).await;
+    let database = db_url.rsplit('/').next().unwrap().to_owned();
+    admin
+        .batch_execute(&format!(
+            "do $$ begin create role claimer login; \
+             exception when duplicate_object then null; end $$; \
+             alter database {database} owner to claimer"
+        ))
+        .await
+        .unwrap();
+    let service_url = db_url.replacen("://event_piper@", "://claimer@", 1);
+    assert_ne!(service_url, db_url);
+
+    let mut process = ServiceProcess::start(
+        &service_url,
+        &[
+            "--webhook-allow-private",
+            "--webhook-poll",
+            "100ms",
+            "--webhook-retry-min",
+            "20ms",
+            "--webhook-retry-max",
+            "200ms",
+        ],
+    );
+    process.wait_until_ready().await;
+    // The schema exists now (the process applied it, as its owner).
+    admin
+        .batch_execute(&format!(
+            "create function public.unless_holder_wait(sub bigint) returns boolean \
+               language sql volatile as $$ \
+               select exists (select 1 from pg_locks where pid = pg_backend_pid() \
+                 and locktype = 'advisory' and classid = {LOCK_CLASS}::bigint::oid \
+                 and objid = sub::oid and objsubid = 2 and granted) \
+               or pg_sleep(0.3) is not null $$; \
+             alter table event_piper_subscriptions enable row level security; \
+             alter table event_piper_subscriptions force row level security; \
+             create policy reads on event_piper_subscriptions for select using \
+               (current_setting('application_name') <> '{LEASE_APPLICATION}' \
+                or public.unless_holder_wait(id)); \
+             create policy inserts on event_piper_subscriptions for insert with check (true); \
+             create policy updates on event_piper_subscriptions for update using (true); \
+             create policy deletes on event_piper_subscriptions for delete using (true)"
+        ))
+        .await
+        .unwrap();
+
+    let receiver = FaultReceiver::start().await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/subscriptions", process.base))
+        .json(&json!({"consumer": "toto", "url": receiver.url, "batch_size": 5, "after": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    receiver.verify_with(created["secret"].as_str().unwrap());
+    let id = created["id"].as_i64().unwrap();
+
+    // A steady trickle, so that the process delivers a batch every few milliseconds.
+    let producing = Arc::new(AtomicBool::new(true));
+    let producer = {
+        let producing = Arc::clone(&producing);
+        let client = common::connect(&db_url).await;
+        tokio::spawn(async move {
+            while producing.load(Ordering::SeqCst) {
+                client
+                    .execute(
+                        "insert into events (type, subscriber) \
+                         select 'trickle', 'toto' from generate_series(1, 3)",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    receiver
+        .wait_until("the process delivering", PATIENCE, |d| d.len() >= 20)
+        .await;
+    let holders = lock_holders(&admin, id).await;
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    let process_lease = holders[0].0;
+
+    let app = TestApp::builder()
+        .database(&service_url)
+        .webhooks_for_tests()
+        .start()
+        .await;
+    // Kill the process while the other instance's claim has been running for a while: its
+    // snapshot is older than what the process stored since.
+    let claiming = async {
+        loop {
+            let age: Option<f64> = admin
+                .query_opt(
+                    "select extract(epoch from clock_timestamp() - query_start)::float8 \
+                     from pg_stat_activity where application_name = $1 and pid <> $2 \
+                     and state = 'active' and query like '%pg_try_advisory_lock%'",
+                    &[&LEASE_APPLICATION, &process_lease],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get(0));
+            if age.is_some_and(|age| age >= 0.15) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, claiming)
+        .await
+        .expect("the other instance claims");
+    // What the process stored last (the superuser reads past the policy); it can only store
+    // more before it dies.
+    let stored: i64 = admin
+        .query_one(
+            "select position from event_piper_subscriptions where id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    process.kill();
+    let before_kill = receiver.deliveries().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    producing.store(false, Ordering::SeqCst);
+    producer.await.unwrap();
+
+    let want: Vec<i64> = admin
+        .query(
+            "select id from events where subscriber = 'toto' or subscriber is null order by id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let target = *want.last().unwrap();
+    receiver
+        .wait_until("every event after the takeover", PATIENCE, |d| {
+            d.iter()
+                .any(|d| d.accepted() && d.ids().last() == Some(&target))
+        })
+        .await;
+    let deliveries = receiver.deliveries();
+    // Each event under one webhook-id only, and nothing acknowledged before the kill sent
+    // again except the batch in flight at the kill (the one request that had not been answered
+    // then, or whose answer the process could not store).
+    let mut ids_of: HashMap<i64, Vec<&str>> = HashMap::new();
+    for delivery in deliveries.iter().filter(|d| d.accepted()) {
+        for event in delivery.ids() {
+            let ids = ids_of.entry(event).or_default();
+            if !ids.contains(&delivery.webhook_id.as_str()) {
+                ids.push(&delivery.webhook_id);
+            }
+        }
+    }
+    let mut under_two_ids: Vec<_> = ids_of
+        .iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .map(|(event, ids)| (*event, ids.clone()))
+        .collect();
+    under_two_ids.sort();
+    let (_, repeats) = deduplicated(&deliveries);
+    let resent: Vec<(usize, usize)> = deliveries[before_kill..]
+        .iter()
+        .filter(|after| after.accepted())
+        .filter_map(|after| {
+            deliveries[..before_kill]
+                .iter()
+                .find(|before| {
+                    before.accepted() && before.ids().iter().any(|id| after.ids().contains(id))
+                })
+                .map(|before| (before.number, after.number))
+        })
+        .collect();
+    let stored_sent_again: Vec<i64> = deliveries[before_kill..]
+        .iter()
+        .flat_map(Delivery::ids)
+        .filter(|&event| event <= stored)
+        .collect();
+    println!(
+        "takeover after a kill during the other instance's claim: {} requests before the \
+         kill, {} after; {} repeats by webhook-id; requests after the kill that carry events \
+         accepted before it (before, after): {resent:?}; events under two webhook-ids: {}; \
+         position stored before the kill {stored}, events at or below it sent after the \
+         kill: {}",
+        before_kill,
+        deliveries.len() - before_kill,
+        repeats.len(),
+        under_two_ids.len(),
+        stored_sent_again.len(),
+    );
+    assert!(
+        stored_sent_again.is_empty(),
+        "the new deliverer went back before the position stored before the kill ({stored}): \
+         it sent {stored_sent_again:?} again"
+    );
+    assert!(
+        under_two_ids.is_empty(),
+        "events delivered again under a new webhook-id, so a receiver cannot drop them: \
+         {:?}",
+        &under_two_ids[..under_two_ids.len().min(10)]
+    );
+    assert!(
+        resent.len() <= 1,
+        "more than the batch in flight was sent again: {resent:?}"
+    );
+    app.stop().await.unwrap();
+}
