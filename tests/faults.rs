@@ -3,8 +3,9 @@
 //! (killed notification, pool and webhook lease connections, a PostgreSQL restart) all run at
 //! once. Webhook subscriptions of some consumers are delivered at the same time to receivers
 //! that fail, answer slowly, go away and answer 410: each must get every event of its consumer,
-//! in order, at least once, repeated only where the rules allow it (see [`check_webhooks`]).
-//! A second test kills a real `event-piper` process while it delivers a batch.
+//! in order, at least once, repeated only where the rules allow it (see [`check_deliveries`]).
+//! Two more tests kill a real `event-piper` process while it delivers: mid-batch, and while the
+//! other instance is claiming the subscription.
 //!
 //! Seeded: a failure prints its seed; `EVENT_PIPER_FAULT_SEED=N` replays the same decisions (the
 //! interleaving itself still depends on timing). `EVENT_PIPER_FAULT_SECS=N` sets how long load
@@ -88,6 +89,8 @@ struct Counters {
     faults: AtomicU64,
     lease_kills: AtomicU64,
     takeovers: AtomicU64,
+    processes_started: AtomicU64,
+    deliverers_killed: AtomicU64,
 }
 
 /// When instances may have lost their webhook lease: (what, from, to).
@@ -170,11 +173,21 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
         Arc::clone(&counters),
         Arc::clone(&losses),
     ));
+    // A third instance, a real process, delivers webhooks too and is SIGKILLed while it holds
+    // subscriptions, then started again.
+    let killer = tokio::spawn(kill_deliverers(
+        StdRng::seed_from_u64(seed.wrapping_add(500)),
+        db_url.clone(),
+        deadline,
+        Arc::clone(&counters),
+        Arc::clone(&losses),
+    ));
 
     for producer in producers {
         producer.await.expect("producer task");
     }
     faults.await.expect("fault task");
+    killer.await.expect("killer task");
 
     // The table is the truth: what committed, in id order.
     let client = connect_retrying(&db_url).await;
@@ -276,6 +289,11 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
             .iter()
             .filter(|(what, _, _)| *what == "restart")
             .count(),
+    );
+    println!(
+        "webhooks: {} processes started, {} killed while delivering",
+        counters.processes_started.load(Ordering::SeqCst),
+        counters.deliverers_killed.load(Ordering::SeqCst),
     );
     for counts in webhook_counts {
         println!("{counts}");
@@ -469,7 +487,100 @@ async fn inject_faults(
     }
 }
 
-/// Waits until every active subscription's lock is held by some instance.
+/// Runs a webhook-delivering `event-piper` process until the deadline, and SIGKILLs it now and
+/// then while it holds subscriptions (so, most likely, mid-batch under this load), starting a
+/// new one after each kill. While it holds none, the in-process instances' lease connections
+/// are killed so that it gets some.
+async fn kill_deliverers(
+    mut rng: StdRng,
+    url: String,
+    deadline: Instant,
+    counters: Arc<Counters>,
+    losses: LeaseLosses,
+) {
+    let client = connect_retrying(&url).await;
+    while Instant::now() < deadline {
+        // Starting waits for the log (and killing for the exit) on this thread: off the two
+        // runtime threads the in-process instances need.
+        let starting = url.clone();
+        let mut process = tokio::task::spawn_blocking(move || {
+            let timeout = format!("{}ms", WEBHOOK_TIMEOUT.as_millis());
+            ServiceProcess::start(
+                &starting,
+                &[
+                    "--webhook-allow-private",
+                    "--webhook-poll",
+                    "100ms",
+                    "--webhook-retry-min",
+                    "20ms",
+                    "--webhook-retry-max",
+                    "200ms",
+                    "--webhook-timeout",
+                    &timeout,
+                ],
+            )
+        })
+        .await
+        .expect("starting a process");
+        counters.processes_started.fetch_add(1, Ordering::SeqCst);
+        // Until it holds a subscription, or the load is over.
+        loop {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
+            if Instant::now() >= deadline {
+                let from = Instant::now();
+                tokio::task::spawn_blocking(move || process.kill())
+                    .await
+                    .expect("killing a process");
+                losses.lock().unwrap().push(("kill", from, Instant::now()));
+                return;
+            }
+            let ports = process.local_ports();
+            let held: i64 = client
+                .query_one(
+                    "select count(*) from pg_locks l join pg_stat_activity a on a.pid = l.pid \
+                     where l.locktype = 'advisory' and l.classid = $1::bigint::oid \
+                     and l.objsubid = 2 and l.granted and a.client_port = any($2)",
+                    &[&LOCK_CLASS, &ports],
+                )
+                .await
+                .map(|row| row.get(0))
+                .unwrap_or(0);
+            if held > 0 {
+                break;
+            }
+            // The in-process instances hold everything: take their leases away, so that the
+            // process (which polls as often and does not have to reconnect) claims some.
+            let from = Instant::now();
+            let killed: i64 = client
+                .query_one(
+                    "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+                     where application_name = $1 and datname = current_database() \
+                     and not client_port = any($2)",
+                    &[&LEASE_APPLICATION, &ports],
+                )
+                .await
+                .map(|row| row.get(0))
+                .unwrap_or(0);
+            losses
+                .lock()
+                .unwrap()
+                .push(("lease kill", from, Instant::now()));
+            counters
+                .lease_kills
+                .fetch_add(killed as u64, Ordering::SeqCst);
+        }
+        let from = Instant::now();
+        tokio::task::spawn_blocking(move || process.kill())
+            .await
+            .expect("killing a process");
+        losses.lock().unwrap().push(("kill", from, Instant::now()));
+        counters.deliverers_killed.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..2000))).await;
+    }
+}
+
+/// Waits until every active subscription's lock is held by some instance. (pg_locks shows the
+/// whole cluster: the other tests' databases have subscriptions with the same ids.)
 async fn wait_until_held(client: &Client) {
     let wait = async {
         loop {
@@ -478,7 +589,9 @@ async fn wait_until_held(client: &Client) {
                     "select count(*) from event_piper_subscriptions s where state = 'active' \
                      and not exists (select 1 from pg_locks l where l.locktype = 'advisory' \
                        and l.classid = $1::bigint::oid and l.objid = s.id::oid \
-                       and l.objsubid = 2 and l.granted)",
+                       and l.objsubid = 2 and l.granted \
+                       and l.database = (select oid from pg_database \
+                                         where datname = current_database()))",
                     &[&LOCK_CLASS],
                 )
                 .await
@@ -735,7 +848,7 @@ impl HookRun {
             "webhook of {name} (batch {}, types {:?}): {} events received in order, 0 lost; \
              {} requests ({} accepted, {} refused with 5xx, {} answered too late, {} answered \
              410 and {resumed} resumed), {absences} absences; {} repeated batches ({} after a \
-             late answer, {} after a lost lease), 0 unexplained; every signature verified",
+             late answer, {} after a kill or a lost lease), 0 unexplained; every signature verified",
             self.spec.batch_size,
             self.spec.types,
             want.len(),
@@ -1025,6 +1138,44 @@ impl ServiceProcess {
             .expect("the service became ready");
     }
 
+    /// The local ports of the process's TCP sockets (its database connections among them, as
+    /// `pg_stat_activity.client_port` shows them): its socket inodes looked up in
+    /// /proc/net/tcp{,6}.
+    fn local_ports(&self) -> Vec<i32> {
+        let pid = self.child.id();
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                    .filter_map(|target| {
+                        let target = target.to_string_lossy().into_owned();
+                        let inode = target.strip_prefix("socket:[")?.strip_suffix(']')?;
+                        Some(inode.to_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut ports = Vec::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // sl, local_address, rem_address, st, queues, tr, retrnsmt, uid, timeout, inode
+                let (Some(local), Some(inode)) = (fields.get(1), fields.get(9)) else {
+                    continue;
+                };
+                if inodes.iter().any(|ours| ours == inode)
+                    && let Some(port) = local
+                        .rsplit(':')
+                        .next()
+                        .and_then(|hex| i32::from_str_radix(hex, 16).ok())
+                {
+                    ports.push(port);
+                }
+            }
+        }
+        ports
+    }
+
     /// SIGKILL: no shutdown, no last write; the kernel closes its connections.
     fn kill(&mut self) {
         self.child.kill().expect("killing event-piper");
@@ -1039,13 +1190,15 @@ impl Drop for ServiceProcess {
     }
 }
 
-/// The backend pids holding the lock of subscription `id`, with their application_name.
+/// The backend pids holding the lock of subscription `id` in this database, with their
+/// application_name.
 async fn lock_holders(client: &Client, id: i64) -> Vec<(i32, String)> {
     client
         .query(
             "select l.pid, a.application_name from pg_locks l join pg_stat_activity a \
              on a.pid = l.pid where l.locktype = 'advisory' and l.classid = $1::bigint::oid \
-             and l.objid = $2::bigint::oid and l.objsubid = 2 and l.granted",
+             and l.objid = $2::bigint::oid and l.objsubid = 2 and l.granted \
+             and a.datname = current_database()",
             &[&LOCK_CLASS, &id],
         )
         .await
@@ -1291,7 +1444,8 @@ async fn a_takeover_starts_from_the_position_stored_last() {
                 .query_opt(
                     "select extract(epoch from clock_timestamp() - query_start)::float8 \
                      from pg_stat_activity where application_name = $1 and pid <> $2 \
-                     and state = 'active' and query like '%pg_try_advisory_lock%'",
+                     and datname = current_database() and state = 'active' \
+                     and query like '%pg_try_advisory_lock%'",
                     &[&LEASE_APPLICATION, &process_lease],
                 )
                 .await
