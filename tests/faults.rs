@@ -1,6 +1,11 @@
 //! The fault suite: exactly-once, in-order delivery per consumer across reconnects, two service
 //! instances on one database, while producers, slow and flaky consumers and injected faults
-//! (killed notification and pool connections, a PostgreSQL restart) all run at once.
+//! (killed notification, pool and webhook lease connections, a PostgreSQL restart) all run at
+//! once. Webhook subscriptions of some consumers are delivered at the same time to receivers
+//! that fail, answer slowly, go away and answer 410: each must get every event of its consumer,
+//! in order, at least once, repeated only where the rules allow it (see [`check_deliveries`]).
+//! Two more tests kill a real `event-piper` process while it delivers: mid-batch, and while the
+//! other instance is claiming the subscription.
 //!
 //! Seeded: a failure prints its seed; `EVENT_PIPER_FAULT_SEED=N` replays the same decisions (the
 //! interleaving itself still depends on timing). `EVENT_PIPER_FAULT_SECS=N` sets how long load
@@ -11,19 +16,68 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use reqwest::Method;
+use serde_json::{Value, json};
 use tokio_postgres::Client;
 
-use common::{Read, SseClient, TestApp};
+use common::fault_receiver::{Answer, Delivery, FaultReceiver};
+use common::{PATIENCE, Read, SseClient, TestApp};
 
 const CONSUMERS: [&str; 4] = ["alice", "bob", "carol", "slow"];
 /// Reads one event every this long: slower than the producers' bursts, so it lags its channel.
 const SLOW_READ: Duration = Duration::from_millis(4);
+
+/// `--webhook-timeout` of the instances: short, so that a slow receiver makes attempts fail.
+/// Not so short that an ordinary answer on a busy machine misses it.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_millis(500);
+/// What a slow receiver takes to answer: always past the timeout.
+const SLOW_ANSWER_MS: std::ops::Range<u64> = 700..1500;
+/// The application_name of an instance's webhook lease connection.
+const LEASE_APPLICATION: &str = "event-piper webhooks";
+/// The first key of a subscription's advisory lock (`store::subscriptions::LOCK_CLASS`).
+const LOCK_CLASS: i64 = 1_702_260_855;
+/// How long before a request the instance that sent it may have last written through its lease
+/// (the write before a retry, then at most a Retry-After of 1 s, then connecting), generously:
+/// a lease lost since then may have kept the instance from storing the position.
+const LEASE_SLACK: Duration = Duration::from_secs(3);
+
+/// A webhook subscription of the randomized run.
+struct Hook {
+    consumer: &'static str,
+    batch_size: i32,
+    /// Exact type names, or None for every type.
+    types: Option<&'static [&'static str]>,
+}
+
+const HOOKS: [Hook; 3] = [
+    Hook {
+        consumer: "alice",
+        batch_size: 5,
+        types: None,
+    },
+    Hook {
+        consumer: "bob",
+        batch_size: 100,
+        types: None,
+    },
+    Hook {
+        consumer: "slow",
+        batch_size: 20,
+        types: Some(&["copied"]),
+    },
+];
+
+/// The two tests of this binary share its PostgreSQL, which the randomized run restarts: they
+/// run one after the other.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[derive(Default)]
 struct Counters {
@@ -33,10 +87,18 @@ struct Counters {
     reconnects: AtomicU64,
     refused_503: AtomicU64,
     faults: AtomicU64,
+    lease_kills: AtomicU64,
+    takeovers: AtomicU64,
+    processes_started: AtomicU64,
+    deliverers_killed: AtomicU64,
 }
+
+/// When instances may have lost their webhook lease: (what, from, to).
+type LeaseLosses = Arc<Mutex<Vec<(&'static str, Instant, Instant)>>>;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivery_is_exactly_once_and_in_order_under_faults() {
+    let _serial = SERIAL.lock().await;
     let seed: u64 = std::env::var("EVENT_PIPER_FAULT_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -60,6 +122,8 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
             .heartbeat(Duration::from_secs(1))
             .idle_poll(Duration::from_secs(3600))
             .idle_after(idle_after)
+            .webhooks_for_tests()
+            .webhook_timeout(WEBHOOK_TIMEOUT)
             .start()
     };
     // Shared with the consumers, which switch instances on every reconnect.
@@ -68,7 +132,14 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
         instance(Duration::from_millis(200)).await,
     ]);
     let counters = Arc::new(Counters::default());
+    let losses = LeaseLosses::default();
     let deadline = Instant::now() + Duration::from_secs(seconds);
+    // Subscribed before anything is produced, from the start of the table.
+    let mut hooks = Vec::new();
+    for (i, hook) in HOOKS.iter().enumerate() {
+        let rng = StdRng::seed_from_u64(seed.wrapping_add(400 + i as u64));
+        hooks.push(HookRun::start(hook, rng, &instances, deadline).await);
+    }
 
     let consumers: Vec<_> = CONSUMERS
         .iter()
@@ -100,17 +171,28 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
         db_url.clone(),
         deadline,
         Arc::clone(&counters),
+        Arc::clone(&losses),
+    ));
+    // A third instance, a real process, delivers webhooks too and is SIGKILLed while it holds
+    // subscriptions, then started again.
+    let killer = tokio::spawn(kill_deliverers(
+        StdRng::seed_from_u64(seed.wrapping_add(500)),
+        db_url.clone(),
+        deadline,
+        Arc::clone(&counters),
+        Arc::clone(&losses),
     ));
 
     for producer in producers {
         producer.await.expect("producer task");
     }
     faults.await.expect("fault task");
+    killer.await.expect("killer task");
 
     // The table is the truth: what committed, in id order.
     let client = connect_retrying(&db_url).await;
     let rows = client
-        .query("select id, subscriber from events order by id", &[])
+        .query("select id, subscriber, type from events order by id", &[])
         .await
         .unwrap();
     let mut expected: HashMap<&str, Vec<i64>> = HashMap::new();
@@ -162,6 +244,26 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
             );
         }
     }
+
+    // Then the webhooks: receivers stop failing once the load is over, so that every
+    // subscription catches up.
+    let mut webhook_counts = Vec::new();
+    for hook in hooks {
+        let want: Vec<i64> = rows
+            .iter()
+            .filter(|row| {
+                let subscriber: Option<&str> = row.get(1);
+                let event_type: &str = row.get(2);
+                subscriber.is_none_or(|s| s == hook.spec.consumer)
+                    && hook
+                        .spec
+                        .types
+                        .is_none_or(|types| types.contains(&event_type))
+            })
+            .map(|row| row.get(0))
+            .collect();
+        webhook_counts.push(hook.finish(&want, &losses, seed).await);
+    }
     drop(instances);
 
     println!(
@@ -176,6 +278,26 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
         counters.refused_503.load(Ordering::SeqCst),
         counters.faults.load(Ordering::SeqCst),
     );
+    println!(
+        "webhooks: {} lease connections killed, each time every active subscription held \
+         again afterwards ({} waits); {} PostgreSQL restart(s)",
+        counters.lease_kills.load(Ordering::SeqCst),
+        counters.takeovers.load(Ordering::SeqCst),
+        losses
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(what, _, _)| *what == "restart")
+            .count(),
+    );
+    println!(
+        "webhooks: {} processes started, {} killed while delivering",
+        counters.processes_started.load(Ordering::SeqCst),
+        counters.deliverers_killed.load(Ordering::SeqCst),
+    );
+    for counts in webhook_counts {
+        println!("{counts}");
+    }
 }
 
 /// A producer connection, retried while the database restarts.
@@ -304,9 +426,16 @@ async fn transaction(
     Ok(true)
 }
 
-/// Kills notification connections and pool connections every second or two, and restarts
-/// PostgreSQL once, midway.
-async fn inject_faults(mut rng: StdRng, url: String, deadline: Instant, counters: Arc<Counters>) {
+/// Kills notification, pool and webhook lease connections every second or two, and restarts
+/// PostgreSQL once, midway. After a lease connection is killed, every active subscription must
+/// be held again (by the other instance, or by the same one on a new connection).
+async fn inject_faults(
+    mut rng: StdRng,
+    url: String,
+    deadline: Instant,
+    counters: Arc<Counters>,
+    losses: LeaseLosses,
+) {
     let start = Instant::now();
     let restart_at = start + (deadline - start) / 2;
     let mut restarted = false;
@@ -315,19 +444,25 @@ async fn inject_faults(mut rng: StdRng, url: String, deadline: Instant, counters
         if !restarted && Instant::now() >= restart_at {
             restarted = true;
             let cluster = common::cluster();
+            let from = Instant::now();
             tokio::task::spawn_blocking(move || cluster.restart())
                 .await
                 .unwrap()
                 .expect("restarting PostgreSQL");
+            losses
+                .lock()
+                .unwrap()
+                .push(("restart", from, Instant::now()));
             counters.faults.fetch_add(1, Ordering::SeqCst);
             continue;
         }
-        let application = if rng.random_bool(0.5) {
-            "event-piper-listener"
-        } else {
-            "event-piper"
+        let application = match rng.random_range(0..10) {
+            0..4 => "event-piper-listener",
+            4..7 => "event-piper",
+            _ => LEASE_APPLICATION,
         };
         let client = connect_retrying(&url).await;
+        let from = Instant::now();
         let killed: i64 = client
             .query_one(
                 "select count(pg_terminate_backend(pid)) from pg_stat_activity \
@@ -338,7 +473,139 @@ async fn inject_faults(mut rng: StdRng, url: String, deadline: Instant, counters
             .map(|row| row.get(0))
             .unwrap_or(0);
         counters.faults.fetch_add(killed as u64, Ordering::SeqCst);
+        if application == LEASE_APPLICATION {
+            losses
+                .lock()
+                .unwrap()
+                .push(("lease kill", from, Instant::now()));
+            counters
+                .lease_kills
+                .fetch_add(killed as u64, Ordering::SeqCst);
+            wait_until_held(&client).await;
+            counters.takeovers.fetch_add(1, Ordering::SeqCst);
+        }
     }
+}
+
+/// Runs a webhook-delivering `event-piper` process until the deadline, and SIGKILLs it now and
+/// then while it holds subscriptions (so, most likely, mid-batch under this load), starting a
+/// new one after each kill. While it holds none, the in-process instances' lease connections
+/// are killed so that it gets some.
+async fn kill_deliverers(
+    mut rng: StdRng,
+    url: String,
+    deadline: Instant,
+    counters: Arc<Counters>,
+    losses: LeaseLosses,
+) {
+    let client = connect_retrying(&url).await;
+    while Instant::now() < deadline {
+        // Starting waits for the log (and killing for the exit) on this thread: off the two
+        // runtime threads the in-process instances need.
+        let starting = url.clone();
+        let mut process = tokio::task::spawn_blocking(move || {
+            let timeout = format!("{}ms", WEBHOOK_TIMEOUT.as_millis());
+            ServiceProcess::start(
+                &starting,
+                &[
+                    "--webhook-allow-private",
+                    "--webhook-poll",
+                    "100ms",
+                    "--webhook-retry-min",
+                    "20ms",
+                    "--webhook-retry-max",
+                    "200ms",
+                    "--webhook-timeout",
+                    &timeout,
+                ],
+            )
+        })
+        .await
+        .expect("starting a process");
+        counters.processes_started.fetch_add(1, Ordering::SeqCst);
+        // Until it holds a subscription, or the load is over.
+        loop {
+            tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
+            if Instant::now() >= deadline {
+                let from = Instant::now();
+                tokio::task::spawn_blocking(move || process.kill())
+                    .await
+                    .expect("killing a process");
+                losses.lock().unwrap().push(("kill", from, Instant::now()));
+                return;
+            }
+            let ports = process.local_ports();
+            let held: i64 = client
+                .query_one(
+                    "select count(*) from pg_locks l join pg_stat_activity a on a.pid = l.pid \
+                     where l.locktype = 'advisory' and l.classid = $1::bigint::oid \
+                     and l.objsubid = 2 and l.granted and a.client_port = any($2)",
+                    &[&LOCK_CLASS, &ports],
+                )
+                .await
+                .map(|row| row.get(0))
+                .unwrap_or(0);
+            if held > 0 {
+                break;
+            }
+            // The in-process instances hold everything: take their leases away, so that the
+            // process (which polls as often and does not have to reconnect) claims some.
+            let from = Instant::now();
+            let killed: i64 = client
+                .query_one(
+                    "select count(pg_terminate_backend(pid)) from pg_stat_activity \
+                     where application_name = $1 and datname = current_database() \
+                     and not client_port = any($2)",
+                    &[&LEASE_APPLICATION, &ports],
+                )
+                .await
+                .map(|row| row.get(0))
+                .unwrap_or(0);
+            losses
+                .lock()
+                .unwrap()
+                .push(("lease kill", from, Instant::now()));
+            counters
+                .lease_kills
+                .fetch_add(killed as u64, Ordering::SeqCst);
+        }
+        let from = Instant::now();
+        tokio::task::spawn_blocking(move || process.kill())
+            .await
+            .expect("killing a process");
+        losses.lock().unwrap().push(("kill", from, Instant::now()));
+        counters.deliverers_killed.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(rng.random_range(200..2000))).await;
+    }
+}
+
+/// Waits until every active subscription's lock is held by some instance. (pg_locks shows the
+/// whole cluster: the other tests' databases have subscriptions with the same ids.)
+async fn wait_until_held(client: &Client) {
+    let wait = async {
+        loop {
+            let free: Result<i64, _> = client
+                .query_one(
+                    "select count(*) from event_piper_subscriptions s where state = 'active' \
+                     and not exists (select 1 from pg_locks l where l.locktype = 'advisory' \
+                       and l.classid = $1::bigint::oid and l.objid = s.id::oid \
+                       and l.objsubid = 2 and l.granted \
+                       and l.database = (select oid from pg_database \
+                                         where datname = current_database()))",
+                    &[&LOCK_CLASS],
+                )
+                .await
+                .map(|row| row.get(0));
+            if free.is_ok_and(|free| free == 0) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // Generous: this bounds a failure, it does not time the takeover.
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .expect("every active subscription is held again after its lease was lost");
 }
 
 /// What a consumer received, stitched across its reconnects.
@@ -464,4 +731,831 @@ async fn consume_loop(
 fn addressee(data: &str) -> Option<String> {
     let payload: serde_json::Value = serde_json::from_str(data).expect("JSON payload");
     payload["to"].as_str().map(str::to_owned)
+}
+
+/// One webhook subscription of the randomized run: its receiver and seeded answers, the
+/// receiver's absences, and an operator who resumes the subscription after a 410.
+struct HookRun {
+    spec: &'static Hook,
+    id: i64,
+    receiver: Arc<FaultReceiver>,
+    /// Set once the load is over: the receiver then accepts everything.
+    calm: Arc<AtomicBool>,
+    absences: tokio::task::JoinHandle<u64>,
+    operator: tokio::task::JoinHandle<u64>,
+    stop: tokio_util::sync::CancellationToken,
+    instances: Arc<[TestApp]>,
+}
+
+impl HookRun {
+    async fn start(
+        spec: &'static Hook,
+        mut rng: StdRng,
+        instances: &Arc<[TestApp]>,
+        deadline: Instant,
+    ) -> HookRun {
+        let receiver = Arc::new(FaultReceiver::start().await);
+        let mut body = json!({
+            "consumer": spec.consumer,
+            "url": receiver.url,
+            "batch_size": spec.batch_size,
+            "after": 0,
+        });
+        if let Some(types) = spec.types {
+            body["types"] = json!(types);
+        }
+        let response = instances[0]
+            .send(Method::POST, "/subscriptions", &[], Some(body))
+            .await;
+        assert_eq!(response.status(), 201, "creating a subscription");
+        let created: Value = response.json().await.unwrap();
+        receiver.verify_with(created["secret"].as_str().expect("the secret"));
+        let calm = Arc::new(AtomicBool::new(false));
+        receiver.answer(answers(
+            StdRng::seed_from_u64(rng.random()),
+            Arc::clone(&calm),
+        ));
+        let id = created["id"].as_i64().expect("an id");
+        let absences = tokio::spawn(go_away_at_times(
+            StdRng::seed_from_u64(rng.random()),
+            Arc::clone(&receiver),
+            deadline,
+        ));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let operator = tokio::spawn(resume_when_disabled(
+            Arc::clone(instances),
+            id,
+            stop.clone(),
+        ));
+        HookRun {
+            spec,
+            id,
+            receiver,
+            calm,
+            absences,
+            operator,
+            stop,
+            instances: Arc::clone(instances),
+        }
+    }
+
+    /// Waits until the receiver has `want` (the consumer's events the subscription delivers),
+    /// checks what it got, and says what happened.
+    async fn finish(self, want: &[i64], losses: &LeaseLosses, seed: u64) -> String {
+        self.calm.store(true, Ordering::SeqCst);
+        let absences = self.absences.await.expect("absences task");
+        let name = self.spec.consumer;
+        if let Some(&target) = want.last() {
+            let caught_up = async {
+                loop {
+                    let (ids, _) = deduplicated(&self.receiver.deliveries());
+                    if ids.last().is_some_and(|&last| last >= target) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            // Generous: a subscription far behind catches up batch by batch.
+            if tokio::time::timeout(Duration::from_secs(180), caught_up)
+                .await
+                .is_err()
+            {
+                let shown = self.instances[0]
+                    .get(&format!("/subscriptions/{}", self.id))
+                    .await
+                    .text()
+                    .await
+                    .unwrap_or_default();
+                let (ids, _) = deduplicated(&self.receiver.deliveries());
+                panic!(
+                    "webhook of {name} did not catch up to {target}: last accepted {:?}; \
+                     subscription {shown} (seed {seed})",
+                    ids.last()
+                );
+            }
+        }
+        self.stop.cancel();
+        let resumed = self.operator.await.expect("operator task");
+        let losses = losses.lock().unwrap().clone();
+        let deliveries = self.receiver.deliveries();
+        let stats = check_deliveries(name, &deliveries, want, &losses, WEBHOOK_TIMEOUT, seed);
+        assert!(
+            resumed <= stats.gone,
+            "webhook of {name}: resumed {resumed} times after {} 410s (seed {seed})",
+            stats.gone
+        );
+        format!(
+            "webhook of {name} (batch {}, types {:?}): {} events received in order, 0 lost; \
+             {} requests ({} accepted, {} refused with 5xx, {} answered too late, {} answered \
+             410 and {resumed} resumed), {absences} absences; {} repeated batches ({} after a \
+             late answer, {} after a kill or a lost lease), 0 unexplained; every signature verified",
+            self.spec.batch_size,
+            self.spec.types,
+            want.len(),
+            stats.requests,
+            stats.accepted,
+            stats.refused,
+            stats.late,
+            stats.gone,
+            stats.repeats_late + stats.repeats_lease,
+            stats.repeats_late,
+            stats.repeats_lease,
+        )
+    }
+}
+
+/// The receiver's seeded decisions while the load runs: mostly 200, sometimes 500 or 503 (with
+/// a Retry-After of 0 or 1 s, or none), an answer past the service's timeout, and a 410 now and
+/// then (at most three).
+fn answers(mut rng: StdRng, calm: Arc<AtomicBool>) -> impl FnMut(usize) -> Answer + Send {
+    let mut gone = 0;
+    move |_| {
+        if calm.load(Ordering::SeqCst) {
+            return Answer::Accept;
+        }
+        match rng.random_range(0..1000) {
+            0..30 => Answer::Status(500, None),
+            30..60 => Answer::Status(503, None),
+            60..80 => Answer::Status(503, Some(0)),
+            80..95 => Answer::Status(503, Some(1)),
+            95..120 => Answer::Slow(Duration::from_millis(rng.random_range(SLOW_ANSWER_MS))),
+            120..126 if gone < 3 => {
+                gone += 1;
+                Answer::Status(410, None)
+            }
+            _ => Answer::Accept,
+        }
+    }
+}
+
+/// The receiver goes away (connections refused) for a while, every few seconds, until the
+/// deadline; it is back when this returns. Returns how many times it went away.
+async fn go_away_at_times(mut rng: StdRng, receiver: Arc<FaultReceiver>, deadline: Instant) -> u64 {
+    let mut absences = 0;
+    loop {
+        let at = Instant::now() + Duration::from_millis(rng.random_range(2000..8000));
+        if at >= deadline {
+            return absences;
+        }
+        tokio::time::sleep_until(at.into()).await;
+        receiver.go_away().await;
+        absences += 1;
+        tokio::time::sleep(Duration::from_millis(rng.random_range(300..2500))).await;
+        receiver.come_back().await;
+    }
+}
+
+/// What an operator does about a receiver that answered 410: looks at the subscription now and
+/// then, and resumes it when it is disabled. Returns how many times it resumed it.
+async fn resume_when_disabled(
+    instances: Arc<[TestApp]>,
+    id: i64,
+    stop: tokio_util::sync::CancellationToken,
+) -> u64 {
+    let path = format!("/subscriptions/{id}");
+    let mut resumed = 0;
+    for look in 0usize.. {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.cancelled() => return resumed,
+        }
+        // Either instance: the API reads and writes the table (503 while PostgreSQL restarts).
+        let app = &instances[look % instances.len()];
+        let response = app.get(&path).await;
+        if response.status() != 200 {
+            continue;
+        }
+        let shown: Value = response.json().await.unwrap();
+        if shown["status"] != "disabled" {
+            continue;
+        }
+        let response = app
+            .send(Method::PATCH, &path, &[], Some(json!({"paused": false})))
+            .await;
+        if response.status() == 200 {
+            resumed += 1;
+        }
+    }
+    unreachable!()
+}
+
+#[derive(Default)]
+struct HookStats {
+    requests: usize,
+    accepted: usize,
+    refused: usize,
+    late: usize,
+    gone: u64,
+    repeats_late: usize,
+    repeats_lease: usize,
+}
+
+/// The events the receiver accepted, in arrival order, each webhook-id's first accepted
+/// request only; and the repeats left out, as (repeat, the accepted request it repeats).
+fn deduplicated(deliveries: &[Delivery]) -> (Vec<i64>, Vec<(&Delivery, &Delivery)>) {
+    let mut first: HashMap<&str, &Delivery> = HashMap::new();
+    let mut ids = Vec::new();
+    let mut repeats = Vec::new();
+    for delivery in deliveries.iter().filter(|d| d.accepted()) {
+        match first.get(delivery.webhook_id.as_str()) {
+            None => ids.extend(delivery.ids()),
+            Some(previous) => repeats.push((delivery, *previous)),
+        }
+        // The latest acceptance: a repeat is explained by what happened since then.
+        first.insert(&delivery.webhook_id, delivery);
+    }
+    (ids, repeats)
+}
+
+/// The rules of a webhook receiver's deliveries: every signature verifies; one webhook-id is
+/// always the same events; the accepted events, repeats removed by webhook-id only, are exactly
+/// the consumer's (`want`, in id order); and a webhook-id is accepted again only after its
+/// previous acceptance was answered too late (the sender counted a failure) or the instance
+/// may have lost its lease (a killed lease connection or a PostgreSQL restart within
+/// [`LEASE_SLACK`] before that acceptance and before the repeat arrived).
+fn check_deliveries(
+    consumer: &str,
+    deliveries: &[Delivery],
+    want: &[i64],
+    losses: &[(&'static str, Instant, Instant)],
+    timeout: Duration,
+    seed: u64,
+) -> HookStats {
+    let name = format!("webhook of {consumer}");
+    let bad: Vec<usize> = deliveries
+        .iter()
+        .filter(|d| !d.signature_ok)
+        .map(|d| d.number)
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{name}: requests {bad:?} have no valid signature (seed {seed})"
+    );
+    assert!(
+        deliveries.iter().all(|d| d.consumer == consumer),
+        "{name}: a request for another consumer (seed {seed})"
+    );
+    let mut contents: HashMap<&str, &Delivery> = HashMap::new();
+    for delivery in deliveries {
+        let first = contents
+            .entry(delivery.webhook_id.as_str())
+            .or_insert(delivery);
+        assert_eq!(
+            first.ids(),
+            delivery.ids(),
+            "{name}: webhook-id {} carried different events in requests {} and {} (seed {seed})",
+            delivery.webhook_id,
+            first.number,
+            delivery.number
+        );
+    }
+
+    let (ids, repeats) = deduplicated(deliveries);
+    if ids != want {
+        let at = ids
+            .iter()
+            .zip(want)
+            .position(|(got, wanted)| got != wanted)
+            .unwrap_or(ids.len().min(want.len()));
+        let lost: Vec<_> = want
+            .iter()
+            .filter(|id| !ids.contains(id))
+            .take(10)
+            .collect();
+        let unexpected: Vec<_> = ids
+            .iter()
+            .filter(|id| !want.contains(id))
+            .take(10)
+            .collect();
+        panic!(
+            "{name}: accepted {} events (repeats removed by webhook-id), expected {}; first \
+             difference at index {at}: got {:?}, expected {:?}; lost {lost:?}, unexpected \
+             {unexpected:?} (seed {seed})",
+            ids.len(),
+            want.len(),
+            &ids[at..ids.len().min(at + 5)],
+            &want[at..want.len().min(at + 5)],
+        );
+    }
+
+    let mut stats = HookStats {
+        requests: deliveries.len(),
+        accepted: deliveries.iter().filter(|d| d.accepted()).count(),
+        refused: deliveries
+            .iter()
+            .filter(|d| matches!(d.answer, Answer::Status(status, _) if status >= 500))
+            .count(),
+        late: deliveries.iter().filter(|d| d.late(timeout)).count(),
+        gone: deliveries
+            .iter()
+            .filter(|d| d.answer == Answer::Status(410, None))
+            .count() as u64,
+        ..HookStats::default()
+    };
+    let mut unexplained = Vec::new();
+    for (repeat, previous) in repeats {
+        if previous.late(timeout) {
+            stats.repeats_late += 1;
+        } else if losses
+            .iter()
+            .any(|(_, from, to)| *from <= repeat.arrived && *to + LEASE_SLACK >= previous.arrived)
+        {
+            stats.repeats_lease += 1;
+        } else {
+            unexplained.push(format!(
+                "{} accepted in request {} ({:?}) again in request {} {:?} later",
+                repeat.webhook_id,
+                previous.number,
+                previous.answer,
+                repeat.number,
+                repeat.arrived - previous.arrived
+            ));
+        }
+    }
+    assert!(
+        unexplained.is_empty(),
+        "{name}: repeats no fault explains: {unexplained:?}; lease losses at {:?} (seed {seed})",
+        losses
+            .iter()
+            .map(|(what, from, _)| (what, from.elapsed()))
+            .collect::<Vec<_>>()
+    );
+    stats
+}
+
+/// A real `event-piper` process, killed when dropped (a failing test leaves no process behind).
+struct ServiceProcess {
+    child: Child,
+    base: String,
+}
+
+impl ServiceProcess {
+    fn start(db_url: &str, args: &[&str]) -> ServiceProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_event-piper"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("DATABASE_URL", db_url)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting event-piper");
+        // The bound address is in the log; the rest of the log is drained so that the process
+        // never blocks on a full pipe.
+        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
+        let stderr = BufReader::new(child.stderr.take().unwrap());
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                let _ = lines_tx.send(line);
+            }
+        });
+        let address = loop {
+            let line = lines_rx
+                .recv_timeout(PATIENCE)
+                .expect("the service logs its address");
+            if let Some(rest) = line.split("address=").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_owned();
+            }
+        };
+        ServiceProcess {
+            child,
+            base: format!("http://{address}"),
+        }
+    }
+
+    async fn wait_until_ready(&self) {
+        let ready = async {
+            while !reqwest::get(format!("{}/ready", self.base))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::timeout(PATIENCE, ready)
+            .await
+            .expect("the service became ready");
+    }
+
+    /// The local ports of the process's TCP sockets (its database connections among them, as
+    /// `pg_stat_activity.client_port` shows them): its socket inodes looked up in
+    /// /proc/net/tcp{,6}.
+    fn local_ports(&self) -> Vec<i32> {
+        let pid = self.child.id();
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|fds| {
+                fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                    .filter_map(|target| {
+                        let target = target.to_string_lossy().into_owned();
+                        let inode = target.strip_prefix("socket:[")?.strip_suffix(']')?;
+                        Some(inode.to_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut ports = Vec::new();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                // sl, local_address, rem_address, st, queues, tr, retrnsmt, uid, timeout, inode
+                let (Some(local), Some(inode)) = (fields.get(1), fields.get(9)) else {
+                    continue;
+                };
+                if inodes.iter().any(|ours| ours == inode)
+                    && let Some(port) = local
+                        .rsplit(':')
+                        .next()
+                        .and_then(|hex| i32::from_str_radix(hex, 16).ok())
+                {
+                    ports.push(port);
+                }
+            }
+        }
+        ports
+    }
+
+    /// SIGKILL: no shutdown, no last write; the kernel closes its connections.
+    fn kill(&mut self) {
+        self.child.kill().expect("killing event-piper");
+        self.child.wait().expect("reaping event-piper");
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The backend pids holding the lock of subscription `id` in this database, with their
+/// application_name.
+async fn lock_holders(client: &Client, id: i64) -> Vec<(i32, String)> {
+    client
+        .query(
+            "select l.pid, a.application_name from pg_locks l join pg_stat_activity a \
+             on a.pid = l.pid where l.locktype = 'advisory' and l.classid = $1::bigint::oid \
+             and l.objid = $2::bigint::oid and l.objsubid = 2 and l.granted \
+             and a.datname = current_database()",
+            &[&LOCK_CLASS, &id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+/// The process's `--webhook-timeout`: longer than the test waits before the kill, so that the
+/// second request is in flight until then, never timed out.
+const KILL_TEST_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// The deliverer dies mid-batch: a real process, SIGKILLed while its request waits for a slow
+/// receiver. An in-process instance on the same database takes over: the receiver gets the
+/// batch in flight again under the same webhook-id, then everything after it, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deliverer_killed_mid_batch_is_taken_over_under_the_same_webhook_id() {
+    let _serial = SERIAL.lock().await;
+    let db_url = common::fresh_database().await;
+    let mut process = ServiceProcess::start(
+        &db_url,
+        &[
+            "--webhook-allow-private",
+            "--webhook-poll",
+            "100ms",
+            "--webhook-retry-min",
+            "20ms",
+            "--webhook-retry-max",
+            "200ms",
+            "--webhook-timeout",
+            &format!("{}s", KILL_TEST_TIMEOUT.as_secs()),
+        ],
+    );
+    process.wait_until_ready().await;
+    let receiver = FaultReceiver::start().await;
+    // The first batch is accepted, the second is held (in flight) until the process dies; the
+    // receiver takes whatever comes after at once.
+    receiver.answer(|n| match n {
+        1 => Answer::Slow(KILL_TEST_TIMEOUT / 2),
+        _ => Answer::Accept,
+    });
+    let http = reqwest::Client::new();
+    let response = http
+        .post(format!("{}/subscriptions", process.base))
+        .json(&json!({"consumer": "toto", "url": receiver.url, "batch_size": 5, "after": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    receiver.verify_with(created["secret"].as_str().unwrap());
+    let id = created["id"].as_i64().unwrap();
+
+    let producer = common::connect(&db_url).await;
+    let mut want = Vec::new();
+    let insert = "insert into events (type, subscriber, payload) \
+                  select 'kill', s, jsonb_build_object('n', n) \
+                  from generate_series(1, 12) n, \
+                  lateral (select case when n % 4 = 0 then null else 'toto' end) t(s) \
+                  returning id";
+    for row in producer.query(insert, &[]).await.unwrap() {
+        want.push(row.get::<_, i64>(0));
+    }
+    receiver
+        .wait_until("the second batch in flight", PATIENCE, |d| d.len() >= 2)
+        .await;
+    // Only the process runs yet: the holder is its lease connection.
+    let holders = lock_holders(&producer, id).await;
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    assert_eq!(holders[0].1, LEASE_APPLICATION);
+
+    // The instance that will take over runs before the kill, and cannot claim meanwhile.
+    let app = TestApp::builder()
+        .database(&db_url)
+        .webhooks_for_tests()
+        .start()
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        lock_holders(&producer, id).await,
+        holders,
+        "the process still delivers"
+    );
+    let in_flight = receiver.deliveries()[1].clone();
+    assert_eq!(
+        receiver.deliveries().len(),
+        2,
+        "the second batch is in flight"
+    );
+    assert!(in_flight.accepted() && !in_flight.events.is_empty());
+
+    process.kill();
+    for row in producer.query(insert, &[]).await.unwrap() {
+        want.push(row.get::<_, i64>(0));
+    }
+    want.sort_unstable();
+    let target = *want.last().unwrap();
+    receiver
+        .wait_until("every event after the takeover", PATIENCE, |d| {
+            deduplicated(d).0.last().is_some_and(|&last| last >= target)
+        })
+        .await;
+
+    let deliveries = receiver.deliveries();
+    let repeated = &deliveries[2];
+    assert_eq!(
+        (&repeated.webhook_id, repeated.ids()),
+        (&in_flight.webhook_id, in_flight.ids()),
+        "the batch in flight comes first, again, under the same webhook-id: {deliveries:?}"
+    );
+    let kill = [("kill", in_flight.arrived, repeated.arrived)];
+    let stats = check_deliveries("toto", &deliveries, &want, &kill, KILL_TEST_TIMEOUT, 0);
+    assert_eq!(
+        stats.repeats_lease, 1,
+        "one repeat, the batch in flight: {deliveries:?}"
+    );
+    let holders = lock_holders(&producer, id).await;
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    println!(
+        "killed deliverer: {} events, {} requests; the batch in flight ({} events, {}) was sent \
+         again by the instance that took over, 1 repeat, 0 lost",
+        want.len(),
+        stats.requests,
+        in_flight.events.len(),
+        in_flight.webhook_id
+    );
+    app.stop().await.unwrap();
+}
+
+/// An instance that takes a subscription over must start from what the last deliverer stored
+/// before it died, not from an older state of the row.
+///
+/// The claim (`Lease::claim`) reads the subscription row in the same statement that takes its
+/// advisory lock, so the row comes from the statement's snapshot, taken *before* the lock was
+/// granted. If the deliverer stores positions and dies while that statement runs, the new
+/// deliverer starts from an older position and sends again batches the receiver acknowledged
+/// and the old deliverer stored, re-cut into batches of its own, under webhook-ids the receiver
+/// never saw. On a busy machine a statement can take any time between its snapshot and its
+/// lock; here a row-level security policy makes every read of the row by an instance that
+/// does not hold its lock wait 300 ms (the policy's only effect), so that the kill lands in
+/// that window at once. The service runs as a role of its own, as RLS does not apply to
+/// superusers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_starts_from_the_position_stored_last() {
+    let _serial = SERIAL.lock().await;
+    let db_url = common::fresh_database().await;
+    let admin = common::connect(&db_url).await;
+    let database = db_url.rsplit('/').next().unwrap().to_owned();
+    admin
+        .batch_execute(&format!(
+            "do $$ begin create role claimer login; \
+             exception when duplicate_object then null; end $$; \
+             alter database {database} owner to claimer"
+        ))
+        .await
+        .unwrap();
+    let service_url = db_url.replacen("://event_piper@", "://claimer@", 1);
+    assert_ne!(service_url, db_url);
+
+    let mut process = ServiceProcess::start(
+        &service_url,
+        &[
+            "--webhook-allow-private",
+            "--webhook-poll",
+            "100ms",
+            "--webhook-retry-min",
+            "20ms",
+            "--webhook-retry-max",
+            "200ms",
+        ],
+    );
+    process.wait_until_ready().await;
+    // The schema exists now (the process applied it, as its owner).
+    admin
+        .batch_execute(&format!(
+            "create function public.unless_holder_wait(sub bigint) returns boolean \
+               language sql volatile as $$ \
+               select exists (select 1 from pg_locks where pid = pg_backend_pid() \
+                 and locktype = 'advisory' and classid = {LOCK_CLASS}::bigint::oid \
+                 and objid = sub::oid and objsubid = 2 and granted) \
+               or pg_sleep(0.3) is not null $$; \
+             alter table event_piper_subscriptions enable row level security; \
+             alter table event_piper_subscriptions force row level security; \
+             create policy reads on event_piper_subscriptions for select using \
+               (current_setting('application_name') <> '{LEASE_APPLICATION}' \
+                or public.unless_holder_wait(id)); \
+             create policy inserts on event_piper_subscriptions for insert with check (true); \
+             create policy updates on event_piper_subscriptions for update using (true); \
+             create policy deletes on event_piper_subscriptions for delete using (true)"
+        ))
+        .await
+        .unwrap();
+
+    let receiver = FaultReceiver::start().await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/subscriptions", process.base))
+        .json(&json!({"consumer": "toto", "url": receiver.url, "batch_size": 5, "after": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    receiver.verify_with(created["secret"].as_str().unwrap());
+    let id = created["id"].as_i64().unwrap();
+
+    // A steady trickle, so that the process delivers a batch every few milliseconds.
+    let producing = Arc::new(AtomicBool::new(true));
+    let producer = {
+        let producing = Arc::clone(&producing);
+        let client = common::connect(&db_url).await;
+        tokio::spawn(async move {
+            while producing.load(Ordering::SeqCst) {
+                client
+                    .execute(
+                        "insert into events (type, subscriber) \
+                         select 'trickle', 'toto' from generate_series(1, 3)",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    receiver
+        .wait_until("the process delivering", PATIENCE, |d| d.len() >= 20)
+        .await;
+    let holders = lock_holders(&admin, id).await;
+    assert_eq!(holders.len(), 1, "{holders:?}");
+    let process_lease = holders[0].0;
+
+    let app = TestApp::builder()
+        .database(&service_url)
+        .webhooks_for_tests()
+        .start()
+        .await;
+    // Kill the process while the other instance's claim has been running for a while: its
+    // snapshot is older than what the process stored since.
+    let claiming = async {
+        loop {
+            let age: Option<f64> = admin
+                .query_opt(
+                    "select extract(epoch from clock_timestamp() - query_start)::float8 \
+                     from pg_stat_activity where application_name = $1 and pid <> $2 \
+                     and datname = current_database() and state = 'active' \
+                     and query like '%pg_try_advisory_lock%'",
+                    &[&LEASE_APPLICATION, &process_lease],
+                )
+                .await
+                .unwrap()
+                .map(|row| row.get(0));
+            if age.is_some_and(|age| age >= 0.15) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, claiming)
+        .await
+        .expect("the other instance claims");
+    // What the process stored last (the superuser reads past the policy); it can only store
+    // more before it dies.
+    let stored: i64 = admin
+        .query_one(
+            "select position from event_piper_subscriptions where id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    process.kill();
+    let before_kill = receiver.deliveries().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    producing.store(false, Ordering::SeqCst);
+    producer.await.unwrap();
+
+    let want: Vec<i64> = admin
+        .query(
+            "select id from events where subscriber = 'toto' or subscriber is null order by id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let target = *want.last().unwrap();
+    receiver
+        .wait_until("every event after the takeover", PATIENCE, |d| {
+            d.iter()
+                .any(|d| d.accepted() && d.ids().last() == Some(&target))
+        })
+        .await;
+    let deliveries = receiver.deliveries();
+    // Each event under one webhook-id only, and nothing acknowledged before the kill sent
+    // again except the batch in flight at the kill (the one request that had not been answered
+    // then, or whose answer the process could not store).
+    let mut ids_of: HashMap<i64, Vec<&str>> = HashMap::new();
+    for delivery in deliveries.iter().filter(|d| d.accepted()) {
+        for event in delivery.ids() {
+            let ids = ids_of.entry(event).or_default();
+            if !ids.contains(&delivery.webhook_id.as_str()) {
+                ids.push(&delivery.webhook_id);
+            }
+        }
+    }
+    let mut under_two_ids: Vec<_> = ids_of
+        .iter()
+        .filter(|(_, ids)| ids.len() > 1)
+        .map(|(event, ids)| (*event, ids.clone()))
+        .collect();
+    under_two_ids.sort();
+    let (_, repeats) = deduplicated(&deliveries);
+    let resent: Vec<(usize, usize)> = deliveries[before_kill..]
+        .iter()
+        .filter(|after| after.accepted())
+        .filter_map(|after| {
+            deliveries[..before_kill]
+                .iter()
+                .find(|before| {
+                    before.accepted() && before.ids().iter().any(|id| after.ids().contains(id))
+                })
+                .map(|before| (before.number, after.number))
+        })
+        .collect();
+    let stored_sent_again: Vec<i64> = deliveries[before_kill..]
+        .iter()
+        .flat_map(Delivery::ids)
+        .filter(|&event| event <= stored)
+        .collect();
+    println!(
+        "takeover after a kill during the other instance's claim: {} requests before the \
+         kill, {} after; {} repeats by webhook-id; requests after the kill that carry events \
+         accepted before it (before, after): {resent:?}; events under two webhook-ids: {}; \
+         position stored before the kill {stored}, events at or below it sent after the \
+         kill: {}",
+        before_kill,
+        deliveries.len() - before_kill,
+        repeats.len(),
+        under_two_ids.len(),
+        stored_sent_again.len(),
+    );
+    assert!(
+        stored_sent_again.is_empty(),
+        "the new deliverer went back before the position stored before the kill ({stored}): \
+         it sent {stored_sent_again:?} again"
+    );
+    assert!(
+        under_two_ids.is_empty(),
+        "events delivered again under a new webhook-id, so a receiver cannot drop them: \
+         {:?}",
+        &under_two_ids[..under_two_ids.len().min(10)]
+    );
+    assert!(
+        resent.len() <= 1,
+        "more than the batch in flight was sent again: {resent:?}"
+    );
+    app.stop().await.unwrap();
 }

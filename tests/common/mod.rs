@@ -3,6 +3,7 @@
 //! whose parsing is the `eventsource-stream` crate's.
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
+pub mod fault_receiver;
 pub mod receiver;
 
 use std::sync::OnceLock;
