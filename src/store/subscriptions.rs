@@ -312,8 +312,8 @@ impl Lease {
             )
             .await?,
             delivered: prepare(
-                "UPDATE event_piper_subscriptions SET position = $3, pending_upto = NULL, \
-                   pending_generation = NULL, \
+                "UPDATE event_piper_subscriptions SET position = $3, pending_upto = $6, \
+                   pending_generation = CASE WHEN $6::bigint IS NULL THEN NULL ELSE $2 END, \
                    delivered = delivered + $4, last_attempt_at = now(), last_outcome = $5, \
                    last_error = NULL, last_success_at = now(), failing_since = NULL, \
                    next_retry_at = NULL \
@@ -411,14 +411,16 @@ impl Lease {
             == 1)
     }
 
-    /// The receiver acknowledged the batch ending at `upto`, of `count` events. False: the
-    /// subscription changed in the meantime, and the position did not move.
+    /// The receiver acknowledged the batch ending at `upto`, of `count` events; `next` is the
+    /// end of the batch to be sent next, when it is known already. False: the subscription
+    /// changed in the meantime, and the position did not move.
     pub async fn delivered(
         &self,
         id: i64,
         generation: i32,
         upto: EventId,
         count: i64,
+        next: Option<EventId>,
         attempt: &Attempt<'_>,
     ) -> Result<bool> {
         let statement = &self.statements.delivered;
@@ -426,7 +428,14 @@ impl Lease {
             .client
             .execute(
                 statement,
-                &[&id, &generation, &upto.0, &count, &attempt.outcome],
+                &[
+                    &id,
+                    &generation,
+                    &upto.0,
+                    &count,
+                    &attempt.outcome,
+                    &next.map(|next| next.0),
+                ],
             )
             .await?
             == 1)

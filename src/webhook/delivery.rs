@@ -2,10 +2,11 @@
 //! order, a batch at a time, each batch retried until the receiver acknowledges it.
 //!
 //! Events come from a [`Follower`], like a stream's: from the table after downtime or a lag, then
-//! from the hub's live feed, so a subscription that is caught up costs no database reads. Each
-//! batch costs two writes on the lease connection: the batch about to be sent (so an instance
-//! taking over after a crash sends that same batch, under the same webhook-id), then the position
-//! once the receiver answered 2xx.
+//! from the hub's live feed, so a subscription that is caught up costs no database reads. Every
+//! batch is recorded on the lease connection before it is sent (so an instance taking over after
+//! a crash sends that same batch, under the same webhook-id), and the position is stored once the
+//! receiver answered 2xx. When the next batch is ready by then, one write does both: under load a
+//! batch costs one write; a lone event two.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -143,6 +144,8 @@ struct Delivery<'a> {
     failing_since: Option<SystemTime>,
     /// Whether the "failing" state change was logged.
     marked_failing: bool,
+    /// The status of the last 2xx, stored with the position.
+    last_status: u16,
     metrics: WebhookMetrics,
 }
 
@@ -187,6 +190,7 @@ pub async fn run(
         position: subscription.position,
         failing_since: subscription.failing_since,
         marked_failing: false,
+        last_status: 200,
         metrics: WebhookMetrics::new(id),
     };
     tracing::info!(
@@ -220,82 +224,116 @@ impl Delivery<'_> {
         pending: Option<(EventId, i32)>,
     ) -> Step<std::convert::Infallible> {
         // The batch in flight when the last deliverer stopped goes first, exactly as it was and
-        // under the same webhook-id.
+        // under the same webhook-id. Its events can only be gone if someone deleted them by
+        // hand: then there is nothing to send, and the follower reads past them.
+        let mut ready = None;
+        let mut after = self.position;
         if let Some((upto, generation)) = pending.filter(|(upto, _)| *upto > self.position) {
             let rows = self.read_pending(upto).await?;
-            // Its events can only be gone if someone deleted them by hand: then there is
-            // nothing to send, and the follower below reads past them.
             if !rows.is_empty() {
                 let mut batch = Batch::new(generation);
                 batch.push_rows(&rows);
                 batch.upto = upto;
-                self.send(&batch).await?;
+                ready = Some(batch);
+                after = upto;
             }
         }
-        let sources = Sources {
-            page_size: i64::from(self.batch_size),
-            ..self.context.sources.clone()
-        };
-        let mut follower = loop {
-            match Follower::start(
-                &sources,
-                self.consumer.clone(),
-                Some(self.position),
-                self.types.clone(),
-                Duration::from_secs(30),
-            )
-            .await
-            {
-                Ok(follower) => break follower,
-                Err(error) => {
-                    tracing::warn!(subscription = self.id, %error, "cannot follow the consumer yet");
-                    self.pause(Duration::from_secs(1)).await?;
-                }
-            }
-        };
+        let mut follower = self.start_following(after).await?;
         let mut reads = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut counted_at: Option<tokio::time::Instant> = None;
         loop {
-            let next = tokio::select! {
-                next = follower.next() => next,
-                _ = self.stop.cancelled() => return Err(Ended::Stopped),
-            };
-            let mut batch = Batch::new(self.generation);
-            let mut drained = false;
-            match next {
-                Next::Page(rows) => batch.push_rows(&rows),
-                Next::Live(frame) => {
-                    batch.push_frame(&frame);
-                    while batch.count < i64::from(self.batch_size) {
-                        match follower.try_next_live() {
-                            Some(frame) => batch.push_frame(&frame),
-                            None => {
-                                drained = true;
-                                break;
-                            }
+            let batch = match ready.take() {
+                Some(batch) => batch,
+                None => {
+                    let next = tokio::select! {
+                        next = follower.next() => next,
+                        _ = self.stop.cancelled() => return Err(Ended::Stopped),
+                    };
+                    let mut batch = Batch::new(self.generation);
+                    match next {
+                        Next::Page(rows) => batch.push_rows(&rows),
+                        Next::Live(frame) => {
+                            batch.push_frame(&frame);
+                            self.drain_live(&mut follower, &mut batch);
                         }
+                        Next::Failed(error) => {
+                            let delay = reads.next_delay();
+                            tracing::warn!(subscription = self.id, %error, ?delay, "reading events failed; retrying");
+                            self.pause(delay).await?;
+                            continue;
+                        }
+                        Next::Closed => return Err(Ended::Stopped),
                     }
+                    reads.reset();
+                    batch.upto = batch.upto.max(follower.position().cursor());
+                    // Recorded before it is sent, so that whoever sends it again uses the same
+                    // webhook-id.
+                    let recorded = self.lease.begin_batch(self.id, self.generation, batch.upto);
+                    if !self.write(recorded).await? {
+                        return Err(Ended::Changed);
+                    }
+                    batch
                 }
-                Next::Failed(error) => {
-                    let delay = reads.next_delay();
-                    tracing::warn!(subscription = self.id, %error, ?delay, "reading events failed; retrying");
-                    self.pause(delay).await?;
-                    continue;
-                }
-                Next::Closed => return Err(Ended::Stopped),
-            }
-            reads.reset();
-            // The follower's cursor also covers the events it skipped (other types): the
-            // acknowledged position moves past them too.
-            batch.upto = batch.upto.max(follower.position().cursor());
+            };
             self.send(&batch).await?;
-            if drained && follower.position().is_live() {
+            // The next batch, if it is there already, is recorded by the same write that stores
+            // this one's position: under load a batch costs one write, not two.
+            ready = self.ready_batch(&mut follower).await;
+            self.acknowledged(&batch, ready.as_ref()).await?;
+            if ready.is_none() && follower.position().is_live() {
                 self.metrics.behind.set(0.0);
             } else if counted_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
                 counted_at = Some(tokio::time::Instant::now());
                 self.count_behind().await;
             }
         }
+    }
+
+    async fn start_following(&self, after: EventId) -> Step<Follower> {
+        let sources = Sources {
+            page_size: i64::from(self.batch_size),
+            ..self.context.sources.clone()
+        };
+        loop {
+            let started = Follower::start(
+                &sources,
+                self.consumer.clone(),
+                Some(after),
+                self.types.clone(),
+                Duration::from_secs(30),
+            )
+            .await;
+            match started {
+                Ok(follower) => return Ok(follower),
+                Err(error) => {
+                    tracing::warn!(subscription = self.id, %error, "cannot follow the consumer yet");
+                    self.pause(Duration::from_secs(1)).await?;
+                }
+            }
+        }
+    }
+
+    /// Adds the live frames already queued to `batch`, up to the batch size.
+    fn drain_live(&self, follower: &mut Follower, batch: &mut Batch) {
+        while batch.count < i64::from(self.batch_size) {
+            match follower.try_next_live() {
+                Some(frame) => batch.push_frame(&frame),
+                None => break,
+            }
+        }
+    }
+
+    /// The next batch if it can be had without waiting: the next replay page, or the live
+    /// frames already queued. A page that fails to read is left to the next `Follower::next`.
+    async fn ready_batch(&self, follower: &mut Follower) -> Option<Batch> {
+        let mut batch = Batch::new(self.generation);
+        if let Some(Ok(rows)) = follower.next_page().await {
+            batch.push_rows(&rows);
+        } else {
+            self.drain_live(follower, &mut batch);
+        }
+        batch.upto = batch.upto.max(follower.position().cursor());
+        (batch.count > 0).then_some(batch)
     }
 
     /// The pending batch's events, read again from the table (retried until it works).
@@ -324,18 +362,8 @@ impl Delivery<'_> {
         }
     }
 
-    /// Sends `batch` until the receiver acknowledges it, then moves the position past it.
+    /// Sends `batch` until the receiver acknowledges it (its position is stored by the caller).
     async fn send(&mut self, batch: &Batch) -> Step<()> {
-        // Recorded before it is sent. A pending batch taken over in the same generation is
-        // recorded again, unchanged; one from an earlier generation keeps its record, and so
-        // its webhook-id.
-        if batch.generation == self.generation
-            && !self
-                .write(self.lease.begin_batch(self.id, self.generation, batch.upto))
-                .await?
-        {
-            return Err(Ended::Changed);
-        }
         let body = batch.body(self.id, &self.consumer);
         let message_id = batch.message_id(self.id);
         let mut backoff = Backoff::new(self.context.retry_min, self.context.retry_max);
@@ -372,38 +400,7 @@ impl Delivery<'_> {
             };
             match outcome {
                 Outcome::Delivered { status } => {
-                    let outcome = format!("HTTP {status}");
-                    let attempt = Attempt {
-                        outcome: &outcome,
-                        error: None,
-                    };
-                    let stored = self
-                        .write(self.lease.delivered(
-                            self.id,
-                            self.generation,
-                            batch.upto,
-                            batch.count,
-                            &attempt,
-                        ))
-                        .await?;
-                    if !stored {
-                        return Err(Ended::Changed);
-                    }
-                    self.position = batch.upto;
-                    self.metrics.delivered.increment(batch.count as u64);
-                    self.metrics.last_success.set(
-                        SystemTime::now()
-                            .duration_since(UNIX_EPOCH)
-                            .unwrap_or_default()
-                            .as_secs_f64(),
-                    );
-                    if self.failing_since.take().is_some() {
-                        tracing::info!(
-                            subscription = self.id,
-                            "webhook receiver recovered: delivering again"
-                        );
-                        self.marked_failing = false;
-                    }
+                    self.last_status = status;
                     return Ok(());
                 }
                 Outcome::Gone => {
@@ -440,6 +437,43 @@ impl Delivery<'_> {
                 }
             }
         }
+    }
+
+    /// Stores the position past `batch`, which the receiver acknowledged, and records `next`
+    /// as the batch in flight if there is one.
+    async fn acknowledged(&mut self, batch: &Batch, next: Option<&Batch>) -> Step<()> {
+        let outcome = format!("HTTP {}", self.last_status);
+        let attempt = Attempt {
+            outcome: &outcome,
+            error: None,
+        };
+        let stored = self.lease.delivered(
+            self.id,
+            self.generation,
+            batch.upto,
+            batch.count,
+            next.map(|next| next.upto),
+            &attempt,
+        );
+        if !self.write(stored).await? {
+            return Err(Ended::Changed);
+        }
+        self.position = batch.upto;
+        self.metrics.delivered.increment(batch.count as u64);
+        self.metrics.last_success.set(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        );
+        if self.failing_since.take().is_some() {
+            tracing::info!(
+                subscription = self.id,
+                "webhook receiver recovered: delivering again"
+            );
+            self.marked_failing = false;
+        }
+        Ok(())
     }
 
     /// Records a failed attempt, logs a state change, and waits `delay` before the next one.
