@@ -79,6 +79,19 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
     pub publish_connections: Vec<usize>,
 
+    /// Events already in the table when the webhooks scenario's backlog shape subscribes (a
+    /// twentieth of it for batch_size 1).
+    #[arg(long, default_value_t = 200_000)]
+    pub webhook_backlog: u64,
+
+    /// Single-row producer connections of the webhooks scenario's live shape.
+    #[arg(long, default_value_t = 32)]
+    pub webhook_producers: usize,
+
+    /// Subscription batch sizes compared by the webhooks scenario's backlog and live shapes.
+    #[arg(long, value_delimiter = ',', default_value = "1000,100,1")]
+    pub webhook_batch_sizes: Vec<i32>,
+
     /// Consumer connections being opened at once.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
@@ -112,6 +125,7 @@ pub enum Scenario {
     Dbcost,
     Producers,
     Publish,
+    Webhooks,
     All,
 }
 
@@ -120,7 +134,8 @@ impl Scenario {
         use Scenario::*;
         match self {
             // dbcost last: it restarts the managed PostgreSQL with pg_stat_statements loaded, which
-            // would add its own cost to every producer's statement.
+            // would add its own cost to every producer's statement. Webhooks loads it too, for
+            // its last shape only: it comes just before.
             All => vec![
                 Latency,
                 Throughput,
@@ -130,6 +145,7 @@ impl Scenario {
                 Replay,
                 Producers,
                 Publish,
+                Webhooks,
                 Dbcost,
             ],
             one => vec![one],

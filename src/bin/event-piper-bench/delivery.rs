@@ -62,6 +62,11 @@ impl Delivery {
         Arrival::InOrder
     }
 
+    /// The highest id received in order so far.
+    pub fn last(&self) -> i64 {
+        self.last
+    }
+
     fn has(&self, id: i64) -> bool {
         usize::try_from(id - self.base).is_ok_and(|offset| {
             self.seen
@@ -74,16 +79,26 @@ impl Delivery {
     /// were produced for someone else or not by the bench). With `kind`, the connection asked for
     /// that type only: the consumer's events of other types count as foreign if they arrive.
     pub fn settle(&self, ledger: &Ledger, consumer: u32, kind: Option<u16>) -> (u64, u64) {
+        self.settle_upto(ledger, consumer, kind, ledger.highest())
+    }
+
+    /// [`Delivery::settle`] for the ids up to `upto` only (and any received above it): for a
+    /// run cut off while events were still on their way.
+    pub fn settle_upto(
+        &self,
+        ledger: &Ledger,
+        consumer: u32,
+        kind: Option<u16>,
+        upto: i64,
+    ) -> (u64, u64) {
         let mut lost = 0;
         let mut foreign = 0;
-        let upto = ledger
-            .highest()
-            .max(self.base + self.seen.len() as i64 * 64 - 1);
-        for id in ledger.base()..=upto {
+        let end = upto.max(self.base + self.seen.len() as i64 * 64 - 1);
+        for id in ledger.base()..=end {
             let wanted = ledger.owner(id) == Some(consumer)
                 && kind.is_none_or(|kind| ledger.kind(id) == Some(kind));
             match (wanted, self.has(id)) {
-                (true, false) => lost += 1,
+                (true, false) if id <= upto => lost += 1,
                 (false, true) => foreign += 1,
                 _ => {}
             }
@@ -141,6 +156,21 @@ mod tests {
         // Consumer 0 owns the even ids 10..=18: 16 and 18 never came; 15 is consumer 1's.
         assert_eq!(delivery.settle(&ledger, 0, None), (2, 1));
         assert_eq!(delivery.received, 4);
+    }
+
+    #[test]
+    fn a_cut_run_counts_losses_up_to_the_cut_only() {
+        let ledger = Ledger::new(10, Instant::now());
+        for id in 10..20 {
+            ledger.record(id, 0, 0, None);
+        }
+        let mut delivery = Delivery::new(10);
+        for id in [10, 11, 13] {
+            delivery.observe(Some(id));
+        }
+        // 12 is missing before the cut at 13; 14..20 were still on their way.
+        assert_eq!(delivery.settle_upto(&ledger, 0, None, 13), (1, 0));
+        assert_eq!(delivery.settle(&ledger, 0, None), (7, 0));
     }
 
     #[test]

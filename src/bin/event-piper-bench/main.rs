@@ -14,6 +14,9 @@
 //! and off and 1 to 64 connections, checks multi-row INSERTs and COPY beside them, and runs 1,000
 //! events/s from 1 to 64 connections; `publish` does the same over `POST /events`. Their latency
 //! is timed from the insert or request being sent, so it includes the producer's own commit.
+//! `webhooks` delivers one consumer's events to a receiver inside the bench through a webhook
+//! subscription: events/s from a backlog and from live producers at several batch sizes, latency
+//! beside an SSE stream of the same events, and the statements per delivered batch.
 //!
 //! ```text
 //! cargo build --release
@@ -32,6 +35,7 @@ mod procfs;
 mod producer;
 mod progress;
 mod publisher;
+mod receiver;
 mod report;
 mod scenarios;
 mod service;

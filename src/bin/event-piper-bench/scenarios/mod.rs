@@ -1,6 +1,6 @@
 //! The scenarios of issue 4 (latency ... dbcost), issue 9 (producers, publish: what
-//! event-piper costs the application's writers) and type filters (filter), and what they share: the bench context, the live
-//! run, CPU accounting.
+//! event-piper costs the application's writers), type filters (filter) and webhook delivery
+//! (webhooks), and what they share: the bench context, the live run, CPU accounting.
 
 mod connections;
 mod dbcost;
@@ -12,6 +12,7 @@ mod producers;
 mod publish;
 mod replay;
 mod throughput;
+mod webhooks;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +47,7 @@ pub async fn run(scenario: Scenario, bench: &mut Bench) -> Result<Vec<Table>> {
         Scenario::Dbcost => dbcost::run(bench).await,
         Scenario::Producers => producers::run(bench).await,
         Scenario::Publish => publish::run(bench).await,
+        Scenario::Webhooks => webhooks::run(bench).await,
         Scenario::All => unreachable!("expanded by the caller"),
     }
 }
