@@ -242,6 +242,11 @@ impl Delivery<'_> {
         let mut reads = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
         let mut counted_at: Option<tokio::time::Instant> = None;
         loop {
+            // With a backlog the next batch is always ready: nothing below waits, so the stop
+            // is looked at here.
+            if self.stop.is_cancelled() {
+                return Err(Ended::Stopped);
+            }
             let batch = match ready.take() {
                 Some(batch) => batch,
                 None => {
