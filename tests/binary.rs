@@ -3,62 +3,24 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::ffi::OsStr;
+use std::process::Command;
 
 use common::PATIENCE;
+use common::process::ServiceProcess;
 use futures::StreamExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_with_its_own_postgres_and_shuts_down_cleanly_on_sigterm() {
     let data_dir = std::env::temp_dir().join(format!("event-piper-binary-{}", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_event-piper"))
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&data_dir)
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting event-piper");
-
+    let mut process = ServiceProcess::start(None, [OsStr::new("--data-dir"), data_dir.as_os_str()]);
     // The psql command goes to stdout, the bound address to the log on stderr.
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let psql = stdout
-        .lines()
-        .map_while(Result::ok)
-        .find_map(|line| line.trim().strip_prefix("psql ").map(str::to_owned))
-        .expect("the psql command is printed");
-    let (lines_tx, lines_rx) = std::sync::mpsc::channel();
-    let stderr = BufReader::new(child.stderr.take().unwrap());
-    std::thread::spawn(move || {
-        for line in stderr.lines().map_while(Result::ok) {
-            let _ = lines_tx.send(line);
-        }
-    });
-    let address = loop {
-        let line = lines_rx
-            .recv_timeout(PATIENCE)
-            .expect("the service logs its address");
-        if let Some(rest) = line.split("address=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_owned();
-        }
-    };
-    let app_base = format!("http://{address}");
+    let psql = process.printed(|line| line.trim().strip_prefix("psql ").map(str::to_owned));
+    let app_base = process.base.clone();
 
     // The printed command works as a producer's connection string.
     let producer = common::connect(&psql).await;
-    let ready = async {
-        while !reqwest::get(format!("{app_base}/ready"))
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, ready).await.expect("ready");
+    process.wait_until_ready().await;
     let response = reqwest::Client::new()
         .get(format!("{app_base}/events"))
         .header("X-Consumer-Id", "toto")
@@ -86,8 +48,7 @@ async fn runs_with_its_own_postgres_and_shuts_down_cleanly_on_sigterm() {
         received.push_str(std::str::from_utf8(&chunk).unwrap());
     }
 
-    // SAFETY: kill has no memory-safety preconditions; the pid is our own child's.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    process.terminate();
     let end = tokio::time::timeout(PATIENCE, async {
         while let Some(chunk) = body.next().await {
             chunk.expect("the stream ends cleanly");
@@ -95,14 +56,7 @@ async fn runs_with_its_own_postgres_and_shuts_down_cleanly_on_sigterm() {
     });
     end.await.expect("the open stream ends on shutdown");
 
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < PATIENCE, "event-piper did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = process.wait_for_exit();
     assert!(status.success(), "exit status {status}");
     assert!(
         !data_dir.join("postmaster.pid").exists(),

@@ -16,8 +16,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -28,7 +26,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
-use common::fault_receiver::{Answer, Delivery, FaultReceiver};
+use common::process::ServiceProcess;
+use common::receiver::{Answer, Receiver, Request};
 use common::{PATIENCE, Read, SseClient, TestApp};
 
 const CONSUMERS: [&str; 4] = ["alice", "bob", "carol", "slow"];
@@ -449,10 +448,7 @@ async fn inject_faults(
                 .await
                 .unwrap()
                 .expect("restarting PostgreSQL");
-            losses
-                .lock()
-                .unwrap()
-                .push(("restart", from, Instant::now()));
+            lost_leases(&losses, "restart", from);
             counters.faults.fetch_add(1, Ordering::SeqCst);
             continue;
         }
@@ -474,10 +470,7 @@ async fn inject_faults(
             .unwrap_or(0);
         counters.faults.fetch_add(killed as u64, Ordering::SeqCst);
         if application == LEASE_APPLICATION {
-            losses
-                .lock()
-                .unwrap()
-                .push(("lease kill", from, Instant::now()));
+            lost_leases(&losses, "lease kill", from);
             counters
                 .lease_kills
                 .fetch_add(killed as u64, Ordering::SeqCst);
@@ -503,35 +496,16 @@ async fn kill_deliverers(
         // Starting waits for the log (and killing for the exit) on this thread: off the two
         // runtime threads the in-process instances need.
         let starting = url.clone();
-        let mut process = tokio::task::spawn_blocking(move || {
-            let timeout = format!("{}ms", WEBHOOK_TIMEOUT.as_millis());
-            ServiceProcess::start(
-                &starting,
-                &[
-                    "--webhook-allow-private",
-                    "--webhook-poll",
-                    "100ms",
-                    "--webhook-retry-min",
-                    "20ms",
-                    "--webhook-retry-max",
-                    "200ms",
-                    "--webhook-timeout",
-                    &timeout,
-                ],
-            )
-        })
-        .await
-        .expect("starting a process");
+        let process =
+            tokio::task::spawn_blocking(move || start_deliverer(&starting, Some(WEBHOOK_TIMEOUT)))
+                .await
+                .expect("starting a process");
         counters.processes_started.fetch_add(1, Ordering::SeqCst);
         // Until it holds a subscription, or the load is over.
         loop {
             tokio::time::sleep(Duration::from_millis(rng.random_range(500..3000))).await;
             if Instant::now() >= deadline {
-                let from = Instant::now();
-                tokio::task::spawn_blocking(move || process.kill())
-                    .await
-                    .expect("killing a process");
-                losses.lock().unwrap().push(("kill", from, Instant::now()));
+                kill_deliverer(process, &losses).await;
                 return;
             }
             let ports = process.local_ports();
@@ -561,19 +535,12 @@ async fn kill_deliverers(
                 .await
                 .map(|row| row.get(0))
                 .unwrap_or(0);
-            losses
-                .lock()
-                .unwrap()
-                .push(("lease kill", from, Instant::now()));
+            lost_leases(&losses, "lease kill", from);
             counters
                 .lease_kills
                 .fetch_add(killed as u64, Ordering::SeqCst);
         }
-        let from = Instant::now();
-        tokio::task::spawn_blocking(move || process.kill())
-            .await
-            .expect("killing a process");
-        losses.lock().unwrap().push(("kill", from, Instant::now()));
+        kill_deliverer(process, &losses).await;
         counters.deliverers_killed.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..2000))).await;
     }
@@ -606,6 +573,58 @@ async fn wait_until_held(client: &Client) {
     tokio::time::timeout(Duration::from_secs(60), wait)
         .await
         .expect("every active subscription is held again after its lease was lost");
+}
+
+/// Notes that instances may have lost their webhook lease from `from` until now.
+fn lost_leases(losses: &LeaseLosses, what: &'static str, from: Instant) {
+    losses.lock().unwrap().push((what, from, Instant::now()));
+}
+
+/// A real `event-piper` process that delivers webhooks with the settings the in-process
+/// instances get from `webhooks_for_tests`, and this `--webhook-timeout` (None: the default).
+/// Blocks until it has logged its address.
+fn start_deliverer(db_url: &str, webhook_timeout: Option<Duration>) -> ServiceProcess {
+    let mut args: Vec<String> = [
+        "--webhook-allow-private",
+        "--webhook-poll",
+        "100ms",
+        "--webhook-retry-min",
+        "20ms",
+        "--webhook-retry-max",
+        "200ms",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    if let Some(timeout) = webhook_timeout {
+        args.push("--webhook-timeout".to_owned());
+        args.push(format!("{}ms", timeout.as_millis()));
+    }
+    ServiceProcess::start(Some(db_url), args)
+}
+
+/// SIGKILLs a deliverer (waiting for its exit off the runtime's threads) and notes that its
+/// subscriptions lost their lease meanwhile.
+async fn kill_deliverer(mut process: ServiceProcess, losses: &LeaseLosses) {
+    let from = Instant::now();
+    tokio::task::spawn_blocking(move || process.kill())
+        .await
+        .expect("killing a process");
+    lost_leases(losses, "kill", from);
+}
+
+/// Subscribes `receiver` to toto's events through the process's API, in batches of 5 from the
+/// start of the table, and gives the receiver the secret; returns the subscription's id.
+async fn subscribe_toto(process: &ServiceProcess, receiver: &Receiver) -> i64 {
+    let response = reqwest::Client::new()
+        .post(format!("{}/subscriptions", process.base))
+        .json(&json!({"consumer": "toto", "url": receiver.url, "batch_size": 5, "after": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 201);
+    let created: Value = response.json().await.unwrap();
+    receiver.verify_with(created["secret"].as_str().unwrap());
+    created["id"].as_i64().unwrap()
 }
 
 /// What a consumer received, stitched across its reconnects.
@@ -738,7 +757,7 @@ fn addressee(data: &str) -> Option<String> {
 struct HookRun {
     spec: &'static Hook,
     id: i64,
-    receiver: Arc<FaultReceiver>,
+    receiver: Arc<Receiver>,
     /// Set once the load is over: the receiver then accepts everything.
     calm: Arc<AtomicBool>,
     absences: tokio::task::JoinHandle<u64>,
@@ -754,7 +773,7 @@ impl HookRun {
         instances: &Arc<[TestApp]>,
         deadline: Instant,
     ) -> HookRun {
-        let receiver = Arc::new(FaultReceiver::start().await);
+        let receiver = Arc::new(Receiver::start().await);
         let mut body = json!({
             "consumer": spec.consumer,
             "url": receiver.url,
@@ -808,7 +827,7 @@ impl HookRun {
         if let Some(&target) = want.last() {
             let caught_up = async {
                 loop {
-                    let (ids, _) = deduplicated(&self.receiver.deliveries());
+                    let (ids, _) = deduplicated(&self.receiver.requests());
                     if ids.last().is_some_and(|&last| last >= target) {
                         return;
                     }
@@ -826,7 +845,7 @@ impl HookRun {
                     .text()
                     .await
                     .unwrap_or_default();
-                let (ids, _) = deduplicated(&self.receiver.deliveries());
+                let (ids, _) = deduplicated(&self.receiver.requests());
                 panic!(
                     "webhook of {name} did not catch up to {target}: last accepted {:?}; \
                      subscription {shown} (seed {seed})",
@@ -837,7 +856,7 @@ impl HookRun {
         self.stop.cancel();
         let resumed = self.operator.await.expect("operator task");
         let losses = losses.lock().unwrap().clone();
-        let deliveries = self.receiver.deliveries();
+        let deliveries = self.receiver.requests();
         let stats = check_deliveries(name, &deliveries, want, &losses, WEBHOOK_TIMEOUT, seed);
         assert!(
             resumed <= stats.gone,
@@ -890,7 +909,7 @@ fn answers(mut rng: StdRng, calm: Arc<AtomicBool>) -> impl FnMut(usize) -> Answe
 
 /// The receiver goes away (connections refused) for a while, every few seconds, until the
 /// deadline; it is back when this returns. Returns how many times it went away.
-async fn go_away_at_times(mut rng: StdRng, receiver: Arc<FaultReceiver>, deadline: Instant) -> u64 {
+async fn go_away_at_times(mut rng: StdRng, receiver: Arc<Receiver>, deadline: Instant) -> u64 {
     let mut absences = 0;
     loop {
         let at = Instant::now() + Duration::from_millis(rng.random_range(2000..8000));
@@ -952,8 +971,8 @@ struct HookStats {
 
 /// The events the receiver accepted, in arrival order, each webhook-id's first accepted
 /// request only; and the repeats left out, as (repeat, the accepted request it repeats).
-fn deduplicated(deliveries: &[Delivery]) -> (Vec<i64>, Vec<(&Delivery, &Delivery)>) {
-    let mut first: HashMap<&str, &Delivery> = HashMap::new();
+fn deduplicated(deliveries: &[Request]) -> (Vec<i64>, Vec<(&Request, &Request)>) {
+    let mut first: HashMap<&str, &Request> = HashMap::new();
     let mut ids = Vec::new();
     let mut repeats = Vec::new();
     for delivery in deliveries.iter().filter(|d| d.accepted()) {
@@ -975,7 +994,7 @@ fn deduplicated(deliveries: &[Delivery]) -> (Vec<i64>, Vec<(&Delivery, &Delivery
 /// [`LEASE_SLACK`] before that acceptance and before the repeat arrived).
 fn check_deliveries(
     consumer: &str,
-    deliveries: &[Delivery],
+    deliveries: &[Request],
     want: &[i64],
     losses: &[(&'static str, Instant, Instant)],
     timeout: Duration,
@@ -984,7 +1003,7 @@ fn check_deliveries(
     let name = format!("webhook of {consumer}");
     let bad: Vec<usize> = deliveries
         .iter()
-        .filter(|d| !d.signature_ok)
+        .filter(|d| d.signature_ok != Some(true))
         .map(|d| d.number)
         .collect();
     assert!(
@@ -995,7 +1014,7 @@ fn check_deliveries(
         deliveries.iter().all(|d| d.consumer == consumer),
         "{name}: a request for another consumer (seed {seed})"
     );
-    let mut contents: HashMap<&str, &Delivery> = HashMap::new();
+    let mut contents: HashMap<&str, &Request> = HashMap::new();
     for delivery in deliveries {
         let first = contents
             .entry(delivery.webhook_id.as_str())
@@ -1083,113 +1102,6 @@ fn check_deliveries(
     stats
 }
 
-/// A real `event-piper` process, killed when dropped (a failing test leaves no process behind).
-struct ServiceProcess {
-    child: Child,
-    base: String,
-}
-
-impl ServiceProcess {
-    fn start(db_url: &str, args: &[&str]) -> ServiceProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_event-piper"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .env("DATABASE_URL", db_url)
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting event-piper");
-        // The bound address is in the log; the rest of the log is drained so that the process
-        // never blocks on a full pipe.
-        let (lines_tx, lines_rx) = std::sync::mpsc::channel();
-        let stderr = BufReader::new(child.stderr.take().unwrap());
-        std::thread::spawn(move || {
-            for line in stderr.lines().map_while(Result::ok) {
-                let _ = lines_tx.send(line);
-            }
-        });
-        let address = loop {
-            let line = lines_rx
-                .recv_timeout(PATIENCE)
-                .expect("the service logs its address");
-            if let Some(rest) = line.split("address=").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_owned();
-            }
-        };
-        ServiceProcess {
-            child,
-            base: format!("http://{address}"),
-        }
-    }
-
-    async fn wait_until_ready(&self) {
-        let ready = async {
-            while !reqwest::get(format!("{}/ready", self.base))
-                .await
-                .is_ok_and(|r| r.status() == 200)
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
-        tokio::time::timeout(PATIENCE, ready)
-            .await
-            .expect("the service became ready");
-    }
-
-    /// The local ports of the process's TCP sockets (its database connections among them, as
-    /// `pg_stat_activity.client_port` shows them): its socket inodes looked up in
-    /// /proc/net/tcp{,6}.
-    fn local_ports(&self) -> Vec<i32> {
-        let pid = self.child.id();
-        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
-            .map(|fds| {
-                fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
-                    .filter_map(|target| {
-                        let target = target.to_string_lossy().into_owned();
-                        let inode = target.strip_prefix("socket:[")?.strip_suffix(']')?;
-                        Some(inode.to_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        let mut ports = Vec::new();
-        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-            let text = std::fs::read_to_string(table).unwrap_or_default();
-            for line in text.lines().skip(1) {
-                let fields: Vec<&str> = line.split_whitespace().collect();
-                // sl, local_address, rem_address, st, queues, tr, retrnsmt, uid, timeout, inode
-                let (Some(local), Some(inode)) = (fields.get(1), fields.get(9)) else {
-                    continue;
-                };
-                if inodes.iter().any(|ours| ours == inode)
-                    && let Some(port) = local
-                        .rsplit(':')
-                        .next()
-                        .and_then(|hex| i32::from_str_radix(hex, 16).ok())
-                {
-                    ports.push(port);
-                }
-            }
-        }
-        ports
-    }
-
-    /// SIGKILL: no shutdown, no last write; the kernel closes its connections.
-    fn kill(&mut self) {
-        self.child.kill().expect("killing event-piper");
-        self.child.wait().expect("reaping event-piper");
-    }
-}
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The backend pids holding the lock of subscription `id` in this database, with their
 /// application_name.
 async fn lock_holders(client: &Client, id: i64) -> Vec<(i32, String)> {
@@ -1219,39 +1131,16 @@ const KILL_TEST_TIMEOUT: Duration = Duration::from_secs(600);
 async fn a_deliverer_killed_mid_batch_is_taken_over_under_the_same_webhook_id() {
     let _serial = SERIAL.lock().await;
     let db_url = common::fresh_database().await;
-    let mut process = ServiceProcess::start(
-        &db_url,
-        &[
-            "--webhook-allow-private",
-            "--webhook-poll",
-            "100ms",
-            "--webhook-retry-min",
-            "20ms",
-            "--webhook-retry-max",
-            "200ms",
-            "--webhook-timeout",
-            &format!("{}s", KILL_TEST_TIMEOUT.as_secs()),
-        ],
-    );
+    let mut process = start_deliverer(&db_url, Some(KILL_TEST_TIMEOUT));
     process.wait_until_ready().await;
-    let receiver = FaultReceiver::start().await;
+    let receiver = Receiver::start().await;
     // The first batch is accepted, the second is held (in flight) until the process dies; the
     // receiver takes whatever comes after at once.
     receiver.answer(|n| match n {
         1 => Answer::Slow(KILL_TEST_TIMEOUT / 2),
         _ => Answer::Accept,
     });
-    let http = reqwest::Client::new();
-    let response = http
-        .post(format!("{}/subscriptions", process.base))
-        .json(&json!({"consumer": "toto", "url": receiver.url, "batch_size": 5, "after": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let created: Value = response.json().await.unwrap();
-    receiver.verify_with(created["secret"].as_str().unwrap());
-    let id = created["id"].as_i64().unwrap();
+    let id = subscribe_toto(&process, &receiver).await;
 
     let producer = common::connect(&db_url).await;
     let mut want = Vec::new();
@@ -1264,7 +1153,7 @@ async fn a_deliverer_killed_mid_batch_is_taken_over_under_the_same_webhook_id() 
         want.push(row.get::<_, i64>(0));
     }
     receiver
-        .wait_until("the second batch in flight", PATIENCE, |d| d.len() >= 2)
+        .wait_until("the second batch in flight", |d| d.len() >= 2)
         .await;
     // Only the process runs yet: the holder is its lease connection.
     let holders = lock_holders(&producer, id).await;
@@ -1283,9 +1172,9 @@ async fn a_deliverer_killed_mid_batch_is_taken_over_under_the_same_webhook_id() 
         holders,
         "the process still delivers"
     );
-    let in_flight = receiver.deliveries()[1].clone();
+    let in_flight = receiver.requests()[1].clone();
     assert_eq!(
-        receiver.deliveries().len(),
+        receiver.requests().len(),
         2,
         "the second batch is in flight"
     );
@@ -1298,12 +1187,12 @@ async fn a_deliverer_killed_mid_batch_is_taken_over_under_the_same_webhook_id() 
     want.sort_unstable();
     let target = *want.last().unwrap();
     receiver
-        .wait_until("every event after the takeover", PATIENCE, |d| {
+        .wait_until("every event after the takeover", |d| {
             deduplicated(d).0.last().is_some_and(|&last| last >= target)
         })
         .await;
 
-    let deliveries = receiver.deliveries();
+    let deliveries = receiver.requests();
     let repeated = &deliveries[2];
     assert_eq!(
         (&repeated.webhook_id, repeated.ids()),
@@ -1359,18 +1248,7 @@ async fn a_takeover_starts_from_the_position_stored_last() {
     let service_url = db_url.replacen("://event_piper@", "://claimer@", 1);
     assert_ne!(service_url, db_url);
 
-    let mut process = ServiceProcess::start(
-        &service_url,
-        &[
-            "--webhook-allow-private",
-            "--webhook-poll",
-            "100ms",
-            "--webhook-retry-min",
-            "20ms",
-            "--webhook-retry-max",
-            "200ms",
-        ],
-    );
+    let mut process = start_deliverer(&service_url, None);
     process.wait_until_ready().await;
     // The schema exists now (the process applied it, as its owner).
     admin
@@ -1393,17 +1271,8 @@ async fn a_takeover_starts_from_the_position_stored_last() {
         .await
         .unwrap();
 
-    let receiver = FaultReceiver::start().await;
-    let response = reqwest::Client::new()
-        .post(format!("{}/subscriptions", process.base))
-        .json(&json!({"consumer": "toto", "url": receiver.url, "batch_size": 5, "after": 0}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 201);
-    let created: Value = response.json().await.unwrap();
-    receiver.verify_with(created["secret"].as_str().unwrap());
-    let id = created["id"].as_i64().unwrap();
+    let receiver = Receiver::start().await;
+    let id = subscribe_toto(&process, &receiver).await;
 
     // A steady trickle, so that the process delivers a batch every few milliseconds.
     let producing = Arc::new(AtomicBool::new(true));
@@ -1425,7 +1294,7 @@ async fn a_takeover_starts_from_the_position_stored_last() {
         })
     };
     receiver
-        .wait_until("the process delivering", PATIENCE, |d| d.len() >= 20)
+        .wait_until("the process delivering", |d| d.len() >= 20)
         .await;
     let holders = lock_holders(&admin, id).await;
     assert_eq!(holders.len(), 1, "{holders:?}");
@@ -1471,29 +1340,20 @@ async fn a_takeover_starts_from_the_position_stored_last() {
         .unwrap()
         .get(0);
     process.kill();
-    let before_kill = receiver.deliveries().len();
+    let before_kill = receiver.requests().len();
     tokio::time::sleep(Duration::from_secs(2)).await;
     producing.store(false, Ordering::SeqCst);
     producer.await.unwrap();
 
-    let want: Vec<i64> = admin
-        .query(
-            "select id from events where subscriber = 'toto' or subscriber is null order by id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let want = common::ids_for(&admin, "toto").await;
     let target = *want.last().unwrap();
     receiver
-        .wait_until("every event after the takeover", PATIENCE, |d| {
+        .wait_until("every event after the takeover", |d| {
             d.iter()
                 .any(|d| d.accepted() && d.ids().last() == Some(&target))
         })
         .await;
-    let deliveries = receiver.deliveries();
+    let deliveries = receiver.requests();
     // Each event under one webhook-id only, and nothing acknowledged before the kill sent
     // again except the batch in flight at the kill (the one request that had not been answered
     // then, or whose answer the process could not store).
@@ -1527,7 +1387,7 @@ async fn a_takeover_starts_from_the_position_stored_last() {
         .collect();
     let stored_sent_again: Vec<i64> = deliveries[before_kill..]
         .iter()
-        .flat_map(Delivery::ids)
+        .flat_map(Request::ids)
         .filter(|&event| event <= stored)
         .collect();
     println!(

@@ -124,16 +124,7 @@ async fn replay_hands_over_to_live_while_a_producer_inserts() {
     let mut stream = app.consume("c", Some(0)).await;
     writer.await.unwrap();
 
-    let expected: Vec<i64> = producer
-        .query(
-            "select id from events where subscriber = 'c' order by id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let expected = common::ids_for(&producer, "c").await;
     assert_eq!(expected.len(), 700);
     assert_eq!(stream.ids(expected.len()).await, expected);
     assert_eq!(stream.next_within(QUIET).await, None);

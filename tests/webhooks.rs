@@ -48,6 +48,15 @@ async fn patch(app: &TestApp, id: &Value, body: Value) -> Value {
     response.json().await.unwrap()
 }
 
+/// Inserts `count` events for toto, one by one; their ids.
+async fn insert_for_toto(producer: &tokio_postgres::Client, count: usize) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(count);
+    for _ in 0..count {
+        ids.push(insert(producer, "toto", "{}").await);
+    }
+    ids
+}
+
 /// Polls the subscription until `until` holds.
 async fn wait_for(app: &TestApp, id: &Value, what: &str, until: impl Fn(&Value) -> bool) -> Value {
     let wait = async {
@@ -354,9 +363,7 @@ async fn what_is_published_while_the_service_is_down_is_delivered_after_a_restar
     app.stop().await.unwrap();
 
     let mut expected = vec![first];
-    for _ in 0..10 {
-        expected.push(insert(&producer, "toto", "{}").await);
-    }
+    expected.extend(insert_for_toto(&producer, 10).await);
     let app = TestApp::builder()
         .webhooks_for_tests()
         .database(&database)
@@ -382,10 +389,7 @@ async fn one_of_two_instances_delivers_and_the_other_takes_over_when_it_stops() 
     )
     .await;
     let producer = first.producer().await;
-    let mut expected = Vec::new();
-    for _ in 0..20 {
-        expected.push(insert(&producer, "toto", "{}").await);
-    }
+    let mut expected = insert_for_toto(&producer, 20).await;
     receiver.wait_for_accepted(20).await;
     let holders: i64 = producer
         .query_one(
@@ -400,9 +404,7 @@ async fn one_of_two_instances_delivers_and_the_other_takes_over_when_it_stops() 
     assert_eq!(holders, 1, "exactly one instance holds the subscription");
 
     first.stop().await.unwrap();
-    for _ in 0..20 {
-        expected.push(insert(&producer, "toto", "{}").await);
-    }
+    expected.extend(insert_for_toto(&producer, 20).await);
     let ids = receiver.wait_for_accepted(40).await;
     assert_eq!(ids, expected, "in order, nothing lost, nothing repeated");
     second.stop().await.unwrap();
@@ -598,10 +600,7 @@ async fn a_batch_answered_too_late_is_sent_again_under_the_same_webhook_id_by_th
     )
     .await;
     let producer = first.producer().await;
-    let mut expected = Vec::new();
-    for _ in 0..3 {
-        expected.push(insert(&producer, "toto", "{}").await);
-    }
+    let mut expected = insert_for_toto(&producer, 3).await;
     receiver
         .wait_until("the first batch to arrive", |requests| !requests.is_empty())
         .await;
@@ -611,9 +610,7 @@ async fn a_batch_answered_too_late_is_sent_again_under_the_same_webhook_id_by_th
         .start()
         .await;
     // Events that come after the batch in flight must not join it when it is sent again.
-    for _ in 0..2 {
-        expected.push(insert(&producer, "toto", "{}").await);
-    }
+    expected.extend(insert_for_toto(&producer, 2).await);
     first.stop().await.unwrap();
 
     receiver
@@ -626,15 +623,12 @@ async fn a_batch_answered_too_late_is_sent_again_under_the_same_webhook_id_by_th
         requests[1].webhook_id, requests[0].webhook_id,
         "{requests:?}"
     );
-    let ids = |request: &common::receiver::Request| -> Vec<i64> {
-        request.events.iter().map(|(id, _, _)| *id).collect()
-    };
-    assert_eq!(ids(&requests[1]), ids(&requests[0]), "the same batch");
+    assert_eq!(requests[1].ids(), requests[0].ids(), "the same batch");
     let mut seen = Vec::new();
     let mut webhook_ids = std::collections::HashSet::new();
     for request in &requests {
         if webhook_ids.insert(request.webhook_id.clone()) {
-            seen.extend(ids(request));
+            seen.extend(request.ids());
         }
     }
     assert_eq!(

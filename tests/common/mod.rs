@@ -1,9 +1,10 @@
 //! Test harness: one throwaway PostgreSQL cluster per test binary, a fresh database per test, the
 //! real app in-process on a loopback port, configured through a typed builder, and an SSE client
-//! whose parsing is the `eventsource-stream` crate's.
+//! whose parsing is the `eventsource-stream` crate's; the real binary as a child process
+//! ([`process`]) and a webhook receiver ([`receiver`]).
 #![allow(dead_code)] // each test binary uses its own part of the harness
 
-pub mod fault_receiver;
+pub mod process;
 pub mod receiver;
 
 use std::sync::OnceLock;
@@ -640,4 +641,19 @@ pub async fn insert(
         .await
         .expect("insert")
         .get(0)
+}
+
+/// The ids of the events `consumer` is to receive (its own and the broadcasts), in id order: what
+/// the table says a stream or a webhook subscription must deliver.
+pub async fn ids_for(client: &impl tokio_postgres::GenericClient, consumer: &str) -> Vec<i64> {
+    client
+        .query(
+            "SELECT id FROM events WHERE subscriber = $1 OR subscriber IS NULL ORDER BY id",
+            &[&consumer],
+        )
+        .await
+        .expect("the ids of a consumer's events")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
 }

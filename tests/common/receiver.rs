@@ -1,15 +1,27 @@
 //! A webhook receiver for the tests: a real HTTP server on loopback that verifies every request's
-//! Standard Webhooks signature with a library this project did not write, records it, and answers
-//! as the test tells it (accept, fail, be slow, answer 410).
+//! Standard Webhooks signature with the `standardwebhooks` crate (a library this project did not
+//! write), records each request with when it arrived, and answers as the test tells it (accept,
+//! fail, be slow, answer 410). It can also go away (stop listening, so that connections are
+//! refused) and come back on the same port, and the arrival times let the fault suite tell a
+//! repeat explained by a fault from one that is not.
+//!
+//! Its own accept loop (hyper, not `axum::serve`) because going away must close the listening
+//! socket while the port is kept for coming back.
 
+use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 
 use super::PATIENCE;
 
@@ -27,44 +39,76 @@ pub enum Answer {
 /// One request as received.
 #[derive(Debug, Clone)]
 pub struct Request {
+    /// Counted from 0 over the receiver's life, in arrival order.
+    pub number: usize,
     pub webhook_id: String,
     pub subscription: i64,
     pub consumer: String,
     /// (id, type, payload) of each event, in the body's order.
     pub events: Vec<(i64, String, serde_json::Value)>,
-    /// Whether the receiver answered 2xx.
-    pub accepted: bool,
+    pub answer: Answer,
+    /// Whether the signature verified; None if it arrived before the test gave the secret.
+    pub signature_ok: Option<bool>,
+    pub arrived: Instant,
 }
+
+impl Request {
+    /// Whether the receiver took the events (answered 2xx, in time or not).
+    pub fn accepted(&self) -> bool {
+        matches!(self.answer, Answer::Accept | Answer::Slow(_))
+    }
+
+    /// Whether the receiver took the events but answered after `timeout`: the sender counts the
+    /// attempt as failed and sends the batch again, under the same webhook-id.
+    pub fn late(&self, timeout: Duration) -> bool {
+        matches!(self.answer, Answer::Slow(delay) if delay >= timeout)
+    }
+
+    /// The ids of its events, in the body's order.
+    pub fn ids(&self) -> Vec<i64> {
+        self.events.iter().map(|(id, _, _)| *id).collect()
+    }
+}
+
+type Answers = Box<dyn FnMut(usize) -> Answer + Send>;
 
 struct Inner {
     secret: Option<String>,
-    answers: Box<dyn FnMut(usize) -> Answer + Send>,
+    answers: Answers,
     requests: Vec<Request>,
-    bad_signatures: usize,
 }
 
-#[derive(Clone)]
+/// The server while it listens: stopping it closes the listener at once and lets the requests
+/// in progress finish.
+struct Serving {
+    away: CancellationToken,
+    closed: oneshot::Receiver<()>,
+}
+
 pub struct Receiver {
     pub url: String,
+    address: SocketAddr,
     inner: Arc<Mutex<Inner>>,
+    serving: tokio::sync::Mutex<Option<Serving>>,
 }
 
 impl Receiver {
     /// A receiver that accepts everything, on 127.0.0.1.
     pub async fn start() -> Receiver {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
         let inner = Arc::new(Mutex::new(Inner {
             secret: None,
             answers: Box::new(|_| Answer::Accept),
             requests: Vec::new(),
-            bad_signatures: 0,
         }));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/hook", listener.local_addr().unwrap());
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(receive))
-            .with_state(Arc::clone(&inner));
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Receiver { url, inner }
+        let serving = serve(listener, Arc::clone(&inner));
+        Receiver {
+            url: format!("http://{address}/hook"),
+            address,
+            inner,
+            serving: tokio::sync::Mutex::new(Some(serving)),
+        }
     }
 
     /// The secret to verify signatures with (the one `POST /subscriptions` returned).
@@ -81,16 +125,23 @@ impl Receiver {
         self.inner.lock().unwrap().requests.clone()
     }
 
+    /// How many requests came with a signature that did not verify (once the secret was given).
     pub fn bad_signatures(&self) -> usize {
-        self.inner.lock().unwrap().bad_signatures
+        self.inner
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|request| request.signature_ok == Some(false))
+            .count()
     }
 
     /// The ids of the events in accepted requests, in the order they came.
     pub fn accepted_ids(&self) -> Vec<i64> {
         self.requests()
             .iter()
-            .filter(|request| request.accepted)
-            .flat_map(|request| request.events.iter().map(|(id, _, _)| *id))
+            .filter(|request| request.accepted())
+            .flat_map(Request::ids)
             .collect()
     }
 
@@ -126,22 +177,83 @@ impl Receiver {
             panic!("waited in vain for {what}: {:?}", self.requests());
         }
     }
+
+    /// Stops listening: new connections are refused, and the open ones are closed once their
+    /// request in progress (if any) is answered. Returns once the port is free.
+    pub async fn go_away(&self) {
+        let mut serving = self.serving.lock().await;
+        if let Some(serving) = serving.take() {
+            serving.away.cancel();
+            let _ = serving.closed.await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn come_back(&self) {
+        let mut serving = self.serving.lock().await;
+        if serving.is_some() {
+            return;
+        }
+        // The port was ours a moment ago; binding it again can only race with an unrelated
+        // program that grabbed it meanwhile, which is worth a few tries and then a failure.
+        for _ in 0..100 {
+            match TcpListener::bind(self.address).await {
+                Ok(listener) => {
+                    *serving = Some(serve(listener, Arc::clone(&self.inner)));
+                    return;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        panic!("the receiver could not listen on {} again", self.address);
+    }
+}
+
+fn serve(listener: TcpListener, inner: Arc<Mutex<Inner>>) -> Serving {
+    let away = CancellationToken::new();
+    let (closed_tx, closed) = oneshot::channel();
+    let stop = away.clone();
+    tokio::spawn(async move {
+        let graceful = GracefulShutdown::new();
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+                _ = stop.cancelled() => break,
+            };
+            let inner = Arc::clone(&inner);
+            let service = service_fn(move |request| receive(Arc::clone(&inner), request));
+            let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+        }
+        drop(listener);
+        let _ = closed_tx.send(());
+        graceful.shutdown().await;
+    });
+    Serving { away, closed }
 }
 
 async fn receive(
-    State(inner): State<Arc<Mutex<Inner>>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+    inner: Arc<Mutex<Inner>>,
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<Full<Bytes>>, Infallible> {
+    let arrived = Instant::now();
+    let (parts, body) = request.into_parts();
+    let Ok(body) = body.collect().await.map(|body| body.to_bytes()) else {
+        return Ok(respond(400, None));
+    };
     let answer = {
         let mut inner = inner.lock().unwrap();
-        if let Some(secret) = &inner.secret {
-            let verified = standardwebhooks::Webhook::new(secret)
-                .and_then(|webhook| webhook.verify(&body, &headers));
-            if verified.is_err() {
-                inner.bad_signatures += 1;
-            }
-        }
+        let signature_ok = inner.secret.as_ref().map(|secret| {
+            standardwebhooks::Webhook::new(secret)
+                .and_then(|webhook| webhook.verify(&body, &parts.headers))
+                .is_ok()
+        });
         let number = inner.requests.len();
         let answer = (inner.answers)(number);
         let json: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
@@ -158,7 +270,9 @@ async fn receive(
             })
             .collect();
         inner.requests.push(Request {
-            webhook_id: headers
+            number,
+            webhook_id: parts
+                .headers
                 .get("webhook-id")
                 .and_then(|value| value.to_str().ok())
                 .unwrap_or_default()
@@ -166,22 +280,26 @@ async fn receive(
             subscription: json["subscription"].as_i64().expect("subscription"),
             consumer: json["consumer"].as_str().expect("consumer").to_owned(),
             events,
-            accepted: matches!(answer, Answer::Accept | Answer::Slow(_)),
+            answer,
+            signature_ok,
+            arrived,
         });
         answer
     };
-    match answer {
-        Answer::Accept => StatusCode::OK.into_response(),
+    Ok(match answer {
+        Answer::Accept => respond(200, None),
         Answer::Slow(delay) => {
             tokio::time::sleep(delay).await;
-            StatusCode::OK.into_response()
+            respond(200, None)
         }
-        Answer::Status(status, retry_after) => {
-            let status = StatusCode::from_u16(status).unwrap();
-            match retry_after {
-                Some(seconds) => (status, [("retry-after", seconds.to_string())]).into_response(),
-                None => status.into_response(),
-            }
-        }
+        Answer::Status(status, retry_after) => respond(status, retry_after),
+    })
+}
+
+fn respond(status: u16, retry_after: Option<u64>) -> hyper::Response<Full<Bytes>> {
+    let mut response = hyper::Response::builder().status(status);
+    if let Some(seconds) = retry_after {
+        response = response.header("retry-after", seconds.to_string());
     }
+    response.body(Full::new(Bytes::new())).unwrap()
 }
