@@ -171,7 +171,7 @@ pub(super) async fn list(
         .map_err(|error| store_error(&state, &error))?;
     let mut shown = Vec::with_capacity(rows.len());
     for row in &rows {
-        shown.push(render(&state, row, behind(&state, row).await?));
+        shown.push(shown_with_behind(&state, row).await?);
     }
     Ok(axum::Json(json!({ "subscriptions": shown })).into_response())
 }
@@ -184,8 +184,7 @@ pub(super) async fn show(
 ) -> Result<Response, ApiError> {
     let claims = manager(&state, &headers)?;
     let row = visible(&state, claims.as_ref(), &id).await?;
-    let behind = behind(&state, &row).await?;
-    Ok(axum::Json(render(&state, &row, behind)).into_response())
+    Ok(axum::Json(shown_with_behind(&state, &row).await?).into_response())
 }
 
 /// `PATCH /subscriptions/{id}`: pause, resume, move the position, or change the URL, types or
@@ -222,8 +221,7 @@ pub(super) async fn change(
         ?change,
         "webhook subscription changed"
     );
-    let behind = behind(&state, &row).await?;
-    Ok(axum::Json(render(&state, &row, behind)).into_response())
+    Ok(axum::Json(shown_with_behind(&state, &row).await?).into_response())
 }
 
 /// `DELETE /subscriptions/{id}`: 204.
@@ -341,16 +339,18 @@ fn start(state: &AppState, after: After) -> Result<EventId, ApiError> {
     }
 }
 
-async fn behind(state: &AppState, row: &SubscriptionRow) -> Result<i64, ApiError> {
+/// A subscription as shown, with how many events it is behind (one count in the database).
+async fn shown_with_behind(state: &AppState, row: &SubscriptionRow) -> Result<Value, ApiError> {
     let types = row
         .types
         .as_ref()
         .and_then(|patterns| TypeFilter::from_patterns(patterns.iter().map(String::as_str)).ok());
-    state
+    let behind = state
         .store
         .count_after(&row.consumer, row.position, types.as_ref(), BEHIND_CAP)
         .await
-        .map_err(|error| store_error(state, &error))
+        .map_err(|error| store_error(state, &error))?;
+    Ok(render(state, row, behind))
 }
 
 fn store_error(state: &AppState, error: &crate::store::StoreError) -> ApiError {
