@@ -1,8 +1,8 @@
-//! The binary's global allocator: the system allocator (glibc's malloc) for small blocks, and a
-//! private anonymous mapping of its own, with nothing else on its pages, for every block of at
-//! least [`MAPPED_FROM`] bytes.
+//! The binary's global allocator: the system allocator (glibc's malloc) for every block but those
+//! of [`MAPPED`] sizes, which get a private anonymous mapping of their own, with nothing else on
+//! its pages.
 //!
-//! Why: an idle stream's memory is dominated by two 8 kB buffers hyper allocates for every
+//! Why: an idle stream's memory was dominated by two 8 kB buffers hyper allocates for every
 //! connection and hardly uses. The response head is written at the start of one; the other
 //! (the read buffer re-armed to notice the client leaving while the response streams) is not
 //! written at all while the stream is idle. A page nobody writes costs no resident memory, but
@@ -11,16 +11,21 @@
 //! here, a buffer never written costs nothing: an idle stream went from 14.0 to 9.7 kB
 //! (BENCHMARKS.md, scenario 4).
 //!
-//! A mapping is a system call to make and to free, so only big blocks get one; the hot paths
-//! allocate small frames. Should `mmap` fail (the kernel's limit on mappings, say), the block
-//! comes from the system allocator after all, with its original address stored just before it;
-//! such a block is never page-aligned, which is how [`MapLarge::dealloc`] tells it apart.
+//! The cost: a mapping is a system call to make and one to free, and its pages fault in afresh,
+//! where glibc reuses freed memory. Hence only sizes from 8 to 16 kB; bigger blocks (replay
+//! pages, growing vectors) stay with glibc. The database connections' read buffers are 8 kB
+//! too, though, and a replay of 1,000,000 events maps and unmaps about 20,000 of them: the
+//! service spends about 1.0 s of CPU on it instead of 0.6 (BENCHMARKS.md, "Idle streams").
+//!
+//! Should `mmap` fail (the kernel's limit on mappings, say), the block comes from the system
+//! allocator after all, with its original address stored just before it; such a block is never
+//! page-aligned, which is how [`MapLarge::dealloc`] tells it apart.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
 
-/// Blocks of at least this size (and an alignment a page satisfies) are mapped on their own.
-pub const MAPPED_FROM: usize = 8 * 1024;
+/// Blocks of these sizes (hyper's 8 kB buffers) are mapped on their own.
+pub const MAPPED: std::ops::Range<usize> = 8 * 1024..16 * 1024;
 
 const PAGE: usize = 4096;
 /// Room before a fallback block for the address the system allocator returned.
@@ -30,7 +35,7 @@ const HEADER: usize = 16;
 pub struct MapLarge;
 
 fn mapped(layout: &Layout) -> bool {
-    layout.size() >= MAPPED_FROM && layout.align() <= HEADER
+    MAPPED.contains(&layout.size()) && layout.align() <= HEADER
 }
 
 fn mapping_len(size: usize) -> usize {
@@ -190,15 +195,19 @@ mod tests {
 
     #[test]
     fn blocks_keep_their_bytes_across_every_kind_of_realloc() {
-        // small -> small -> large (mapped) -> larger -> same pages -> smaller -> small.
+        let from = MAPPED.start;
+        // small -> small -> mapped -> same pages -> more pages -> system (beyond the range)
+        // -> mapped -> small.
         let sizes = [
             100,
             4000,
-            MAPPED_FROM,
-            3 * MAPPED_FROM + 5,
-            3 * MAPPED_FROM + 9,
+            from,
+            from + 100,
+            from + 5000,
+            3 * from,
+            from + 1,
+            50,
         ];
-        let sizes = sizes.into_iter().chain([MAPPED_FROM + 1, 50]);
         unsafe {
             let mut size = 10;
             let mut block = MapLarge.alloc(layout(size));
@@ -208,7 +217,7 @@ mod tests {
                 assert!(!block.is_null());
                 pattern(block, size.min(new_size), true);
                 pattern(block, new_size, false);
-                assert_eq!(is_mapping(block), new_size >= MAPPED_FROM, "{new_size}");
+                assert_eq!(is_mapping(block), MAPPED.contains(&new_size), "{new_size}");
                 size = new_size;
             }
             MapLarge.dealloc(block, layout(size));
@@ -218,10 +227,10 @@ mod tests {
     #[test]
     fn big_blocks_come_zeroed_when_asked() {
         unsafe {
-            let block = MapLarge.alloc_zeroed(layout(3 * MAPPED_FROM));
+            let block = MapLarge.alloc_zeroed(layout(MAPPED.start));
             assert!(is_mapping(block));
-            assert!((0..3 * MAPPED_FROM).all(|i| *block.add(i) == 0));
-            MapLarge.dealloc(block, layout(3 * MAPPED_FROM));
+            assert!((0..MAPPED.start).all(|i| *block.add(i) == 0));
+            MapLarge.dealloc(block, layout(MAPPED.start));
         }
     }
 
@@ -230,19 +239,19 @@ mod tests {
         unsafe {
             // Enough of them that some system addresses fall just before a page boundary.
             let blocks: Vec<_> = (0..2000)
-                .map(|_| MapLarge::fallback_alloc(MAPPED_FROM))
+                .map(|_| MapLarge::fallback_alloc(MAPPED.start))
                 .collect();
             for &block in &blocks {
                 assert!(!block.is_null() && !is_mapping(block));
                 assert!((block as usize).is_multiple_of(HEADER));
-                pattern(block, MAPPED_FROM, false);
+                pattern(block, MAPPED.start, false);
             }
-            let grown = MapLarge.realloc(blocks[0], layout(MAPPED_FROM), 2 * MAPPED_FROM);
-            pattern(grown, MAPPED_FROM, true);
-            MapLarge.dealloc(grown, layout(2 * MAPPED_FROM));
+            let grown = MapLarge.realloc(blocks[0], layout(MAPPED.start), 2 * MAPPED.start);
+            pattern(grown, MAPPED.start, true);
+            MapLarge.dealloc(grown, layout(2 * MAPPED.start));
             for &block in &blocks[1..] {
-                pattern(block, MAPPED_FROM, true);
-                MapLarge.dealloc(block, layout(MAPPED_FROM));
+                pattern(block, MAPPED.start, true);
+                MapLarge.dealloc(block, layout(MAPPED.start));
             }
         }
     }
