@@ -8,6 +8,8 @@
 //! concurrent requests together. [`serve`] runs all of it on a given listener, which is how the
 //! integration tests start the real app on port 0; [`run`] is the whole binary.
 
+#[cfg(target_os = "linux")]
+pub mod allocator;
 pub mod auth;
 pub mod backoff;
 pub mod bell;
@@ -71,7 +73,6 @@ pub async fn run(config: Config) -> Result<(), Error> {
     // Fail on a bad key before starting anything.
     config.auth()?;
     raise_open_files_limit();
-    map_connection_buffers_lazily();
     let mut managed = None;
     let database_url = match &config.database_url {
         Some(url) => {
@@ -308,19 +309,6 @@ pub fn raise_open_files_limit() -> Option<u64> {
         return Some(hard);
     }
     Some(soft)
-}
-
-/// Every HTTP connection holds two buffers hyper allocates at 8 and 16 kB and rarely fills past
-/// the first few hundred bytes (the request head, the response head). Served by glibc from the
-/// heap, each costs its full size in resident memory; mapped on their own, only the pages written
-/// are resident. With the threshold at 8 kB an idle stream costs about 6 kB less (23 -> 17 kB
-/// before the other savings; BENCHMARKS.md, scenario 4).
-fn map_connection_buffers_lazily() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets a tuning parameter of the allocator.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 8 * 1024);
-    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -8,6 +8,12 @@ use event_piper::Config;
 use event_piper::config::{Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
+/// Big blocks get mappings of their own, so that the pages of a buffer nobody writes cost no
+/// memory (an idle stream's two hyper buffers; see the module). Linux only (`mremap`).
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOCATOR: event_piper::allocator::MapLarge = event_piper::allocator::MapLarge;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Config::parse()).await {
