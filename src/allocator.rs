@@ -14,8 +14,10 @@
 //! The cost: a mapping is a system call to make and one to free, and its pages fault in afresh,
 //! where glibc reuses freed memory. Hence only sizes from 8 to 16 kB; bigger blocks (replay
 //! pages, growing vectors) stay with glibc. The database connections' read buffers are 8 kB
-//! too, though, and a replay of 1,000,000 events maps and unmaps about 20,000 of them: the
-//! service spends about 1.0 s of CPU on it instead of 0.6 (BENCHMARKS.md, "Idle streams").
+//! too, and a replay of 1,000,000 events allocates and frees about 20,000 of them: so the last
+//! [`CACHED`] two-page mappings freed are kept for reuse instead of unmapped (without the cache
+//! the service spent about 1.0 s of CPU on that replay instead of 0.6; BENCHMARKS.md, "Idle
+//! streams"). Their pages stay resident, which is why the cache is small.
 //!
 //! Should `mmap` fail (the kernel's limit on mappings, say), the block comes from the system
 //! allocator after all, with its original address stored just before it; such a block is never
@@ -23,6 +25,7 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr;
+use std::sync::Mutex;
 
 /// Blocks of these sizes (hyper's 8 kB buffers) are mapped on their own.
 pub const MAPPED: std::ops::Range<usize> = 8 * 1024..16 * 1024;
@@ -30,6 +33,49 @@ pub const MAPPED: std::ops::Range<usize> = 8 * 1024..16 * 1024;
 const PAGE: usize = 4096;
 /// Room before a fallback block for the address the system allocator returned.
 const HEADER: usize = 16;
+
+/// How many freed two-page mappings are kept for reuse.
+pub const CACHED: usize = 64;
+/// The length of the mappings the cache keeps: hyper's and the database connections' 8 kB
+/// buffers.
+const CACHED_LEN: usize = 2 * PAGE;
+
+/// Freed mappings of [`CACHED_LEN`] bytes, as addresses. A plain mutex: it never allocates
+/// (a futex on Linux), and it is held for a push or a pop.
+static CACHE: Mutex<Cache> = Mutex::new(Cache {
+    blocks: [0; CACHED],
+    len: 0,
+});
+
+struct Cache {
+    blocks: [usize; CACHED],
+    len: usize,
+}
+
+/// A cached mapping of `len` bytes, if there is one (its bytes are whatever they were).
+fn take_cached(len: usize) -> Option<*mut u8> {
+    if len != CACHED_LEN {
+        return None;
+    }
+    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    cache.len = cache.len.checked_sub(1)?;
+    Some(cache.blocks[cache.len] as *mut u8)
+}
+
+/// Keeps a freed mapping of `len` bytes for reuse; false if it is not kept (to be unmapped).
+fn put_cached(block: *mut u8, len: usize) -> bool {
+    if len != CACHED_LEN {
+        return false;
+    }
+    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if cache.len == CACHED {
+        return false;
+    }
+    let at = cache.len;
+    cache.blocks[at] = block as usize;
+    cache.len += 1;
+    true
+}
 
 /// See the module documentation.
 pub struct MapLarge;
@@ -90,6 +136,9 @@ unsafe impl GlobalAlloc for MapLarge {
             // SAFETY: forwarded as is.
             return unsafe { System.alloc(layout) };
         }
+        if let Some(block) = take_cached(mapping_len(layout.size())) {
+            return block;
+        }
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let block = unsafe {
             libc::mmap(
@@ -113,6 +162,11 @@ unsafe impl GlobalAlloc for MapLarge {
             // SAFETY: forwarded as is.
             return unsafe { System.alloc_zeroed(layout) };
         }
+        if let Some(block) = take_cached(mapping_len(layout.size())) {
+            // SAFETY: a cached mapping has `mapping_len(size)` writable bytes.
+            unsafe { block.write_bytes(0, layout.size()) };
+            return block;
+        }
         // SAFETY: as for `alloc`.
         let block = unsafe { self.alloc(layout) };
         if !block.is_null() && !is_mapping(block) {
@@ -128,8 +182,11 @@ unsafe impl GlobalAlloc for MapLarge {
             // SAFETY: allocated by `System` with this layout.
             unsafe { System.dealloc(block, layout) };
         } else if is_mapping(block) {
-            // SAFETY: a mapping of this length made by `alloc` or `realloc`.
-            unsafe { libc::munmap(block.cast(), mapping_len(layout.size())) };
+            let len = mapping_len(layout.size());
+            if !put_cached(block, len) {
+                // SAFETY: a mapping of this length made by `alloc` or `realloc`.
+                unsafe { libc::munmap(block.cast(), len) };
+            }
         } else {
             // SAFETY: a fallback block of this size.
             unsafe { Self::fallback_dealloc(block, layout.size()) };
@@ -221,6 +278,31 @@ mod tests {
                 size = new_size;
             }
             MapLarge.dealloc(block, layout(size));
+        }
+    }
+
+    #[test]
+    fn freed_mappings_are_reused_and_come_zeroed_when_asked() {
+        unsafe {
+            let block = MapLarge.alloc(layout(CACHED_LEN));
+            pattern(block, CACHED_LEN, false);
+            MapLarge.dealloc(block, layout(CACHED_LEN));
+            // Other tests allocate at the same time: the block may come back to any of them,
+            // so this only checks what any reused block must be.
+            let again = MapLarge.alloc_zeroed(layout(CACHED_LEN));
+            assert!(is_mapping(again));
+            assert!((0..CACHED_LEN).all(|i| *again.add(i) == 0));
+            let blocks: Vec<_> = (0..2 * CACHED)
+                .map(|_| MapLarge.alloc(layout(CACHED_LEN)))
+                .collect();
+            for &block in &blocks {
+                pattern(block, CACHED_LEN, false);
+            }
+            for &block in &blocks {
+                pattern(block, CACHED_LEN, true);
+                MapLarge.dealloc(block, layout(CACHED_LEN));
+            }
+            MapLarge.dealloc(again, layout(CACHED_LEN));
         }
     }
 
