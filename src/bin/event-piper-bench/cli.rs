@@ -75,6 +75,11 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1,8,32,64")]
     pub producer_connections: Vec<usize>,
 
+    /// Shapes of the producers scenario to run, e.g. a,e for the SSE and webhook comparisons
+    /// with synchronous_commit on alone.
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e")]
+    pub producer_shapes: Vec<ProducerShape>,
+
     /// Publishing connections of the publish scenario's as-fast-as-they-go phase.
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
     pub publish_connections: Vec<usize>,
@@ -112,6 +117,21 @@ pub struct Args {
     /// Where service logs and the private PostgreSQL go (default: a new directory under /tmp).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+}
+
+/// The producers scenario's shapes (see scenarios/producers.rs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProducerShape {
+    /// Single-row producers, synchronous_commit on, plain vs events streamed over SSE.
+    A,
+    /// The same with synchronous_commit off.
+    B,
+    /// Multi-row INSERT ... SELECT and COPY beside single-row producers.
+    C,
+    /// Paced producers, latency.
+    D,
+    /// As (a), but events delivered to webhook subscriptions instead of SSE streams.
+    E,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -58,10 +58,12 @@ struct Shared {
     stray: AtomicU64,
 }
 
-/// What one run received. The consumer is index 0 in the ledger.
+/// What one run received.
 struct Run {
     ledger: Arc<Ledger>,
     consumer: String,
+    /// The consumer's index in the ledger.
+    index: u32,
     delivery: Delivery,
     latency: Histogram<u64>,
     /// Events that arrived before their producer recorded them: (id, arrival ns).
@@ -84,6 +86,8 @@ pub struct Received {
     pub bad_signatures: u64,
     pub malformed: u64,
     pub latency: Summary,
+    /// The samples behind `latency`, for merging several receivers' runs.
+    pub histogram: Histogram<u64>,
     pub first: Option<Instant>,
     pub last: Option<Instant>,
     /// The highest event id received.
@@ -157,12 +161,13 @@ impl Receiver {
         self.shared.events.store(0, Ordering::Relaxed);
     }
 
-    /// Receives `consumer`'s events (index 0 in `ledger`) from now on.
-    pub fn arm(&self, ledger: Arc<Ledger>, consumer: &str) {
+    /// Receives `consumer`'s events (index `index` in `ledger`) from now on.
+    pub fn arm(&self, ledger: Arc<Ledger>, consumer: &str, index: u32) {
         *self.lock() = Some(Run {
             delivery: Delivery::new(ledger.base()),
             ledger,
             consumer: consumer.to_owned(),
+            index,
             latency: new_histogram(),
             unresolved: Vec::new(),
             requests: 0,
@@ -211,7 +216,7 @@ impl Receiver {
             (true, None) => run.ledger.base() - 1,
             (false, _) => run.ledger.highest(),
         };
-        let (lost, foreign) = run.delivery.settle_upto(&run.ledger, 0, None, upto);
+        let (lost, foreign) = run.delivery.settle_upto(&run.ledger, run.index, None, upto);
         Some(Received {
             delivery: DeliverySummary {
                 connections: 1,
@@ -227,6 +232,7 @@ impl Receiver {
             bad_signatures: run.bad_signatures,
             malformed: run.malformed,
             latency: Summary::of(&latency),
+            histogram: latency,
             first: run.first,
             last: run.last,
             highest,

@@ -15,19 +15,33 @@
 //!   single-row producers: nothing lost or repeated.
 //! - 7d: 1,000 events/s in total (`--rate`) from 1, 8, 32, 64 connections. Target: p99 < 10 ms
 //!   from the INSERT being sent to the frame being read.
+//! - 7e: as 7a (synchronous_commit on), but each consumer has a webhook subscription (batch_size
+//!   100, from now) to a receiver of its own inside the bench instead of an SSE stream: every
+//!   delivered batch costs one or two committed UPDATEs of `event_piper_subscriptions` on the
+//!   producers' PostgreSQL. Checked exactly once, in order, signed, stored position agreeing;
+//!   the service's UPDATEs of that table counted from pg_stat_user_tables.
+//!
+//! `--producer-shapes` picks which of them run.
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use serde_json::json;
 
 use super::live::{self, Outcome, Plan};
+use super::webhooks;
 use super::{Bench, CpuMeter, names};
+use crate::cli::ProducerShape;
+use crate::consumer;
 use crate::database;
-use crate::latency::ms;
+use crate::delivery::DeliverySummary;
+use crate::latency::{Summary, ms, new_histogram};
+use crate::ledger::Ledger;
 use crate::producer::{self, Bulk, Produced, Stamp, Targets};
 use crate::progress::Progress;
+use crate::receiver::{Received, Receiver};
 use crate::report::{Table, count};
 use crate::service::Service;
 
@@ -60,6 +74,17 @@ const BULK_PAUSE: Duration = Duration::from_millis(100);
 /// The paced phase's latency target.
 const P99_TARGET: Duration = Duration::from_millis(10);
 
+/// 7e's subscriptions: the API's default batch size.
+const HOOK_BATCH: i32 = 100;
+
+/// How long 7e's receivers may take to catch up once the producers stop.
+const HOOK_CATCH_UP: Duration = Duration::from_secs(10);
+
+/// How long to wait for the service's UPDATEs to show in pg_stat_user_tables. PostgreSQL 15
+/// flushes a backend's table counters at most once a second, and a backend that goes idle less
+/// than a second after a flush only flushes again 10 s later.
+const STATS_SETTLE: Duration = Duration::from_secs(15);
+
 pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
     let url = bench.db.fresh("bench_producers").await?;
     database::connect(&url)
@@ -69,7 +94,11 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
         .context("creating the plain table")?;
     let storage = bench.db.storage().await?;
     eprintln!("  {storage}");
-    let service = Service::start(&bench.launch, &url, "producers").await?;
+    // 7e's receivers are on loopback, which subscriptions may not reach by default. The flag
+    // changes nothing else, so 7a to 7d run with it too and every shape sees the same service.
+    let mut launch = bench.launch.clone();
+    launch.extra_args.push("--webhook-allow-private".into());
+    let service = Service::start(&launch, &url, "producers").await?;
     let measured = measure(bench, &service, &url).await;
     service.stop().await?;
     let mut tables = measured?;
@@ -84,8 +113,15 @@ fn on_off(synchronous_commit: bool) -> &'static str {
 }
 
 async fn measure(bench: &Bench, service: &Service, url: &str) -> Result<Vec<Table>> {
+    let shapes = &bench.args.producer_shapes;
     let mut tables = Vec::new();
-    for (letter, synchronous_commit) in [("a", true), ("b", false)] {
+    for (shape, letter, synchronous_commit) in [
+        (ProducerShape::A, "a", true),
+        (ProducerShape::B, "b", false),
+    ] {
+        if !shapes.contains(&shape) {
+            continue;
+        }
         let setting = on_off(synchronous_commit);
         let mut table = Table::new(format!(
             "7{letter}. producers: single-row autocommit INSERTs as fast as they go, \
@@ -105,8 +141,15 @@ async fn measure(bench: &Bench, service: &Service, url: &str) -> Result<Vec<Tabl
         );
         tables.push(table);
     }
-    tables.push(bulk(bench, service, url).await?);
-    tables.push(paced(bench, service, url).await?);
+    if shapes.contains(&ProducerShape::E) {
+        tables.push(hooked(bench, service, url).await?);
+    }
+    if shapes.contains(&ProducerShape::C) {
+        tables.push(bulk(bench, service, url).await?);
+    }
+    if shapes.contains(&ProducerShape::D) {
+        tables.push(paced(bench, service, url).await?);
+    }
     Ok(tables)
 }
 
@@ -319,4 +362,362 @@ pub fn paced_rows(table: &mut Table, label: &str, outcome: &Outcome, rate: f64, 
         outcome.sustained(rate),
     );
     live::describe_sent(table, label, outcome, sent, Some(P99_TARGET));
+}
+
+/// 7e: plain, events delivered to webhook subscriptions, plain, synchronous_commit on.
+async fn hooked(bench: &Bench, service: &Service, url: &str) -> Result<Table> {
+    // One receiver per consumer: a receiver checks one subscription's signatures and sequence.
+    let mut receivers = Vec::with_capacity(CONSUMERS);
+    for _ in 0..CONSUMERS {
+        receivers.push(Receiver::start().await?);
+    }
+    let mut table = Table::new(format!(
+        "7e. producers: single-row autocommit INSERTs as fast as they go, synchronous_commit = \
+         on; a plain table vs events with the service delivering every event to {CONSUMERS} \
+         consumers' webhook subscriptions (batch_size {HOOK_BATCH})"
+    ));
+    for &producers in &bench.args.producer_connections {
+        let before = plain(bench, service, url, producers, true).await?;
+        let events = webhook_events(bench, service, url, producers, &receivers).await?;
+        let after = plain(bench, service, url, producers, true).await?;
+        hook_rows(&mut table, producers, [&before, &after], &events);
+    }
+    let stray: u64 = receivers.iter().map(Receiver::stray).sum();
+    table.check(
+        "requests with no run armed",
+        stray.to_string(),
+        "0",
+        stray == 0,
+    );
+    table.delivery_errors += stray;
+    table.note(format!(
+        "Plain as in 7a. Each events phase creates one subscription per consumer (batch_size \
+         {HOOK_BATCH}, after = now) to a receiver of its own on 127.0.0.1 that answers 200 at \
+         once, and deletes them once checked. UPDATEs: pg_stat_user_tables.n_tup_upd of \
+         event_piper_subscriptions over the phase (the service's only writes to it: a batch \
+         recorded before it is sent, and its position after the 2xx, one write for both when \
+         the next batch is ready), per second of producing."
+    ));
+    Ok(table)
+}
+
+/// What one 7e events phase did.
+struct Hooked {
+    produced: Produced,
+    received: Vec<Received>,
+    latency: Summary,
+    /// Subscriptions whose stored `delivered` and `position` agree with their receiver.
+    stored_agree: usize,
+    /// Events the receivers had when the producers stopped.
+    acknowledged: u64,
+    /// From the producers' stop to the last event; `None` if the receivers never caught up.
+    caught_up: Option<Duration>,
+    /// UPDATEs of event_piper_subscriptions over the phase; `None` if the counter never showed
+    /// them all.
+    updates: Option<i64>,
+    cpu: String,
+}
+
+impl Hooked {
+    fn requests(&self) -> u64 {
+        self.received.iter().map(|received| received.requests).sum()
+    }
+
+    fn delivery(&self) -> DeliverySummary {
+        let mut sum = DeliverySummary::default();
+        for received in &self.received {
+            let one = &received.delivery;
+            sum.connections += one.connections;
+            sum.received += one.received;
+            sum.lost += one.lost;
+            sum.duplicates += one.duplicates;
+            sum.out_of_order += one.out_of_order;
+            sum.foreign += one.foreign;
+            sum.failed += one.failed;
+        }
+        sum
+    }
+
+    fn errors(&self) -> u64 {
+        let signatures: u64 = self
+            .received
+            .iter()
+            .map(|received| received.bad_signatures + received.malformed)
+            .sum();
+        self.delivery().errors() + signatures + self.produced.unrecorded
+    }
+}
+
+/// The same producers against `events`, each consumer's events delivered to its subscription.
+async fn webhook_events(
+    bench: &Bench,
+    service: &Service,
+    url: &str,
+    producers: usize,
+    receivers: &[Receiver],
+) -> Result<Hooked> {
+    let consumers = names("hook", CONSUMERS);
+    let ledger = Arc::new(Ledger::new(live::next_id(url).await?, bench.epoch));
+    let mut ids = Vec::with_capacity(CONSUMERS);
+    let mut subscribed = Ok(());
+    for (index, (receiver, consumer)) in receivers.iter().zip(consumers.iter()).enumerate() {
+        receiver.reset();
+        receiver.arm(Arc::clone(&ledger), consumer, index as u32);
+        match webhooks::subscribe_for(service.addr, receiver, consumer, HOOK_BATCH, json!("now"))
+            .await
+        {
+            Ok(id) => ids.push(id),
+            Err(error) => {
+                subscribed = Err(error);
+                break;
+            }
+        }
+    }
+    let result = match subscribed {
+        Ok(()) => {
+            let run = Subscribed {
+                consumers: &consumers,
+                ledger: &ledger,
+                ids: &ids,
+            };
+            webhook_events_with(bench, service, url, producers, receivers, run).await
+        }
+        Err(error) => Err(error),
+    };
+    // Deleted whatever happened: the next phases use the same consumers' names.
+    for id in ids {
+        webhooks::unsubscribe(service.addr, id).await?;
+    }
+    result
+}
+
+/// A 7e phase's consumers, its ledger and their subscriptions (in the receivers' order).
+struct Subscribed<'a> {
+    consumers: &'a Arc<[Arc<str>]>,
+    ledger: &'a Arc<Ledger>,
+    ids: &'a [i64],
+}
+
+async fn webhook_events_with(
+    bench: &Bench,
+    service: &Service,
+    url: &str,
+    producers: usize,
+    receivers: &[Receiver],
+    run: Subscribed<'_>,
+) -> Result<Hooked> {
+    let Subscribed {
+        consumers,
+        ledger,
+        ids,
+    } = run;
+    let sinks = producer::walkthrough_sinks(url, producers, "events", true).await?;
+    // Also gives the service time to claim the subscriptions before the first event.
+    super::wait_for_quiet(bench.args.quiet_timeout).await;
+    let monitor = database::connect(url).await?;
+    let updates_before = subscription_updates(&monitor).await?;
+    let counter = Arc::new(AtomicU64::new(0));
+    let progress = Progress::start(
+        format!("webhooks {producers} sync on"),
+        Arc::clone(&counter),
+        None,
+        0,
+    );
+    let cpu = CpuMeter::start(Some(service.pid), bench.db.postmaster_pid());
+    let targets = Targets {
+        consumers: Arc::clone(consumers),
+        types: producer::one_type(),
+        ledger: Some(Arc::clone(ledger)),
+        counter,
+        stamp: Stamp::Sent,
+    };
+    let duration = bench.args.duration;
+    let produced = bench
+        .producers
+        .spawn(producer::flood_with(sinks, duration, targets))
+        .await
+        .context("producer task")??;
+    let acknowledged: u64 = receivers.iter().map(Receiver::events).sum();
+    let stopped = Instant::now();
+    let caught_up = consumer::wait_until(HOOK_CATCH_UP, || {
+        receivers.iter().enumerate().all(|(index, receiver)| {
+            receiver.events() >= produced.per_consumer.get(index).copied().unwrap_or(0)
+        })
+    })
+    .await
+    .then(|| stopped.elapsed());
+    let cpu = cpu.describe();
+    drop(progress);
+
+    let mut stored_agree = 0;
+    let mut received = Vec::with_capacity(receivers.len());
+    for (receiver, &id) in receivers.iter().zip(ids) {
+        let shown = webhooks::show(service.addr, id).await?;
+        let got = receiver
+            .finish(caught_up.is_none())
+            .context("the receiver's run")?;
+        let agrees = shown["delivered"].as_u64() == Some(got.delivery.received)
+            && shown["position"]
+                .as_i64()
+                .is_some_and(|position| position >= got.highest.unwrap_or(0));
+        stored_agree += usize::from(agrees);
+        received.push(got);
+    }
+    let mut histogram = new_histogram();
+    for got in &received {
+        histogram
+            .add(&got.histogram)
+            .context("merging the receivers' latencies")?;
+    }
+
+    // Every batch acknowledged took at least one UPDATE, all of them on the one connection the
+    // service writes subscriptions on, whose counters reach the table's together: once the
+    // count covers the batches, it covers every write of the phase.
+    let requests: u64 = received.iter().map(|got| got.requests).sum();
+    let settle_by = Instant::now() + STATS_SETTLE;
+    let updates = loop {
+        let updates = subscription_updates(&monitor).await? - updates_before;
+        if updates >= requests as i64 {
+            break Some(updates);
+        }
+        if Instant::now() >= settle_by {
+            eprintln!("  !!! n_tup_upd shows {updates} UPDATEs for {requests} batches");
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    Ok(Hooked {
+        produced,
+        latency: Summary::of(&histogram),
+        received,
+        stored_agree,
+        acknowledged,
+        caught_up,
+        updates,
+        cpu,
+    })
+}
+
+/// UPDATEs of event_piper_subscriptions so far, as the statistics have them.
+async fn subscription_updates(client: &tokio_postgres::Client) -> Result<i64> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(n_tup_upd), 0)::bigint FROM pg_stat_user_tables \
+             WHERE relname = 'event_piper_subscriptions'",
+            &[],
+        )
+        .await
+        .context("reading pg_stat_user_tables")?;
+    Ok(row.try_get(0)?)
+}
+
+fn hook_rows(table: &mut Table, producers: usize, plain: [&PlainRun; 2], hooked: &Hooked) {
+    let label = format!(
+        "{producers} producer{}",
+        if producers == 1 { "" } else { "s" }
+    );
+    let higher = if plain[0].produced.rate() >= plain[1].produced.rate() {
+        plain[0]
+    } else {
+        plain[1]
+    };
+    let produced = &hooked.produced;
+    let ratio = produced.rate() / higher.produced.rate().max(1e-9);
+    let delivery = hooked.delivery();
+    let (bad_signatures, malformed) = hooked.received.iter().fold((0, 0), |(b, m), got| {
+        (b + got.bad_signatures, m + got.malformed)
+    });
+    let errors = hooked.errors();
+    let seconds = produced.elapsed.as_secs_f64().max(1e-9);
+    let requests = hooked.requests();
+    table
+        .info(
+            format!("{label}: commits/s, plain before · events with webhooks · plain after"),
+            format!(
+                "{} · {} · {}",
+                count(plain[0].produced.rate()),
+                count(produced.rate()),
+                count(plain[1].produced.rate())
+            ),
+        )
+        .check(
+            format!("{label}: events / plain"),
+            format!("{ratio:.2}"),
+            ">= 0.90",
+            ratio >= 0.90,
+        )
+        .info(
+            format!("{label}: commit round trip p50 / p99, plain · events"),
+            format!(
+                "{} / {} · {} / {}",
+                ms(higher.produced.commit.p50),
+                ms(higher.produced.commit.p99),
+                ms(produced.commit.p50),
+                ms(produced.commit.p99)
+            ),
+        )
+        .check(
+            format!("{label}: delivered / committed, exactly once in order, signed"),
+            format!(
+                "{} / {} · {} · bad signatures {bad_signatures} · malformed {malformed}",
+                count(delivery.received as f64),
+                count(produced.rows as f64),
+                delivery.describe()
+            ),
+            "all, 0 errors",
+            errors == 0 && delivery.received == produced.rows && hooked.caught_up.is_some(),
+        )
+        .check(
+            format!("{label}: subscriptions' stored delivered · position agree"),
+            format!("{} of {}", hooked.stored_agree, hooked.received.len()),
+            "all",
+            hooked.stored_agree == hooked.received.len(),
+        )
+        .info(
+            format!("{label}: acknowledged / committed while producing · after producers stopped"),
+            format!(
+                "{:.2} · {}",
+                hooked.acknowledged as f64 / (produced.rows.max(1)) as f64,
+                hooked
+                    .caught_up
+                    .map_or("not caught up (timed out)".into(), |took| format!(
+                        "caught up in {}",
+                        ms(took)
+                    ))
+            ),
+        )
+        .info(
+            format!("{label}: webhook requests · events a request (mean)"),
+            format!(
+                "{} = {} /s · {:.1}",
+                count(requests as f64),
+                count(requests as f64 / seconds),
+                delivery.received as f64 / requests.max(1) as f64
+            ),
+        )
+        .info(
+            format!("{label}: latency p50 / p99 / max (INSERT sent → receiver)"),
+            format!(
+                "{} / {} / {}",
+                ms(hooked.latency.p50),
+                ms(hooked.latency.p99),
+                ms(hooked.latency.max)
+            ),
+        )
+        .info(
+            format!("{label}: UPDATEs of event_piper_subscriptions (n_tup_upd)"),
+            match hooked.updates {
+                Some(updates) => format!(
+                    "{} = {} /s · {:.2} a request",
+                    count(updates as f64),
+                    count(updates as f64 / seconds),
+                    updates as f64 / requests.max(1) as f64
+                ),
+                None => "not all shown in pg_stat_user_tables".into(),
+            },
+        )
+        .info(format!("{label}: CPU"), hooked.cpu.clone())
+        .info(format!("{label}: CPU, plain"), higher.cpu.clone());
+    table.delivery_errors += errors + u64::from(hooked.stored_agree != hooked.received.len());
 }

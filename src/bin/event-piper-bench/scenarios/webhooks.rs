@@ -318,7 +318,7 @@ async fn drain_backlog_with(
     // page reads, inside the measured run.
     monitor.batch_execute("VACUUM ANALYZE events").await?;
     receiver.reset();
-    receiver.arm(Arc::clone(&ledger), CONSUMER);
+    receiver.arm(Arc::clone(&ledger), CONSUMER, 0);
     super::wait_for_quiet(bench.args.quiet_timeout).await;
     if count_statements {
         monitor
@@ -481,7 +481,7 @@ async fn live_flood_with(
 ) -> Result<(Produced, u64, Option<Duration>, String, i64)> {
     let ledger = Arc::new(Ledger::new(live::next_id(url).await?, bench.epoch));
     receiver.reset();
-    receiver.arm(Arc::clone(&ledger), CONSUMER);
+    receiver.arm(Arc::clone(&ledger), CONSUMER, 0);
     let id = subscribe(service.addr, receiver, size, json!("now")).await?;
     let producers = bench.args.webhook_producers;
     let sinks = producer::walkthrough_sinks(url, producers, "events", true).await?;
@@ -597,7 +597,7 @@ async fn paced_with_stream_with(
         // The run's ledger exists only now: the receiver checks against the same one as the
         // stream, and nothing was produced before this.
         if let Some(ledger) = &targets.ledger {
-            receiver.arm(Arc::clone(ledger), CONSUMER);
+            receiver.arm(Arc::clone(ledger), CONSUMER, 0);
         }
         async move { producer::paced(&url_owned, producers, rate, duration, targets).await }
     })
@@ -642,8 +642,20 @@ fn summary(latency: &Summary) -> String {
 /// `POST /subscriptions` for [`CONSUMER`] to the receiver; hands the secret to the receiver and
 /// returns the subscription's id.
 async fn subscribe(addr: SocketAddr, receiver: &Receiver, size: i32, after: Value) -> Result<i64> {
+    subscribe_for(addr, receiver, CONSUMER, size, after).await
+}
+
+/// `POST /subscriptions` for `consumer` to the receiver (see [`subscribe`]); also used by the
+/// producers scenario's webhook shape, one subscription and one receiver per consumer.
+pub(super) async fn subscribe_for(
+    addr: SocketAddr,
+    receiver: &Receiver,
+    consumer: &str,
+    size: i32,
+    after: Value,
+) -> Result<i64> {
     let body = json!({
-        "consumer": CONSUMER,
+        "consumer": consumer,
         "url": receiver.url,
         "batch_size": size,
         "after": after,
@@ -656,8 +668,19 @@ async fn subscribe(addr: SocketAddr, receiver: &Receiver, size: i32, after: Valu
     created["id"].as_i64().context("no subscription id")
 }
 
+/// `DELETE /subscriptions/{id}`: the producers scenario removes its subscriptions after each
+/// run, so that they do not go on receiving the next run's events.
+pub(super) async fn unsubscribe(addr: SocketAddr, id: i64) -> Result<()> {
+    let path = format!("/subscriptions/{id}");
+    let (status, answer) = request(addr, Method::DELETE, &path, None).await?;
+    if status != StatusCode::NO_CONTENT {
+        bail!("DELETE {path} answered {status}: {answer}");
+    }
+    Ok(())
+}
+
 /// `GET /subscriptions/{id}`.
-async fn show(addr: SocketAddr, id: i64) -> Result<Value> {
+pub(super) async fn show(addr: SocketAddr, id: i64) -> Result<Value> {
     let path = format!("/subscriptions/{id}");
     let (status, shown) = request(addr, Method::GET, &path, None).await?;
     if status != StatusCode::OK {
