@@ -183,7 +183,11 @@ unsafe impl GlobalAlloc for MapLarge {
             unsafe { System.dealloc(block, layout) };
         } else if is_mapping(block) {
             let len = mapping_len(layout.size());
-            if !put_cached(block, len) {
+            // A cached mapping gives its pages back first: handed to a new connection, a dirty
+            // one would cost the resident pages the mapping is there to save.
+            // SAFETY: a mapping of this length made by `alloc` or `realloc`, no longer used.
+            let emptied = unsafe { libc::madvise(block.cast(), len, libc::MADV_DONTNEED) } == 0;
+            if !(emptied && put_cached(block, len)) {
                 // SAFETY: a mapping of this length made by `alloc` or `realloc`.
                 unsafe { libc::munmap(block.cast(), len) };
             }
