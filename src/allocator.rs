@@ -17,7 +17,8 @@
 //! too, and a replay of 1,000,000 events allocates and frees about 20,000 of them: so the last
 //! [`CACHED`] two-page mappings freed are kept for reuse instead of unmapped (without the cache
 //! the service spent about 1.0 s of CPU on that replay instead of 0.6; BENCHMARKS.md, "Idle
-//! streams"). Their pages stay resident, which is why the cache is small.
+//! streams"). A mapping gives its pages back before it is cached, so that a reused buffer costs
+//! no more than a fresh one until it is written.
 //!
 //! Should `mmap` fail (the kernel's limit on mappings, say), the block comes from the system
 //! allocator after all, with its original address stored just before it; such a block is never
@@ -40,7 +41,7 @@ pub const CACHED: usize = 64;
 /// buffers.
 const CACHED_LEN: usize = 2 * PAGE;
 
-/// Freed mappings of [`CACHED_LEN`] bytes, as addresses. A plain mutex: it never allocates
+/// Freed mappings of [`CACHED_LEN`] bytes, their pages given back, as addresses. A plain mutex: it never allocates
 /// (a futex on Linux), and it is held for a push or a pop.
 static CACHE: Mutex<Cache> = Mutex::new(Cache {
     blocks: [0; CACHED],
@@ -57,7 +58,9 @@ fn take_cached(len: usize) -> Option<*mut u8> {
     if len != CACHED_LEN {
         return None;
     }
-    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     cache.len = cache.len.checked_sub(1)?;
     Some(cache.blocks[cache.len] as *mut u8)
 }
@@ -67,7 +70,9 @@ fn put_cached(block: *mut u8, len: usize) -> bool {
     if len != CACHED_LEN {
         return false;
     }
-    let mut cache = CACHE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut cache = CACHE
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     if cache.len == CACHED {
         return false;
     }
