@@ -185,8 +185,11 @@ async fn xact_commit(client: &tokio_postgres::Client) -> Result<i64> {
     Ok(row.try_get(0)?)
 }
 
-/// Statements run in this database since the reset, classified by their text.
-async fn statements(client: &tokio_postgres::Client) -> Result<Queries> {
+/// The service's statements in this database since the reset, as (text, calls): the producers'
+/// inserts and the bench's own statistics queries left out. Shared with the webhooks scenario.
+pub(super) async fn service_statements(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(String, u64)>> {
     let rows = client
         .query(
             "SELECT query, calls FROM pg_stat_statements \
@@ -194,13 +197,20 @@ async fn statements(client: &tokio_postgres::Client) -> Result<Queries> {
             &[],
         )
         .await?;
-    let mut queries = Queries::default();
+    let mut statements = Vec::with_capacity(rows.len());
     for row in rows {
         let (text, calls): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
-        let calls = calls as u64;
-        if text.contains("INSERT INTO events") || text.contains("pg_stat") {
-            continue; // the producers' and the bench's own
+        if !(text.contains("INSERT INTO events") || text.contains("pg_stat")) {
+            statements.push((text, calls as u64));
         }
+    }
+    Ok(statements)
+}
+
+/// Statements run in this database since the reset, classified by their text.
+async fn statements(client: &tokio_postgres::Client) -> Result<Queries> {
+    let mut queries = Queries::default();
+    for (text, calls) in service_statements(client).await? {
         if text.contains("pg_locks") {
             queries.gap_checks += calls;
         } else if text.contains("subscriber =") {

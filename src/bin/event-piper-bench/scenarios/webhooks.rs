@@ -749,20 +749,9 @@ impl Statements {
 
 /// Statements run in this database since the reset, classified by their text.
 async fn statements(client: &tokio_postgres::Client) -> Result<Statements> {
-    let rows = client
-        .query(
-            "SELECT query, calls FROM pg_stat_statements \
-             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())",
-            &[],
-        )
-        .await?;
     let mut statements = Statements::default();
-    for row in rows {
-        let (text, calls): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
-        let calls = calls as u64;
-        let kind = if text.contains("INSERT INTO events") || text.contains("pg_stat") {
-            continue; // the producers' and the bench's own
-        } else if text.contains("UPDATE event_piper_subscriptions SET pending_upto") {
+    for (text, calls) in super::dbcost::service_statements(client).await? {
+        let kind = if text.contains("UPDATE event_piper_subscriptions SET pending_upto") {
             &mut statements.begin_batch
         } else if text.contains("UPDATE event_piper_subscriptions SET position") {
             &mut statements.delivered
