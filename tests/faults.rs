@@ -26,6 +26,8 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use tokio_postgres::Client;
 
+use event_piper::store::subscriptions::LEASE_APPLICATION;
+
 use common::process::ServiceProcess;
 use common::receiver::{Answer, Receiver, Request};
 use common::{PATIENCE, Read, SseClient, TestApp};
@@ -39,8 +41,6 @@ const SLOW_READ: Duration = Duration::from_millis(4);
 const WEBHOOK_TIMEOUT: Duration = Duration::from_millis(500);
 /// What a slow receiver takes to answer: always past the timeout.
 const SLOW_ANSWER_MS: std::ops::Range<u64> = 700..1500;
-/// The application_name of an instance's webhook lease connection.
-const LEASE_APPLICATION: &str = "event-piper webhooks";
 /// The first key of a subscription's advisory lock (`store::subscriptions::LOCK_CLASS`).
 const LOCK_CLASS: i64 = 1_702_260_855;
 /// How long before a request the instance that sent it may have last written through its lease

@@ -639,3 +639,61 @@ async fn a_batch_answered_too_late_is_sent_again_under_the_same_webhook_id_by_th
     assert_eq!(shown["position"], json!(expected[4]));
     second.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_subscriptions_and_one_takes_all_when_the_other_stops() {
+    let first = TestApp::builder().webhooks_for_tests().start().await;
+    let receiver = Receiver::start().await;
+    let mut ids = Vec::new();
+    for consumer in ["a", "b", "c", "d"] {
+        let created = subscribe(&first, &receiver, json!({"consumer": consumer})).await;
+        ids.push(created["id"].as_i64().unwrap());
+    }
+    let admin = first.producer().await;
+    // Subscriptions held, by the backend holding them.
+    let holders = || async {
+        let rows = admin
+            .query(
+                "SELECT pid, count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                   AND classid = 1702260855 AND objsubid = 2 AND granted \
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 GROUP BY pid ORDER BY pid",
+                &[],
+            )
+            .await
+            .unwrap();
+        let mut counts: Vec<i64> = rows.iter().map(|row| row.get(1)).collect();
+        counts.sort_unstable();
+        counts
+    };
+    let wait_for_holders = |expected: Vec<i64>| {
+        let holders = &holders;
+        async move {
+            let wait = async {
+                while holders().await != expected {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            };
+            if tokio::time::timeout(common::PATIENCE, wait).await.is_err() {
+                panic!("held {:?}, expected {expected:?}", holders().await);
+            }
+        }
+    };
+    wait_for_holders(vec![4]).await;
+
+    let second = TestApp::builder()
+        .webhooks_for_tests()
+        .database(first.database_url())
+        .start()
+        .await;
+    wait_for_holders(vec![2, 2]).await;
+    // Every subscription still delivers, wherever it went.
+    for consumer in ["a", "b", "c", "d"] {
+        insert(&admin, consumer, "{}").await;
+    }
+    receiver.wait_for_accepted(4).await;
+
+    first.stop().await.unwrap();
+    wait_for_holders(vec![4]).await;
+    second.stop().await.unwrap();
+}

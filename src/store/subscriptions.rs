@@ -15,6 +15,9 @@ use crate::filter::TypeFilter;
 /// the schema and the doorbell.
 pub const LOCK_CLASS: i32 = 1_702_260_855;
 
+/// The lease connections' application name: how instances count each other.
+pub const LEASE_APPLICATION: &str = "event-piper webhooks";
+
 /// A subscription as stored.
 #[derive(Debug, Clone)]
 pub struct SubscriptionRow {
@@ -271,7 +274,7 @@ struct Statements {
 
 impl Lease {
     pub async fn connect(mut pg_config: tokio_postgres::Config) -> Result<Lease> {
-        pg_config.application_name("event-piper webhooks");
+        pg_config.application_name(LEASE_APPLICATION);
         harden(&mut pg_config);
         let (client, connection) = pg_config.connect(NoTls).await?;
         tokio::spawn(async move {
@@ -284,8 +287,15 @@ impl Lease {
             async move { client.prepare(&sql).await }
         };
         let statements = Statements {
-            states: prepare("SELECT id, state, generation FROM event_piper_subscriptions".into())
-                .await?,
+            // With the number of instances looking (their lease connections), for a fair share.
+            states: prepare(format!(
+                "SELECT id, state, generation, \
+                   (SELECT count(*) FROM pg_stat_activity \
+                    WHERE application_name = '{LEASE_APPLICATION}' \
+                      AND datname = current_database()) \
+                 FROM event_piper_subscriptions"
+            ))
+            .await?,
             // Materialized: the lock function must only see the candidates, never a row another
             // condition would have ruled out.
             claim: prepare(format!(
@@ -293,7 +303,7 @@ impl Lease {
                    SELECT id FROM event_piper_subscriptions \
                    WHERE state = 'active' AND NOT (id = ANY($1)) ORDER BY id) \
                  SELECT id FROM candidates \
-                 WHERE pg_try_advisory_lock({LOCK_CLASS}, id::integer)"
+                 WHERE pg_try_advisory_lock({LOCK_CLASS}, id::integer) LIMIT $2"
             ))
             .await?,
             rows: prepare(format!(
@@ -346,21 +356,28 @@ impl Lease {
         self.client.is_closed()
     }
 
-    /// Every subscription's id, state and generation.
-    pub async fn states(&self) -> Result<Vec<(i64, String, i32)>> {
-        let statement = &self.statements.states;
-        let rows = self.client.query(statement, &[]).await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
-            .collect()
+    /// Every subscription's id, state and generation, and how many instances are looking for
+    /// subscriptions to deliver (this one included).
+    pub async fn states(&self) -> Result<(Vec<(i64, String, i32)>, usize)> {
+        let rows = self.client.query(&self.statements.states, &[]).await?;
+        let mut instances = 1;
+        let mut states = Vec::with_capacity(rows.len());
+        for row in &rows {
+            states.push((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?));
+            instances = usize::try_from(row.try_get::<_, i64>(3)?)
+                .unwrap_or(1)
+                .max(1);
+        }
+        Ok((states, instances))
     }
 
-    /// Takes the lock of every active subscription not in `held` that no other instance holds;
-    /// returns their rows.
-    pub async fn claim(&self, held: &[i64]) -> Result<Vec<SubscriptionRow>> {
+    /// Takes the locks of up to `limit` active subscriptions not in `held` that no other
+    /// instance holds; returns their rows.
+    pub async fn claim(&self, held: &[i64], limit: usize) -> Result<Vec<SubscriptionRow>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let locked: Vec<i64> = self
             .client
-            .query(&self.statements.claim, &[&held])
+            .query(&self.statements.claim, &[&held, &limit])
             .await?
             .iter()
             .map(|row| row.try_get(0))

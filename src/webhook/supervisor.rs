@@ -1,5 +1,6 @@
-//! Which subscriptions this instance delivers: it claims every active subscription nobody else
-//! holds, and runs one [`delivery`](super::delivery) per claimed subscription.
+//! Which subscriptions this instance delivers: it claims active subscriptions nobody else holds,
+//! up to its fair share (the active subscriptions divided by the instances looking, rounded up),
+//! and runs one [`delivery`](super::delivery) per claimed subscription.
 //!
 //! A subscription belongs to the instance whose lease connection holds its advisory lock, so
 //! exactly one instance delivers it at a time, whatever their number. An instance that dies (or
@@ -117,13 +118,12 @@ async fn look(
     running: &mut HashMap<i64, Running>,
     deliveries: &mut JoinSet<(i64, Ended)>,
 ) -> Result<(), StoreError> {
-    let states: HashMap<i64, (String, i32)> = lease
-        .states()
-        .await?
+    let (states, instances) = lease.states().await?;
+    let states: HashMap<i64, (String, i32)> = states
         .into_iter()
         .map(|(id, state, generation)| (id, (state, generation)))
         .collect();
-    let stale: Vec<i64> = running
+    let mut stale: Vec<i64> = running
         .iter()
         .filter(|(id, delivery)| {
             states.get(id).is_none_or(|(state, generation)| {
@@ -132,6 +132,29 @@ async fn look(
         })
         .map(|(id, _)| *id)
         .collect();
+    // Each instance delivers its fair share of the active subscriptions: an instance that
+    // holds more (another one joined) hands its highest ones over, to be claimed by the others
+    // at their next look.
+    let active = states
+        .values()
+        .filter(|(state, _)| state == "active")
+        .count();
+    let share = active.div_ceil(instances);
+    let mut kept: Vec<i64> = running
+        .keys()
+        .filter(|id| !stale.contains(id))
+        .copied()
+        .collect();
+    kept.sort_unstable();
+    if kept.len() > share {
+        let handed = &kept[share..];
+        tracing::info!(
+            subscriptions = ?handed,
+            instances,
+            "handing webhook subscriptions over to share them between instances"
+        );
+        stale.extend_from_slice(handed);
+    }
     for id in &stale {
         if let Some(delivery) = running.get(id) {
             delivery.stop.cancel();
@@ -153,7 +176,11 @@ async fn look(
         ended_delivery(lease, running, id, ended).await?;
     }
     let held: Vec<i64> = running.keys().copied().collect();
-    for subscription in lease.claim(&held).await? {
+    let room = share.saturating_sub(held.len());
+    if room == 0 {
+        return Ok(());
+    }
+    for subscription in lease.claim(&held, room).await? {
         let id = subscription.id;
         let stop = CancellationToken::new();
         running.insert(
