@@ -98,6 +98,22 @@ impl Summary {
             max: Duration::from_micros(histogram.max()),
         }
     }
+
+    /// `p50 / p99 / max`, as the tables show it.
+    pub fn p50_p99_max(&self) -> String {
+        format!("{} / {} / {}", ms(self.p50), ms(self.p99), ms(self.max))
+    }
+
+    /// `p50 / p99 / p99.9 / max`, as the tables show it.
+    pub fn p50_p99_p999_max(&self) -> String {
+        format!(
+            "{} / {} / {} / {}",
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.p999),
+            ms(self.max)
+        )
+    }
 }
 
 /// Milliseconds with two decimals, for tables.

@@ -320,12 +320,7 @@ pub fn describe_sent(
     table.delivery_errors += errors;
     let latency = &outcome.latency;
     let metric = format!("{label}: latency p50 / p99 / max ({sent} sent → frame read)");
-    let value = format!(
-        "{} / {} / {}",
-        ms(latency.p50),
-        ms(latency.p99),
-        ms(latency.max)
-    );
+    let value = latency.p50_p99_max();
     match p99_target {
         Some(target) => table.check(
             metric,

@@ -678,12 +678,7 @@ fn hook_rows(table: &mut Table, producers: usize, plain: [&PlainRun; 2], hooked:
         )
         .info(
             format!("{label}: latency p50 / p99 / max (INSERT sent → receiver)"),
-            format!(
-                "{} / {} / {}",
-                ms(hooked.latency.p50),
-                ms(hooked.latency.p99),
-                ms(hooked.latency.max)
-            ),
+            hooked.latency.p50_p99_max(),
         )
         .info(
             format!("{label}: UPDATEs of event_piper_subscriptions (n_tup_upd)"),

@@ -35,7 +35,7 @@ use super::live::{self, Plan};
 use super::{Bench, CpuMeter};
 use crate::consumer;
 use crate::database;
-use crate::latency::{Summary, ms};
+use crate::latency::ms;
 use crate::ledger::Ledger;
 use crate::producer::{self, Produced, Stamp, Targets};
 use crate::receiver::{Received, Receiver};
@@ -415,7 +415,7 @@ impl Flooded {
             )
             .info(
                 format!("{label}: latency p50 / p99 / max (INSERT sent → receiver)"),
-                summary(&received.latency),
+                received.latency.p50_p99_max(),
             )
             .info(
                 format!("{label}: producers' insert round trip p50 / p99"),
@@ -528,23 +528,11 @@ impl Paced {
         table
             .info(
                 "webhook: latency p50 / p99 / p99.9 / max (INSERT sent → receiver)",
-                format!(
-                    "{} / {} / {} / {}",
-                    ms(received.latency.p50),
-                    ms(received.latency.p99),
-                    ms(received.latency.p999),
-                    ms(received.latency.max)
-                ),
+                received.latency.p50_p99_p999_max(),
             )
             .info(
                 "SSE stream, same events: latency p50 / p99 / p99.9 / max (INSERT sent → frame read)",
-                format!(
-                    "{} / {} / {} / {}",
-                    ms(outcome.latency.p50),
-                    ms(outcome.latency.p99),
-                    ms(outcome.latency.p999),
-                    ms(outcome.latency.max)
-                ),
+                outcome.latency.p50_p99_p999_max(),
             )
             .info(
                 "webhook: requests · events a request (mean, largest)",
@@ -628,15 +616,6 @@ async fn paced_with_stream_with(
         rate,
         producers,
     })
-}
-
-fn summary(latency: &Summary) -> String {
-    format!(
-        "{} / {} / {}",
-        ms(latency.p50),
-        ms(latency.p99),
-        ms(latency.max)
-    )
 }
 
 /// `POST /subscriptions` for [`CONSUMER`] to the receiver; hands the secret to the receiver and
