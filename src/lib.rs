@@ -219,7 +219,6 @@ pub async fn serve(
         Arc::new(webhook::delivery::Context {
             sources: sources.clone(),
             client,
-            allow_private: config.webhook_allow_private,
             retry_min: config.webhook_retry_min,
             retry_max: config.webhook_retry_max,
             failing_after: config.webhook_failing_after,

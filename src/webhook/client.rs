@@ -277,6 +277,11 @@ impl Client {
         Ok(Client { http, settings })
     }
 
+    /// [`check_url`] with this client's `allow_private`.
+    pub fn check_url(&self, url: &str) -> Result<Url, UrlError> {
+        check_url(url, self.settings.allow_private)
+    }
+
     /// POSTs `body` as `application/json` with `headers` to `url`, once; retrying is the
     /// caller's decision.
     pub async fn post(

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Client, Outcome, check_url};
+use super::client::{Client, Outcome};
 use super::signing::Secret;
 use crate::backoff::Backoff;
 use crate::event::{ConsumerId, EventId, EventRow};
@@ -32,7 +32,6 @@ pub const MAX_BATCH: i32 = 1000;
 pub struct Context {
     pub sources: Sources,
     pub client: Client,
-    pub allow_private: bool,
     pub retry_min: Duration,
     pub retry_max: Duration,
     pub failing_after: Duration,
@@ -135,7 +134,10 @@ struct Delivery<'a> {
     /// The generation read with the row: every write is refused once the API changed it.
     generation: i32,
     consumer: ConsumerId,
+    /// As stored, for the logs.
     url: String,
+    /// Where to send, checked once: the reason it cannot be used is each attempt's failure.
+    target: Result<reqwest::Url, String>,
     secret: Secret,
     types: Option<TypeFilter>,
     batch_size: i32,
@@ -183,6 +185,10 @@ pub async fn run(
         id,
         generation: subscription.generation,
         consumer,
+        target: context
+            .client
+            .check_url(&subscription.url)
+            .map_err(|error| error.to_string()),
         url: subscription.url,
         secret,
         types,
@@ -380,7 +386,7 @@ impl Delivery<'_> {
                     "the lease connection closed".into(),
                 )));
             }
-            let outcome = match check_url(&self.url, self.context.allow_private) {
+            let outcome = match &self.target {
                 Ok(url) => {
                     let timestamp = SystemTime::now()
                         .duration_since(UNIX_EPOCH)
@@ -397,10 +403,10 @@ impl Delivery<'_> {
                     // Not cut short by a stop: a receiver that acknowledges the batch gets its
                     // position stored, so that stopping an instance never sends a batch twice.
                     // A stop waits for at most one `--webhook-timeout`.
-                    self.context.client.post(&url, &headers, body.clone()).await
+                    self.context.client.post(url, &headers, body.clone()).await
                 }
-                Err(error) => Outcome::Failed {
-                    reason: error.to_string(),
+                Err(reason) => Outcome::Failed {
+                    reason: reason.clone(),
                 },
             };
             match outcome {
