@@ -96,21 +96,8 @@ pub(super) async fn create(
     let claims = manager(&state, &headers)?;
     require_json(&headers)?;
     let body: CreateBody = parse(&body)?;
-    let consumer = match (&claims, body.consumer) {
-        (Some(claims), None) => claims.sub.clone(),
-        (_, Some(consumer)) => {
-            let consumer = ConsumerId::parse(consumer.as_bytes())
-                .map_err(|why| ApiError::BadRequest(format!("invalid consumer: {why}")))?;
-            if claims.as_ref().is_some_and(|claims| claims.sub != consumer) {
-                return Err(ApiError::Forbidden(format!(
-                    "this token manages the subscriptions of consumer {} only",
-                    claims.map(|claims| claims.sub).unwrap_or(consumer)
-                )));
-            }
-            consumer
-        }
-        (None, None) => return Err(ApiError::BadRequest("consumer is required".into())),
-    };
+    let consumer = managed_consumer(claims.as_ref(), body.consumer)?
+        .ok_or_else(|| ApiError::BadRequest("consumer is required".into()))?;
     let url = checked_url(&state, &body.url)?;
     let types = checked_types(body.types, claims.as_ref())?;
     let batch_size = checked_batch_size(body.batch_size.unwrap_or(DEFAULT_BATCH))?;
@@ -147,23 +134,7 @@ pub(super) async fn list(
     Query(query): Query<ListQuery>,
 ) -> Result<Response, ApiError> {
     let claims = manager(&state, &headers)?;
-    let asked = query
-        .consumer
-        .map(|consumer| {
-            ConsumerId::parse(consumer.as_bytes())
-                .map_err(|why| ApiError::BadRequest(format!("invalid consumer: {why}")))
-        })
-        .transpose()?;
-    let consumer = match claims {
-        Some(claims) if asked.as_ref().is_some_and(|asked| *asked != claims.sub) => {
-            return Err(ApiError::Forbidden(format!(
-                "this token manages the subscriptions of consumer {} only",
-                claims.sub
-            )));
-        }
-        Some(claims) => Some(claims.sub),
-        None => asked,
-    };
+    let consumer = managed_consumer(claims.as_ref(), query.consumer)?;
     let rows = state
         .store
         .subscriptions(consumer.as_ref())
@@ -254,6 +225,30 @@ fn manager(state: &AppState, headers: &HeaderMap) -> Result<Option<Claims>, ApiE
         ));
     }
     Ok(claims)
+}
+
+/// The consumer a request manages: the one it names (checked), or its token's; 403 when a token
+/// names another one. None: no token and none named.
+fn managed_consumer(
+    claims: Option<&Claims>,
+    named: Option<String>,
+) -> Result<Option<ConsumerId>, ApiError> {
+    let named = named
+        .map(|consumer| {
+            ConsumerId::parse(consumer.as_bytes())
+                .map_err(|why| ApiError::BadRequest(format!("invalid consumer: {why}")))
+        })
+        .transpose()?;
+    match claims {
+        Some(claims) if named.as_ref().is_some_and(|named| *named != claims.sub) => {
+            Err(ApiError::Forbidden(format!(
+                "this token manages the subscriptions of consumer {} only",
+                claims.sub
+            )))
+        }
+        Some(claims) => Ok(Some(claims.sub.clone())),
+        None => Ok(named),
+    }
 }
 
 /// The subscription `id`, if the caller may see it; 404 otherwise (another consumer's
