@@ -118,9 +118,44 @@ CREATE TABLE IF NOT EXISTS event_piper_retention (
 );
 INSERT INTO event_piper_retention DEFAULT VALUES ON CONFLICT DO NOTHING;
 
--- Replay reads one consumer's events in id order, and the broadcasts (NULL subscriber) in id order.
+-- Topics (README, "Topics"): an event may be addressed to topics besides, or instead of, a
+-- subscriber; the first is canonical, the others alternates. `private` events reach a topic's
+-- streams only with a token that grants one of their topics. `update_id` and `retry` are what a
+-- Mercure publisher asked for as the SSE id and retry. All four are NULL for an event addressed
+-- as before, which then costs an insert nothing more: no index below holds it but the two it
+-- always had (each partial index's predicate is false for it).
+DO $topics$
+BEGIN
+    -- Each statement here locks `events`, so it runs only when the catalog says it is needed.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = 'events'::regclass
+                     AND attname = 'topics' AND NOT attisdropped) THEN
+        ALTER TABLE events ADD COLUMN topics text[], ADD COLUMN private boolean,
+            ADD COLUMN update_id text, ADD COLUMN retry integer;
+    END IF;
+    -- Replay reads one consumer's events in id order (events_subscriber_id_idx, below), and the
+    -- broadcasts in id order. Before topics a broadcast was any event without a subscriber; an
+    -- event addressed to topics only is not one, and a broadcast replay must not walk them.
+    IF to_regclass('events_broadcasts_idx') IS NULL THEN
+        CREATE INDEX events_broadcasts_idx ON events (id)
+            WHERE subscriber IS NULL AND topics IS NULL;
+        DROP INDEX IF EXISTS events_broadcast_id_idx;
+    END IF;
+    -- A topic's replay reads its events by canonical topic in id order, one keyset read per
+    -- topic; each alternate topic is one GIN entry. An event with one topic costs one entry.
+    IF to_regclass('events_topic_id_idx') IS NULL THEN
+        CREATE INDEX events_topic_id_idx ON events ((topics[1]), id) WHERE topics IS NOT NULL;
+    END IF;
+    IF to_regclass('events_alternate_topics_idx') IS NULL THEN
+        CREATE INDEX events_alternate_topics_idx ON events USING gin ((topics[2:]))
+            WHERE cardinality(topics) > 1;
+    END IF;
+    -- A Mercure subscriber resumes from a publisher's id.
+    IF to_regclass('events_update_id_idx') IS NULL THEN
+        CREATE INDEX events_update_id_idx ON events (update_id, id) WHERE update_id IS NOT NULL;
+    END IF;
+END
+$topics$;
 CREATE INDEX IF NOT EXISTS events_subscriber_id_idx ON events (subscriber, id);
-CREATE INDEX IF NOT EXISTS events_broadcast_id_idx ON events (id) WHERE subscriber IS NULL;
 
 -- Webhook subscriptions (README, "Webhooks"): the server remembers each one's position, so a
 -- receiver that is away gets what it missed when it is back. `position` is the last event id the

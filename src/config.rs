@@ -11,7 +11,10 @@ use std::time::Duration;
 use clap::Parser;
 use serde::{Serialize, Serializer};
 
-use crate::auth::{Auth, KeyError};
+use crate::auth::{Auth, Expect, KeyError};
+
+/// The hub's URL when `--hub-url` is not set (Mercure's default).
+pub const DEFAULT_HUB_URL: &str = "https://localhost/.well-known/mercure";
 
 /// Streams PostgreSQL events to HTTP clients over Server-Sent Events.
 ///
@@ -149,6 +152,26 @@ pub struct Config {
     #[arg(long, env = "EVENT_PIPER_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
 
+    /// The audience a token must name in `aud` (Mercure: the hub's resource identifier, such as
+    /// https://example.com/.well-known/mercure). Unset: `aud` is not checked.
+    #[arg(long, env = "EVENT_PIPER_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The issuer a token's `iss` must be. Unset: `iss` is not checked.
+    #[arg(long, env = "EVENT_PIPER_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// With authentication on: streams without a token may follow topics (and receive their
+    /// public events only), as Mercure's anonymous subscribers do.
+    #[arg(long, env = "EVENT_PIPER_ANONYMOUS_SUBSCRIBERS")]
+    pub anonymous_subscribers: bool,
+
+    /// The Mercure hub's public URL: relative topics and URL patterns resolve against it, its
+    /// path is the namespace publishers may not use, and discovery links point to it. Unset:
+    /// https://localhost/.well-known/mercure, and links use the path alone.
+    #[arg(long, env = "EVENT_PIPER_HUB_URL")]
+    pub hub_url: Option<String>,
+
     /// Print the effective configuration (secrets masked) as JSON and exit.
     #[arg(long)]
     #[serde(skip)]
@@ -258,11 +281,22 @@ impl Config {
 
     /// The token verifier, if authentication is configured.
     pub fn auth(&self) -> Result<Option<Auth>, KeyError> {
-        match (&self.jwt_secret, &self.jwt_public_key) {
-            (Some(secret), _) => Auth::from_secret(secret).map(Some),
-            (None, Some(path)) => Auth::from_public_key(path).map(Some),
-            (None, None) => Ok(None),
-        }
+        let auth = match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(secret), _) => Auth::from_secret(secret)?,
+            (None, Some(path)) => Auth::from_public_key(path)?,
+            (None, None) => return Ok(None),
+        };
+        let expect = Expect {
+            audience: self.jwt_audience.clone(),
+            issuer: self.jwt_issuer.clone(),
+        };
+        Ok(Some(auth.expecting(&expect, self.hub_url()?)))
+    }
+
+    /// The hub's URL (`--hub-url`, else [`DEFAULT_HUB_URL`]).
+    pub fn hub_url(&self) -> Result<url::Url, KeyError> {
+        let text = self.hub_url.as_deref().unwrap_or(DEFAULT_HUB_URL);
+        url::Url::parse(text).map_err(|error| KeyError::BadHubUrl(format!("{text:?}: {error}")))
     }
 
     /// The effective configuration as JSON, secrets masked: what `--dump-config` prints. Going

@@ -94,6 +94,29 @@ pub struct NewEvent {
     pub subscriber: Option<ConsumerId>,
     /// The payload as JSON text.
     pub payload: String,
+    /// Topics, the first canonical (None: addressed by `subscriber` only).
+    pub topics: Option<Vec<String>>,
+    /// Only streams whose token grants one of its topics receive it through them.
+    pub private: bool,
+    /// A Mercure publisher's own id for the event, sent as its SSE id on the Mercure endpoint.
+    pub update_id: Option<String>,
+    /// The SSE `retry:` a Mercure publisher asked for, in milliseconds.
+    pub retry: Option<i32>,
+}
+
+impl NewEvent {
+    /// An event addressed as before topics: to a consumer, or a broadcast.
+    pub fn to_consumer(event_type: String, subscriber: Option<ConsumerId>, payload: String) -> Self {
+        NewEvent {
+            event_type,
+            subscriber,
+            payload,
+            topics: None,
+            private: false,
+            update_id: None,
+            retry: None,
+        }
+    }
 }
 
 /// One stored event, as read for delivery.
@@ -106,6 +129,26 @@ pub struct EventRow {
     pub subscriber: Option<String>,
     /// PostgreSQL's text form of the jsonb payload.
     pub payload: String,
+    pub topics: Option<Vec<String>>,
+    pub private: bool,
+    pub update_id: Option<String>,
+    pub retry: Option<i32>,
+}
+
+impl EventRow {
+    /// A row addressed to `subscriber` only, as before topics (tests, benches).
+    pub fn to_consumer(id: EventId, event_type: &str, subscriber: Option<&str>, payload: &str) -> Self {
+        EventRow {
+            id,
+            event_type: event_type.to_owned(),
+            subscriber: subscriber.map(str::to_owned),
+            payload: payload.to_owned(),
+            topics: None,
+            private: false,
+            update_id: None,
+            retry: None,
+        }
+    }
 }
 
 #[cfg(test)]

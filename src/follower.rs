@@ -1,9 +1,10 @@
-//! Following one consumer: every event addressed to it and every broadcast, in id order, each
-//! exactly once, first from the table and then live from the hub. SSE streams follow consumers
-//! this way; anything else that delivers a consumer's events should too.
+//! Following one selection (a consumer, topics, or both: [`crate::selection`]): every event it
+//! selects and may read, in id order, each exactly once, first from the table and then live from
+//! the hub. SSE streams follow their selections this way; anything else that delivers a
+//! consumer's events should too.
 //!
 //! The hand-over never loses or repeats an event:
-//! 1. subscribe to the consumer's live channel (from now on its frames queue there);
+//! 1. subscribe to the selection's live channel (from now on its frames queue there);
 //! 2. read the hub's published id P: every event at or below it is final in the table;
 //! 3. replay `(cursor, P]` from the table in keyset pages, one page per call, so that a slow
 //!    client holds one page at a time whatever the history;
@@ -18,10 +19,10 @@ use std::sync::Arc;
 use tokio::sync::watch;
 
 use crate::channel::RecvError;
-use crate::event::{ConsumerId, EventId, EventRow};
-use crate::filter::TypeFilter;
+use crate::event::{EventId, EventRow};
 use crate::hub::Published;
 use crate::router::{Refused, Router, Subscription};
+use crate::selection::Reader;
 use crate::sse::Frame;
 use crate::store::{Store, StoreError};
 
@@ -96,7 +97,7 @@ impl Position {
 /// What a follower hands out next.
 #[derive(Debug)]
 pub enum Next {
-    /// A page of the consumer's events from the table, in id order (never empty).
+    /// A page of the selection's events from the table, in id order (never empty).
     Page(Vec<EventRow>),
     /// A live frame, as the hub rendered it.
     Live(Frame),
@@ -117,14 +118,13 @@ pub struct Sources {
     pub page_size: i64,
 }
 
-/// Follows one consumer from a resume point.
+/// Follows one selection from a resume point.
 pub struct Follower {
-    consumer: ConsumerId,
+    /// What it follows and may read; events it does not want still move the position.
+    reader: Reader,
     subscription: Subscription,
     sources: Sources,
     position: Position,
-    /// Only events of these types are handed out; the others still move the position.
-    types: Option<TypeFilter>,
     /// Lag recoveries so far (for metrics).
     lags: u64,
 }
@@ -139,18 +139,17 @@ pub enum StartError {
 }
 
 impl Follower {
-    /// Subscribes to `consumer` and places the follower after `after`, or live when None. Waits
-    /// until the hub has a published id (it has none just after start-up).
+    /// Subscribes to the reader's selection and places the follower after `after`, or live when
+    /// None. Waits until the hub has a published id (it has none just after start-up).
     pub async fn start(
         sources: &Sources,
-        consumer: ConsumerId,
+        reader: Reader,
         after: Option<EventId>,
-        types: Option<TypeFilter>,
         ready_wait: std::time::Duration,
     ) -> Result<Follower, StartError> {
         // Subscribe before reading the published id, so that no frame published after it is
         // missed.
-        let subscription = sources.router.subscribe(&consumer)?;
+        let subscription = sources.router.subscribe(&reader.selection)?;
         let mut published = sources.published.clone();
         let start = tokio::time::timeout(ready_wait, published.wait_for(Option::is_some))
             .await
@@ -158,17 +157,16 @@ impl Follower {
             .and_then(|ready| ready.ok().and_then(|published| *published))
             .ok_or(StartError::NotReady)?;
         Ok(Follower {
-            consumer,
+            reader,
             subscription,
             sources: sources.clone(),
             position: Position::new(after, start),
-            types,
             lags: 0,
         })
     }
 
-    pub fn consumer(&self) -> &ConsumerId {
-        &self.consumer
+    pub fn reader(&self) -> &Reader {
+        &self.reader
     }
 
     pub fn position(&self) -> Position {
@@ -206,24 +204,20 @@ impl Follower {
         while let Some((after, upto)) = self.position.page() {
             // Boxed: a query future is large, and every idle follower would carry its space all
             // its life.
-            let read = Box::pin(self.sources.store.read_consumer(
-                &self.consumer,
+            let read = Box::pin(self.sources.store.read_selection(
+                &self.reader.selection,
                 (after, upto),
                 self.sources.page_size,
-                self.types.as_ref(),
+                self.reader.types.as_ref(),
             ))
             .await;
-            let rows = match read {
-                Ok(rows) => rows,
+            let page = match read {
+                Ok(page) => page,
                 Err(error) => return Some(Err(error)),
             };
-            let complete = (rows.len() as i64) < self.sources.page_size;
-            self.position
-                .replayed(rows.last().map(|row| row.id), complete);
-            let mut rows = rows;
-            if let Some(types) = &self.types {
-                rows.retain(|row| types.matches(&row.event_type));
-            }
+            self.position.replayed(Some(page.covered), page.covered >= upto);
+            let mut rows = page.rows;
+            rows.retain(|row| self.reader.wants(&row.address(), &row.event_type));
             if !rows.is_empty() {
                 return Some(Ok(rows));
             }
@@ -249,16 +243,14 @@ impl Follower {
     }
 
     fn wants(&self, frame: &Frame) -> bool {
-        self.types
-            .as_ref()
-            .is_none_or(|types| types.matches(frame.event_type()))
+        self.reader.wants(&frame.address(), frame.event_type())
     }
 
     fn recover(&mut self) {
         let published = (*self.sources.published.borrow()).unwrap_or(self.position.cursor());
         self.lags += 1;
         tracing::debug!(
-            consumer = %self.consumer,
+            selection = ?self.reader.selection,
             after = %self.position.cursor(),
             upto = %published,
             "lagging follower recovers from the table"

@@ -317,8 +317,7 @@ impl Hub {
                     break;
                 }
                 self.cursor = row.id;
-                let frame = Frame::render(row.id, &row.event_type, &row.payload);
-                batch.push((row.subscriber, frame));
+                batch.push(Frame::from_row(row));
             }
             if !batch.is_empty() {
                 published += batch.len();
@@ -328,11 +327,7 @@ impl Hub {
                 // reads the cursor replays these from the table and drops the duplicates it then
                 // also receives live. The other order would lose them.
                 self.published.send_replace(Some(self.cursor));
-                self.router.route(
-                    batch
-                        .iter()
-                        .map(|(consumer, frame)| (consumer.as_deref(), frame.clone())),
-                );
+                self.router.route(&batch);
             }
 
             if !blocked {

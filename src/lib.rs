@@ -28,9 +28,11 @@ pub mod publish;
 pub mod publisher;
 pub mod retention;
 pub mod router;
+pub mod selection;
 pub mod sse;
 pub mod store;
 pub mod stream;
+pub mod topic;
 pub mod webhook;
 
 use std::future::Future;
@@ -254,6 +256,11 @@ pub async fn serve(
                 failing_after: config.webhook_failing_after,
                 changed: webhooks_changed,
             },
+            hub: http::HubSettings::new(
+                config.hub_url()?,
+                config.hub_url.is_some(),
+                config.anonymous_subscribers,
+            ),
         },
         &http::HttpSettings {
             max_body_bytes: config.max_body,

@@ -6,6 +6,7 @@
 use serde_json::{Map, Value};
 
 use crate::event::{ConsumerId, NewEvent};
+use crate::topic::{MAX_TOPICS, check_text};
 
 /// The longest event type accepted, in bytes.
 pub const MAX_TYPE_BYTES: usize = 256;
@@ -38,24 +39,66 @@ fn parse_event(item: Value) -> Result<NewEvent, String> {
         Value::String(text) => validate_type(text)?,
         _ => return Err("\"type\" must be a string".into()),
     };
-    // Required even when null: a forgotten subscriber must not turn into a broadcast.
-    let subscriber = match take(&mut fields, "subscriber")? {
-        Value::Null => None,
-        Value::String(text) => Some(
+    let topics = match fields.remove("topics") {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(parse_topics(value)?),
+    };
+    let private = match fields.remove("private") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(private)) => private,
+        Some(_) => return Err("\"private\" must be true or false".into()),
+    };
+    if private && topics.is_none() {
+        return Err("\"private\" needs \"topics\": it decides who reads an event through them".into());
+    }
+    // Required even when null, unless topics address the event: a forgotten subscriber must not
+    // turn into a broadcast.
+    let subscriber = match fields.remove("subscriber") {
+        None if topics.is_some() => None,
+        None => return Err("missing field \"subscriber\"".into()),
+        Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(
             ConsumerId::parse(text.as_bytes())
                 .map_err(|_| "\"subscriber\" must be 1 to 256 bytes without control characters")?,
         ),
-        _ => return Err("\"subscriber\" must be a string or null".into()),
+        Some(_) => return Err("\"subscriber\" must be a string or null".into()),
     };
     let payload = take(&mut fields, "payload")?.to_string();
     if let Some(unknown) = fields.keys().next() {
         return Err(format!("unknown field {unknown:?}"));
     }
     Ok(NewEvent {
-        event_type,
-        subscriber,
-        payload,
+        topics,
+        private,
+        ..NewEvent::to_consumer(event_type, subscriber, payload)
     })
+}
+
+/// An event's topics: 1 to [`MAX_TOPICS`] strings, the first canonical. `*` is every topic's
+/// matcher, so no event may be addressed to it.
+pub fn parse_topics(value: Value) -> Result<Vec<String>, String> {
+    let Value::Array(items) = value else {
+        return Err("\"topics\" must be an array of strings".into());
+    };
+    if items.is_empty() || items.len() > MAX_TOPICS {
+        return Err(format!("\"topics\" must hold 1 to {MAX_TOPICS} topics"));
+    }
+    items
+        .into_iter()
+        .map(|item| match item {
+            Value::String(topic) => check_topic(topic),
+            _ => Err("\"topics\" must be an array of strings".into()),
+        })
+        .collect()
+}
+
+/// A topic an event may be addressed to.
+pub fn check_topic(topic: String) -> Result<String, String> {
+    check_text("a topic", &topic).map_err(|why| why.0)?;
+    if topic == "*" {
+        return Err("the topic \"*\" is reserved: it matches every topic".into());
+    }
+    Ok(topic)
 }
 
 fn take(fields: &mut Map<String, Value>, name: &str) -> Result<Value, String> {
@@ -88,11 +131,11 @@ mod tests {
             parse_body(br#"{"type": "t", "subscriber": "toto", "payload": {"a": [1]}}"#).unwrap();
         assert_eq!(
             one,
-            vec![NewEvent {
-                event_type: "t".into(),
-                subscriber: ConsumerId::parse(b"toto").ok(),
-                payload: r#"{"a":[1]}"#.into(),
-            }]
+            vec![NewEvent::to_consumer(
+                "t".into(),
+                ConsumerId::parse(b"toto").ok(),
+                r#"{"a":[1]}"#.into(),
+            )]
         );
         let batch = parse_body(
             br#"[{"type": "a", "subscriber": null, "payload": 1},
@@ -140,5 +183,20 @@ mod tests {
             reason(r#"[{"type": "t", "subscriber": null, "payload": 1}, 7]"#)
                 .starts_with("event 1:")
         );
+        assert!(reason(r#"{"type": "t", "topics": [], "payload": 1}"#).contains("1 to 32"));
+        assert!(reason(r#"{"type": "t", "topics": ["*"], "payload": 1}"#).contains("reserved"));
+        assert!(reason(r#"{"type": "t", "topics": [1], "payload": 1}"#).contains("strings"));
+        assert!(reason(r#"{"type": "t", "subscriber": null, "private": true, "payload": 1}"#)
+            .contains("needs \"topics\""));
+    }
+
+    #[test]
+    fn topics_address_an_event_without_a_subscriber() {
+        let events =
+            parse_body(br#"{"type": "t", "topics": ["room/1", "users/7"], "private": true, "payload": 1}"#)
+                .unwrap();
+        assert_eq!(events[0].subscriber, None);
+        assert_eq!(events[0].topics.as_deref(), Some(&["room/1".to_owned(), "users/7".to_owned()][..]));
+        assert!(events[0].private);
     }
 }

@@ -1,10 +1,16 @@
-//! The router: consumer id -> live channel of rendered frames.
+//! The router: selection -> live channel of rendered frames.
 //!
-//! A consumer's channel exists while at least one of its streams is open: created by the first
-//! subscription and dropped with the last, so an event costs work only for consumers that are
-//! listening. Each channel is a bounded broadcast ([`crate::channel`]): every open stream of the
-//! consumer receives every frame, and a stream that falls too far behind is told so (lag) instead
-//! of holding the others back.
+//! A channel exists while at least one stream of its selection (a consumer, topic matchers, or
+//! both: [`crate::selection`]) is open: created by the first subscription and dropped with the
+//! last, so an event costs work only for the selections it is addressed to. Each channel is a
+//! bounded broadcast ([`crate::channel`]): every open stream of the selection receives every
+//! frame, and a stream that falls too far behind is told so (lag) instead of holding the others
+//! back.
+//!
+//! Routing is per event, never per stream: a consumer's channels and an exact topic's channels
+//! are found in maps; each distinct pattern is matched once per event, whatever the number of
+//! streams behind it. An event addressed to several of a selection's topics is queued on its
+//! channel once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,14 +18,108 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::channel::{self, Receiver, Sender};
 use crate::event::ConsumerId;
+use crate::selection::Selection;
 use crate::sse::Frame;
+use crate::topic::Matcher;
 
 pub struct Router {
-    channels: Mutex<HashMap<ConsumerId, Sender>>,
+    channels: Mutex<Channels>,
     capacity: usize,
     limits: Limits,
     /// Open subscriptions; changed only under the `channels` lock.
     open: AtomicUsize,
+}
+
+/// A channel's number, the key of the indexes.
+type ChannelId = u64;
+
+#[derive(Default)]
+struct Channels {
+    next: ChannelId,
+    by_selection: HashMap<Selection, ChannelId>,
+    senders: HashMap<ChannelId, (Sender, Selection)>,
+    /// Channels of selections that follow a consumer (a consumer may be in several: with
+    /// different topics beside it).
+    by_consumer: HashMap<ConsumerId, Vec<ChannelId>>,
+    by_topic: HashMap<Arc<str>, Vec<ChannelId>>,
+    /// Patterns and `*`, each with the channels of the selections that hold it.
+    patterns: Vec<(Matcher, Vec<ChannelId>)>,
+    /// Open streams per followed consumer, for the per-consumer limit.
+    consumer_streams: HashMap<ConsumerId, usize>,
+}
+
+impl Channels {
+    fn index(&mut self, selection: &Selection, id: ChannelId) {
+        if let Some(consumer) = selection.followed_consumer() {
+            self.by_consumer
+                .entry(consumer.clone())
+                .or_default()
+                .push(id);
+        }
+        for matcher in selection.matchers() {
+            match matcher {
+                Matcher::Exact(topic) => self.by_topic.entry(topic.clone()).or_default().push(id),
+                _ => match self.patterns.iter_mut().find(|(held, _)| held == matcher) {
+                    Some((_, ids)) => ids.push(id),
+                    None => self.patterns.push((matcher.clone(), vec![id])),
+                },
+            }
+        }
+    }
+
+    fn unindex(&mut self, selection: &Selection, id: ChannelId) {
+        fn remove<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Vec<ChannelId>>, key: &K, id: u64) {
+            if let Some(ids) = map.get_mut(key) {
+                ids.retain(|held| *held != id);
+                if ids.is_empty() {
+                    map.remove(key);
+                }
+            }
+        }
+        if let Some(consumer) = selection.followed_consumer() {
+            remove(&mut self.by_consumer, consumer, id);
+        }
+        for matcher in selection.matchers() {
+            match matcher {
+                Matcher::Exact(topic) => remove(&mut self.by_topic, topic, id),
+                _ => {
+                    for (_, ids) in &mut self.patterns {
+                        ids.retain(|held| *held != id);
+                    }
+                    self.patterns.retain(|(_, ids)| !ids.is_empty());
+                }
+            }
+        }
+    }
+
+    /// The channels an event goes to, each once, into `targets`.
+    fn targets(&self, frame: &Frame, targets: &mut Vec<ChannelId>) {
+        targets.clear();
+        let address = frame.address();
+        if address.is_broadcast() {
+            targets.extend(self.by_consumer.values().flatten());
+        }
+        if let Some(ids) = address
+            .subscriber
+            .and_then(|subscriber| self.by_consumer.get(subscriber))
+        {
+            targets.extend(ids);
+        }
+        if let Some(topics) = address.topics {
+            for topic in topics {
+                if let Some(ids) = self.by_topic.get(topic.as_str()) {
+                    targets.extend(ids);
+                }
+            }
+            for (matcher, ids) in &self.patterns {
+                if matcher.matches_any(topics) {
+                    targets.extend(ids);
+                }
+            }
+            targets.sort_unstable();
+            targets.dedup();
+        }
+    }
 }
 
 /// How many streams may be open at once.
@@ -48,59 +148,66 @@ pub enum Refused {
 impl Router {
     pub fn new(capacity: usize, limits: Limits) -> Arc<Router> {
         Arc::new(Router {
-            channels: Mutex::new(HashMap::new()),
+            channels: Mutex::new(Channels::default()),
             capacity: capacity.max(1),
             limits,
             open: AtomicUsize::new(0),
         })
     }
 
-    fn channels(&self) -> MutexGuard<'_, HashMap<ConsumerId, Sender>> {
-        // The map stays consistent even if a holder panicked: every critical section is a single
-        // map operation.
+    fn channels(&self) -> MutexGuard<'_, Channels> {
+        // The maps stay consistent even if a holder panicked: no critical section can panic
+        // between the updates of the maps that belong together.
         self.channels.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Subscribes to `consumer`'s frames from now on, within the limits.
-    pub fn subscribe(self: &Arc<Self>, consumer: &ConsumerId) -> Result<Subscription, Refused> {
+    /// Subscribes to the frames `selection` selects from now on, within the limits.
+    pub fn subscribe(self: &Arc<Self>, selection: &Selection) -> Result<Subscription, Refused> {
         let mut channels = self.channels();
         if self.open.load(Ordering::Relaxed) >= self.limits.streams {
             return Err(Refused::TooManyStreams);
         }
-        let for_consumer = channels
-            .get(consumer.as_str())
-            .map_or(0, |s| s.receiver_count());
-        if for_consumer >= self.limits.streams_per_consumer {
-            return Err(Refused::TooManyForConsumer);
+        if let Some(consumer) = selection.followed_consumer() {
+            let open = channels.consumer_streams.get(consumer).copied().unwrap_or(0);
+            if open >= self.limits.streams_per_consumer {
+                return Err(Refused::TooManyForConsumer);
+            }
+            *channels
+                .consumer_streams
+                .entry(consumer.clone())
+                .or_insert(0) += 1;
         }
-        let receiver = channels
-            .entry(consumer.clone())
-            .or_insert_with(|| channel::channel(self.capacity))
-            .subscribe();
+        let id = match channels.by_selection.get(selection) {
+            Some(id) => *id,
+            None => {
+                let id = channels.next;
+                channels.next += 1;
+                channels.by_selection.insert(selection.clone(), id);
+                let sender = channel::channel(self.capacity);
+                channels.senders.insert(id, (sender, selection.clone()));
+                channels.index(selection, id);
+                id
+            }
+        };
+        let receiver = channels.senders[&id].0.subscribe();
         self.open.fetch_add(1, Ordering::Relaxed);
         Ok(Subscription {
             receiver: Some(receiver),
-            consumer: consumer.clone(),
+            channel: id,
             router: Arc::clone(self),
         })
     }
 
-    /// Hands a batch of frames, in id order, to the channels of their consumers; a frame with no
-    /// consumer is a broadcast and goes to every channel. One lock for the whole batch; a frame for
-    /// a consumer with no open stream costs a map lookup.
-    pub fn route<'a>(&self, frames: impl IntoIterator<Item = (Option<&'a str>, Frame)>) {
+    /// Hands a batch of frames, in id order, to the channels that select them. One lock for the
+    /// whole batch; a frame nobody selects costs a few map lookups.
+    pub fn route<'a>(&self, frames: impl IntoIterator<Item = &'a Frame>) {
         let channels = self.channels();
-        for (consumer, frame) in frames {
-            match consumer {
-                Some(consumer) => {
-                    if let Some(sender) = channels.get(consumer) {
-                        sender.send(frame);
-                    }
-                }
-                None => {
-                    for sender in channels.values() {
-                        sender.send(frame.clone());
-                    }
+        let mut targets = Vec::new();
+        for frame in frames {
+            channels.targets(frame, &mut targets);
+            for id in &targets {
+                if let Some((sender, _)) = channels.senders.get(id) {
+                    sender.send(frame.clone());
                 }
             }
         }
@@ -113,14 +220,20 @@ impl Router {
 
     /// Consumers with at least one open stream.
     pub fn consumers(&self) -> usize {
-        self.channels().len()
+        self.channels().consumer_streams.len()
+    }
+
+    /// Distinct exact topics and patterns with at least one open stream.
+    pub fn topics(&self) -> usize {
+        let channels = self.channels();
+        channels.by_topic.len() + channels.patterns.len()
     }
 }
 
-/// A stream's end of its consumer's channel. Dropping the last one removes the channel.
+/// A stream's end of its selection's channel. Dropping the last one removes the channel.
 pub struct Subscription {
     receiver: Option<Receiver>,
-    consumer: ConsumerId,
+    channel: ChannelId,
     router: Arc<Router>,
 }
 
@@ -139,11 +252,23 @@ impl Drop for Subscription {
         drop(self.receiver.take());
         let mut channels = self.router.channels();
         self.router.open.fetch_sub(1, Ordering::Relaxed);
-        if channels
-            .get(self.consumer.as_str())
-            .is_some_and(|sender| sender.receiver_count() == 0)
+        let Some((sender, selection)) = channels.senders.get(&self.channel) else {
+            return;
+        };
+        let empty = sender.receiver_count() == 0;
+        let selection = selection.clone();
+        if let Some(consumer) = selection.followed_consumer()
+            && let Some(open) = channels.consumer_streams.get_mut(consumer)
         {
-            channels.remove(self.consumer.as_str());
+            *open -= 1;
+            if *open == 0 {
+                channels.consumer_streams.remove(consumer);
+            }
+        }
+        if empty {
+            channels.senders.remove(&self.channel);
+            channels.by_selection.remove(&selection);
+            channels.unindex(&selection, self.channel);
         }
     }
 }
@@ -151,14 +276,31 @@ impl Drop for Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::EventId;
+    use crate::event::{EventId, EventRow};
+    use crate::topic::MatcherType;
 
-    fn frame(id: i64) -> Frame {
-        Frame::render(EventId(id), "t", "1")
+    fn frame(id: i64, subscriber: Option<&str>) -> Frame {
+        Frame::from_row(EventRow::to_consumer(EventId(id), "t", subscriber, "1"))
     }
 
-    fn consumer(name: &str) -> ConsumerId {
-        ConsumerId::parse(name.as_bytes()).unwrap()
+    fn topic_frame(id: i64, topics: &[&str]) -> Frame {
+        let mut row = EventRow::to_consumer(EventId(id), "t", None, "1");
+        row.topics = Some(topics.iter().map(|topic| topic.to_string()).collect());
+        Frame::from_row(row)
+    }
+
+    fn consumer(name: &str) -> Selection {
+        Selection::consumer(ConsumerId::parse(name.as_bytes()).unwrap())
+    }
+
+    fn topics(matchers: Vec<Matcher>) -> Selection {
+        Selection::new(None, matchers).unwrap()
+    }
+
+    fn ids(subscription: &mut Subscription) -> Vec<i64> {
+        std::iter::from_fn(|| subscription.receiver().try_recv())
+            .map(|frame| frame.unwrap().id.0)
+            .collect()
     }
 
     #[test]
@@ -169,11 +311,11 @@ mod tests {
         let mut b = router.subscribe(&consumer("b")).unwrap();
         assert_eq!(router.consumers(), 2);
 
-        router.route([
-            (Some("a"), frame(1)),
-            (Some("b"), frame(2)),
-            (Some("c"), frame(3)),
-            (None, frame(4)),
+        router.route(&[
+            frame(1, Some("a")),
+            frame(2, Some("b")),
+            frame(3, Some("c")),
+            frame(4, None),
         ]);
         assert_eq!(a1.receiver().try_recv().unwrap().unwrap().id, EventId(1));
         assert_eq!(a1.receiver().try_recv().unwrap().unwrap().id, EventId(4));
@@ -213,5 +355,38 @@ mod tests {
         );
         drop(a1);
         assert!(router.subscribe(&consumer("c")).is_ok());
+    }
+
+    #[test]
+    fn topics_reach_only_the_selections_that_select_them_and_once() {
+        let router = Router::new(8, Limits::NONE);
+        let base = url::Url::parse("https://example.com/hub").unwrap();
+        let books = Matcher::parse(MatcherType::UrlPattern, "/books/:id", &base).unwrap();
+        let exact = |topic: &str| Matcher::Exact(topic.into());
+        let mut room = router.subscribe(&topics(vec![exact("room/1"), exact("room/2")])).unwrap();
+        let mut pattern = router.subscribe(&topics(vec![books.clone()])).unwrap();
+        let mut both = router
+            .subscribe(&topics(vec![books, exact("https://example.com/books/1")]))
+            .unwrap();
+        let mut everything = router.subscribe(&topics(vec![Matcher::Any])).unwrap();
+        let mut toto = router.subscribe(&consumer("toto")).unwrap();
+        assert_eq!(router.topics(), 4);
+
+        router.route(&[
+            topic_frame(1, &["room/1", "room/2"]),
+            topic_frame(2, &["https://example.com/books/1"]),
+            topic_frame(3, &["room/3"]),
+            frame(4, None),
+        ]);
+        assert_eq!(ids(&mut room), [1], "two of its topics: once");
+        assert_eq!(ids(&mut pattern), [2]);
+        assert_eq!(ids(&mut both), [2], "pattern and exact: once");
+        assert_eq!(ids(&mut everything), [1, 2, 3]);
+        assert_eq!(ids(&mut toto), [4], "broadcasts reach consumers only");
+
+        drop((room, pattern, both, everything));
+        assert_eq!(router.topics(), 0);
+        drop(toto);
+        assert_eq!(router.consumers(), 0);
     }
 }

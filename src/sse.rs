@@ -9,33 +9,71 @@ use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::event::EventId;
+use crate::event::{EventId, EventRow};
+use crate::selection::Address;
 
 /// A rendered event: its id (for ordering and de-duplication) and its bytes on the wire.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Frame {
     pub id: EventId,
     pub bytes: Bytes,
-    /// The same event in [`Format::Envelope`], rendered by the first stream that sends it in that
-    /// format and shared with the others, like `bytes`.
-    envelope: Arc<OnceLock<Bytes>>,
+    /// Where the event is addressed, and its other renderings; one allocation per event, shared
+    /// by every stream that carries it.
+    meta: Arc<Meta>,
     /// Where the type is in `bytes`, so a stream's type filter reads it without parsing.
     type_at: (u32, u32),
+}
+
+#[derive(Debug, Default)]
+struct Meta {
+    /// The same event in [`Format::Envelope`] and [`Format::Mercure`], rendered by the first
+    /// stream that sends it in that format and shared with the others, like `bytes`.
+    envelope: OnceLock<Bytes>,
+    mercure: OnceLock<Bytes>,
+    subscriber: Option<String>,
+    topics: Option<Vec<String>>,
+    private: bool,
+    update_id: Option<String>,
+    retry: Option<i32>,
+}
+
+impl PartialEq for Frame {
+    fn eq(&self, other: &Frame) -> bool {
+        self.id == other.id && self.bytes == other.bytes
+    }
 }
 
 impl Frame {
     /// Renders `id:`, `event:` and `data:` lines. `payload` is PostgreSQL's text form of a jsonb
     /// value; it is sent compact (no whitespace outside strings). The schema forbids line breaks
     /// in `event_type`, but a type from a database whose schema is managed elsewhere might have
-    /// them, so they are replaced rather than allowed to break the framing.
+    /// them, so they are replaced rather than allowed to break the framing. The frame is a
+    /// broadcast; [`Frame::from_row`] keeps a row's address.
     pub fn render(id: EventId, event_type: &str, payload: &str) -> Frame {
+        Frame::with_meta(id, event_type, payload, Meta::default())
+    }
+
+    /// Renders a row read from the table, keeping where it is addressed.
+    pub fn from_row(row: EventRow) -> Frame {
+        let meta = Meta {
+            subscriber: row.subscriber,
+            topics: row.topics,
+            private: row.private,
+            update_id: row.update_id,
+            retry: row.retry,
+            ..Meta::default()
+        };
+        Frame::with_meta(row.id, &row.event_type, &row.payload, meta)
+    }
+
+    fn with_meta(id: EventId, event_type: &str, payload: &str, meta: Meta) -> Frame {
         let mut buf = BytesMut::with_capacity(32 + event_type.len() + payload.len());
         let at = put_event(&mut buf, id, event_type, payload);
         let type_at = (at.start as u32, at.end as u32);
         Frame {
             id,
             bytes: buf.freeze(),
-            envelope: Arc::default(),
+            meta: Arc::new(meta),
             type_at,
         }
     }
@@ -49,6 +87,15 @@ impl Frame {
     pub fn event_type(&self) -> &str {
         let (start, end) = self.type_at;
         std::str::from_utf8(&self.bytes[start as usize..end as usize]).unwrap_or_default()
+    }
+
+    /// Where the event is addressed.
+    pub fn address(&self) -> Address<'_> {
+        Address {
+            subscriber: self.meta.subscriber.as_deref(),
+            topics: self.meta.topics.as_deref(),
+            private: self.meta.private,
+        }
     }
 }
 
@@ -88,37 +135,60 @@ pub enum Format {
     Named,
     /// `id:` and `data: {"type": ..., "payload": ...}`, no `event:` line.
     Envelope,
+    /// Mercure's: the publisher's id (else `#` and the event's id), `event:` only for a type
+    /// other than `message`, the publisher's `retry:`, and the data one `data:` line per line
+    /// (a JSON string payload is sent as its text, any other payload as compact JSON).
+    Mercure,
 }
 
 impl Format {
-    /// Appends one event (a replay renders its page through this).
-    pub fn put_event(self, buf: &mut BytesMut, id: EventId, event_type: &str, payload: &str) {
+    /// Appends one row (a replay renders its page through this).
+    pub fn put_row(self, buf: &mut BytesMut, row: &EventRow) {
         match self {
             Format::Named => {
-                put_event(buf, id, event_type, payload);
+                put_event(buf, row.id, &row.event_type, &row.payload);
             }
-            Format::Envelope => put_envelope(buf, Some(id), event_type, payload),
+            Format::Envelope => put_envelope(buf, Some(row.id), &row.event_type, &row.payload),
+            Format::Mercure => put_mercure(
+                buf,
+                row.id,
+                row.update_id.as_deref(),
+                &row.event_type,
+                row.retry,
+                &row.payload,
+            ),
         }
     }
 
     /// A live frame as this stream sends it. The hub renders every frame once in the named
-    /// format; its envelope is rendered from that at most once, whatever the number of streams.
+    /// format; its other formats are rendered from that at most once, whatever the number of
+    /// streams.
     pub fn live(self, frame: Frame) -> Bytes {
-        match self {
-            Format::Named => frame.bytes,
-            Format::Envelope => frame
-                .envelope
-                .get_or_init(|| {
-                    let Some((id, event_type, data)) = split_named(&frame.bytes) else {
-                        return frame.bytes.clone();
-                    };
-                    let mut buf = BytesMut::with_capacity(frame.bytes.len() + 24);
-                    // `data` is already compact: put_envelope's compaction finds nothing to strip.
-                    put_envelope(&mut buf, Some(id), event_type, data);
-                    buf.freeze()
-                })
-                .clone(),
-        }
+        let cell = match self {
+            Format::Named => return frame.bytes,
+            Format::Envelope => &frame.meta.envelope,
+            Format::Mercure => &frame.meta.mercure,
+        };
+        cell.get_or_init(|| {
+            let Some((id, event_type, data)) = split_named(&frame.bytes) else {
+                return frame.bytes.clone();
+            };
+            let mut buf = BytesMut::with_capacity(frame.bytes.len() + 24);
+            // `data` is already compact: the compaction finds nothing to strip.
+            match self {
+                Format::Mercure => put_mercure(
+                    &mut buf,
+                    id,
+                    frame.meta.update_id.as_deref(),
+                    event_type,
+                    frame.meta.retry,
+                    data,
+                ),
+                _ => put_envelope(&mut buf, Some(id), event_type, data),
+            }
+            buf.freeze()
+        })
+        .clone()
     }
 
     /// The notice a stream ends with when its token expires (`token_expired`) or it reached
@@ -137,7 +207,9 @@ impl Format {
         };
         let mut buf = BytesMut::new();
         match self {
-            Format::Named => buf.put_slice(format!("event: {event}\ndata: {data}\n\n").as_bytes()),
+            Format::Named | Format::Mercure => {
+                buf.put_slice(format!("event: {event}\ndata: {data}\n\n").as_bytes())
+            }
             Format::Envelope => put_envelope(&mut buf, None, event, data),
         }
         buf.freeze()
@@ -149,7 +221,7 @@ impl Format {
         let data = format!("{{\"last_event_id\":{last_event_id},\"deleted_upto\":{deleted_upto}}}");
         let mut buf = BytesMut::new();
         match self {
-            Format::Named => {
+            Format::Named | Format::Mercure => {
                 buf.put_slice(format!("event: {TRUNCATED_EVENT}\ndata: {data}\n\n").as_bytes())
             }
             Format::Envelope => put_envelope(&mut buf, None, TRUNCATED_EVENT, &data),
@@ -172,6 +244,71 @@ fn put_envelope(buf: &mut BytesMut, id: Option<EventId>, event_type: &str, paylo
     buf.put_slice(b",\"payload\":");
     put_compact_json(buf, payload);
     buf.put_slice(b"}\n\n");
+}
+
+/// The id a Mercure subscriber sees for an event: its publisher's, else `#` and the event's id
+/// (the draft asks a hub's own ids to be IRIs or fragments).
+pub fn mercure_id(id: EventId, update_id: Option<&str>) -> String {
+    match update_id {
+        Some(update_id) => update_id.to_owned(),
+        None => format!("#{id}"),
+    }
+}
+
+/// The Mercure event type of a publish request without `type`: an `EventSource` delivers it to
+/// `onmessage`, so the frame carries no `event:` line.
+pub const DEFAULT_TYPE: &str = "message";
+
+fn put_mercure(
+    buf: &mut BytesMut,
+    id: EventId,
+    update_id: Option<&str>,
+    event_type: &str,
+    retry: Option<i32>,
+    payload: &str,
+) {
+    buf.reserve(48 + event_type.len() + payload.len());
+    buf.put_slice(b"id: ");
+    put_line(buf, &mercure_id(id, update_id));
+    if event_type != DEFAULT_TYPE {
+        buf.put_slice(b"event: ");
+        put_line(buf, event_type);
+    }
+    if let Some(retry) = retry.filter(|retry| *retry >= 0) {
+        buf.put_slice(b"retry: ");
+        buf.put_slice(itoa::Buffer::new().format(retry).as_bytes());
+        buf.put_slice(b"\n");
+    }
+    // A string payload is Mercure's `data` as published; anything else is sent as JSON.
+    let text = match payload.trim_start().starts_with('"') {
+        true => serde_json::from_str::<String>(payload).ok(),
+        false => None,
+    };
+    match text {
+        Some(text) => {
+            for line in text.split("\r\n").flat_map(|line| line.split(['\r', '\n'])) {
+                buf.put_slice(b"data: ");
+                buf.put_slice(line.as_bytes());
+                buf.put_slice(b"\n");
+            }
+        }
+        None => {
+            buf.put_slice(b"data: ");
+            put_compact_json(buf, payload);
+            buf.put_slice(b"\n");
+        }
+    }
+    buf.put_slice(b"\n");
+}
+
+/// One field's value and its line end; a line break in the value cannot end the field early.
+fn put_line(buf: &mut BytesMut, value: &str) {
+    if value.contains(['\r', '\n']) {
+        buf.put_slice(value.replace(['\r', '\n'], " ").as_bytes());
+    } else {
+        buf.put_slice(value.as_bytes());
+    }
+    buf.put_slice(b"\n");
 }
 
 /// Takes a frame rendered by [`put_event`] apart: id, type, compact payload.
@@ -278,7 +415,8 @@ mod tests {
         assert_eq!(std::str::from_utf8(&live).unwrap(), expected);
         // A replayed page renders the same bytes as the live path.
         let mut replayed = BytesMut::new();
-        Format::Envelope.put_event(&mut replayed, EventId(3), "say \"hi\"", r#"{"foo": "bar"}"#);
+        let row = EventRow::to_consumer(EventId(3), "say \"hi\"", None, r#"{"foo": "bar"}"#);
+        Format::Envelope.put_row(&mut replayed, &row);
         assert_eq!(&replayed[..], expected.as_bytes());
         // Rendered once: another stream sending the same frame gets the same bytes.
         let again = Format::Envelope.live(frame);
@@ -297,5 +435,29 @@ mod tests {
             &envelope[..],
             b"data: {\"type\":\"event-piper.truncated\",\"payload\":{\"last_event_id\":5,\"deleted_upto\":9}}\n\n"
         );
+    }
+
+    #[test]
+    fn mercure_frames() {
+        let mut row = EventRow::to_consumer(EventId(4), DEFAULT_TYPE, None, r#""a\n\nb\r\nc""#);
+        let mut buf = BytesMut::new();
+        Format::Mercure.put_row(&mut buf, &row);
+        assert_eq!(&buf[..], b"id: #4\ndata: a\ndata: \ndata: b\ndata: c\n\n");
+        row.update_id = Some("urn:x".into());
+        row.event_type = "changed".into();
+        row.retry = Some(500);
+        let live = Format::Mercure.live(Frame::from_row(row.clone()));
+        let mut replayed = BytesMut::new();
+        Format::Mercure.put_row(&mut replayed, &row);
+        assert_eq!(&live[..], &replayed[..]);
+        assert_eq!(
+            &live[..],
+            b"id: urn:x\nevent: changed\nretry: 500\ndata: a\ndata: \ndata: b\ndata: c\n\n"
+        );
+        // A JSON object goes out as compact JSON on one line.
+        let object = EventRow::to_consumer(EventId(5), "t", None, r#"{"a": [1, 2]}"#);
+        let mut buf = BytesMut::new();
+        Format::Mercure.put_row(&mut buf, &object);
+        assert_eq!(&buf[..], b"id: #5\nevent: t\ndata: {\"a\":[1,2]}\n\n");
     }
 }

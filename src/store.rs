@@ -12,6 +12,7 @@ use tokio_postgres::NoTls;
 use crate::backoff::Backoff;
 use crate::event::{ConsumerId, EventId, EventRow, NewEvent};
 use crate::filter::TypeFilter;
+use crate::selection::Selection;
 
 pub mod subscriptions;
 
@@ -71,12 +72,30 @@ fn event_row(row: &tokio_postgres::Row) -> std::result::Result<EventRow, tokio_p
         event_type: row.try_get(1)?,
         subscriber: row.try_get(2)?,
         payload: row.try_get(3)?,
+        topics: row.try_get(4)?,
+        private: row.try_get(5)?,
+        update_id: row.try_get(6)?,
+        retry: row.try_get(7)?,
     })
 }
 
 /// Coalesced so that a table from an older setup with NULLs in these columns cannot wedge the hub
 /// on a row it cannot decode.
-const COLUMNS: &str = "id, coalesce(type, ''), subscriber, coalesce(payload::text, 'null')";
+/// Named, so that a query can select them from a subquery of its own.
+const COLUMNS: &str = "id, coalesce(type, '') AS type, subscriber, \
+    coalesce(payload::text, 'null') AS payload, topics, coalesce(private, false) AS private, \
+    update_id, retry";
+
+/// A replay of a selection with patterns reads at most this many ids of the table per page
+/// (times the page size): no index serves a pattern, so this bounds what one statement scans.
+const SCAN_IDS_PER_ROW: i64 = 8;
+
+/// One page of a replay: the rows, in id order, each once, and how far the page covers the
+/// range (every selected event up to it is in `rows` or filtered out).
+pub struct Page {
+    pub rows: Vec<EventRow>,
+    pub covered: EventId,
+}
 
 /// Makes a dead peer show up as a failed connection within about half a minute, instead of the
 /// operating system's default of many minutes: a silently dead notification connection would
@@ -186,42 +205,90 @@ impl Store {
             .map_err(Into::into)
     }
 
-    /// One page of a consumer's history: its events and the broadcasts (NULL subscriber) in
-    /// `(after, upto]`, in id order, of the given types only. Two index scans merged, so a page
-    /// costs its own size however long the history is; the types narrow the rows in the database
-    /// (the follower still decides with the same filter, as for live frames).
-    pub async fn read_consumer(
+    /// One page of a selection's events in `(after, upto]`, in id order, of the given types
+    /// only (the types narrow the rows in the database; the follower still decides with the
+    /// same filter, as for live frames). Each part of the selection is one keyset read of an
+    /// index, and the page merges them, so a page costs its own size however long the history:
+    /// - the consumer's events (`subscriber`, id) and the broadcasts (their partial index);
+    /// - each exact topic's events by canonical topic (`topics[1]`, id), one read per topic;
+    /// - events whose alternate topics include one of them (GIN on `topics[2:]`);
+    /// - for `*` and URL patterns, which no index serves, every event with topics in a range of
+    ///   at most `limit * SCAN_IDS_PER_ROW` ids, matched here.
+    ///
+    /// Rows the selection does not select (from the scan) are left for the follower to drop:
+    /// they may still move its position.
+    pub async fn read_selection(
         &self,
-        consumer: &ConsumerId,
+        selection: &Selection,
         (after, upto): (EventId, EventId),
         limit: i64,
         types: Option<&TypeFilter>,
-    ) -> Result<Vec<EventRow>> {
+    ) -> Result<Page> {
+        let upto = if selection.scans() {
+            EventId(upto.0.min(after.0.saturating_add(limit * SCAN_IDS_PER_ROW)))
+        } else {
+            upto
+        };
+        let (exact_types, like_types) = sql_types(types);
+        let consumer = selection.followed_consumer().map(ConsumerId::as_str);
+        let topics: Vec<&str> = selection.exact_topics().collect();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+            vec![&after.0, &upto.0, &limit, &exact_types, &like_types];
+        let filters = "id > $1 AND id <= $2 \
+             AND ($4::text[] IS NULL OR type = ANY($4) OR type LIKE ANY($5))";
+        let mut parts = Vec::new();
+        if let Some(consumer) = &consumer {
+            params.push(consumer);
+            let at = params.len();
+            parts.push(format!(
+                "(SELECT {COLUMNS} FROM events WHERE subscriber = ${at} AND {filters} \
+                 ORDER BY id LIMIT $3)"
+            ));
+            parts.push(format!(
+                "(SELECT {COLUMNS} FROM events WHERE subscriber IS NULL AND topics IS NULL \
+                 AND {filters} ORDER BY id LIMIT $3)"
+            ));
+        }
+        if !topics.is_empty() {
+            params.push(&topics);
+            let at = params.len();
+            parts.push(format!(
+                "(SELECT canonical.* FROM unnest(${at}::text[]) AS selected(topic) \
+                 CROSS JOIN LATERAL (SELECT {COLUMNS} FROM events \
+                   WHERE topics IS NOT NULL AND topics[1] = selected.topic AND {filters} \
+                   ORDER BY id LIMIT $3) canonical)"
+            ));
+            parts.push(format!(
+                "(SELECT {COLUMNS} FROM events WHERE cardinality(topics) > 1 \
+                 AND topics[2:] && ${at}::text[] AND {filters} ORDER BY id LIMIT $3)"
+            ));
+        }
+        if selection.scans() {
+            parts.push(format!(
+                "(SELECT {COLUMNS} FROM events WHERE topics IS NOT NULL AND {filters} \
+                 ORDER BY id LIMIT $3)"
+            ));
+        }
+        let sql = format!(
+            "SELECT * FROM ({}) page ORDER BY id LIMIT $3",
+            parts.join(" UNION ALL ")
+        );
         let client = self.pool.get().await?;
-        let filters = "id > $2 AND id <= $3 \
-             AND ($5::text[] IS NULL OR type = ANY($5) OR type LIKE ANY($6))";
-        let statement = client
-            .prepare_cached(&format!(
-                "SELECT * FROM ( \
-                   (SELECT {COLUMNS} FROM events \
-                    WHERE subscriber = $1 AND {filters} ORDER BY id LIMIT $4) \
-                   UNION ALL \
-                   (SELECT {COLUMNS} FROM events \
-                    WHERE subscriber IS NULL AND {filters} ORDER BY id LIMIT $4) \
-                 ) page ORDER BY id LIMIT $4"
-            ))
-            .await?;
-        let (exact, like) = sql_types(types);
-        let rows = client
-            .query(
-                &statement,
-                &[&consumer.as_str(), &after.0, &upto.0, &limit, &exact, &like],
-            )
-            .await?;
-        rows.iter()
+        let statement = client.prepare_cached(&sql).await?;
+        let raw = client.query(&statement, &params).await?;
+        // Each part returned its first `limit` rows: every selected row up to the last one
+        // merged is in the page, and a short page covers the whole range.
+        let covered = match raw.last() {
+            Some(last) if raw.len() as i64 == limit => EventId(last.try_get(0)?),
+            _ => upto,
+        };
+        let mut rows: Vec<EventRow> = raw
+            .iter()
             .map(event_row)
-            .collect::<std::result::Result<_, _>>()
-            .map_err(Into::into)
+            .collect::<std::result::Result<_, _>>()?;
+        // An event found by two parts (its consumer and a topic, two of its topics) once.
+        rows.dedup_by_key(|row| row.id);
+        Ok(Page { rows, covered })
     }
 
     /// One page of a consumer's history (its events and the broadcasts), oldest first, each as a
@@ -243,8 +310,8 @@ impl Store {
                    (SELECT * FROM events WHERE subscriber = $1 AND {filters} \
                     ORDER BY id {order} LIMIT $4) \
                    UNION ALL \
-                   (SELECT * FROM events WHERE subscriber IS NULL AND {filters} \
-                    ORDER BY id {order} LIMIT $4) \
+                   (SELECT * FROM events WHERE subscriber IS NULL AND topics IS NULL \
+                    AND {filters} ORDER BY id {order} LIMIT $4) \
                  ) page ORDER BY id {order} LIMIT $4"
             ))
             .await?;
@@ -283,22 +350,54 @@ impl Store {
         let mut types: Vec<&str> = Vec::new();
         let mut subscribers: Vec<Option<&str>> = Vec::new();
         let mut payloads: Vec<&str> = Vec::new();
+        // Arrays of arrays must be rectangular in PostgreSQL: each event's topics travel as a
+        // JSON array.
+        let mut topics: Vec<Option<String>> = Vec::new();
+        let mut private: Vec<Option<bool>> = Vec::new();
+        let mut update_ids: Vec<Option<&str>> = Vec::new();
+        let mut retries: Vec<Option<i32>> = Vec::new();
         for event in events {
             types.push(&event.event_type);
             subscribers.push(event.subscriber.as_ref().map(ConsumerId::as_str));
             payloads.push(&event.payload);
+            topics.push(
+                event
+                    .topics
+                    .as_ref()
+                    .map(|topics| serde_json::Value::from(topics.clone()).to_string()),
+            );
+            // NULL, not false: an event without a flag is stored as it was before topics.
+            private.push(event.private.then_some(true));
+            update_ids.push(event.update_id.as_deref());
+            retries.push(event.retry);
         }
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "INSERT INTO events (type, subscriber, payload) \
-                 SELECT t, s, p::jsonb FROM unnest($1::text[], $2::text[], $3::text[]) \
-                   WITH ORDINALITY AS batch(t, s, p, n) ORDER BY n \
+                "INSERT INTO events (type, subscriber, payload, topics, private, update_id, retry) \
+                 SELECT t, s, p::jsonb, \
+                   CASE WHEN tp IS NOT NULL \
+                     THEN ARRAY(SELECT jsonb_array_elements_text(tp::jsonb)) END, \
+                   pv, u, r \
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], \
+                             $6::text[], $7::int4[]) \
+                   WITH ORDINALITY AS batch(t, s, p, tp, pv, u, r, n) ORDER BY n \
                  RETURNING id",
             )
             .await?;
         let rows = client
-            .query(&statement, &[&types, &subscribers, &payloads])
+            .query(
+                &statement,
+                &[
+                    &types,
+                    &subscribers,
+                    &payloads,
+                    &topics,
+                    &private,
+                    &update_ids,
+                    &retries,
+                ],
+            )
             .await?;
         // The identity column assigns ids in insertion order, which is the batch's order.
         let mut ids = rows
@@ -359,6 +458,17 @@ impl Store {
             .query_one(&statement, &[&max_age.as_secs_f64(), &upto.0, &limit])
             .await?;
         Ok(row.try_get(0)?)
+    }
+
+    /// The first event a Mercure publisher gave this id (the draft resolves a reused id to the
+    /// earliest update that carries it).
+    pub async fn find_update_id(&self, update_id: &str) -> Result<Option<EventId>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT min(id) FROM events WHERE update_id = $1")
+            .await?;
+        let row = client.query_one(&statement, &[&update_id]).await?;
+        Ok(row.try_get::<_, Option<i64>>(0)?.map(EventId))
     }
 
     /// The highest id retention has deleted (0 if none).

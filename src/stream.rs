@@ -1,4 +1,4 @@
-//! One SSE stream per request: a [`Follower`] of the consumer, written out as SSE frames, with
+//! One SSE stream per request: a [`Follower`] of the request's selection, written out as SSE frames, with
 //! heartbeats while nothing happens and retries while the database is away.
 
 use std::convert::Infallible;
@@ -14,10 +14,10 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::event::{ConsumerId, EventId, EventRow};
-use crate::filter::TypeFilter;
+use crate::event::{EventId, EventRow};
 use crate::follower::{Follower, Next, Sources, StartError};
 use crate::metrics::Metrics;
+use crate::selection::Reader;
 use crate::sse::{self, Format, Frame};
 use crate::store::StoreError;
 
@@ -58,22 +58,20 @@ const READY_WAIT: Duration = Duration::from_secs(5);
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
 
 impl Streams {
-    /// Opens the body of `GET /events` for `consumer`, resuming after `cursor` when given (live
-    /// only otherwise), writing events in `format`. The first page of a replay is read here, so
+    /// Opens the body of `GET /events` (or of the Mercure hub) for `reader`, resuming after
+    /// `cursor` when given (live only otherwise), writing events in `format`. The first page of a replay is read here, so
     /// that a resume point the database cannot serve now is refused up front instead of starting
     /// a stream that would stall. Once open, the stream survives database outages (later pages
     /// are retried while heartbeats continue). It ends on shutdown, and with a notice when
     /// `token_expires` passes or it reaches `--max-stream-lifetime`, whichever comes first.
     pub async fn open(
         self: &Arc<Self>,
-        consumer: ConsumerId,
+        reader: Reader,
         cursor: Option<EventId>,
         format: Format,
         token_expires: Option<SystemTime>,
-        types: Option<TypeFilter>,
     ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
-        let mut follower =
-            Follower::start(&self.sources, consumer, cursor, types, READY_WAIT).await?;
+        let mut follower = Follower::start(&self.sources, reader, cursor, READY_WAIT).await?;
         let first = match follower.next_page().await {
             Some(Ok(rows)) => Some(Next::Page(rows)),
             Some(Err(error)) => return Err(error.into()),
@@ -102,7 +100,7 @@ impl Streams {
                 Some(at) => Box::pin(tokio::time::sleep_until(at)).left_future(),
                 None => futures::future::pending().right_future(),
             };
-            let mut guard = StreamGuard::new(follower.consumer().clone(), cursor, &streams.metrics);
+            let mut guard = StreamGuard::new(&follower, cursor, &streams.metrics);
             // A client that has read this knows every event committed from now on will reach it.
             yield Ok(sse::retry(streams.retry));
             if let Some(notice) = truncated {
@@ -166,7 +164,7 @@ impl Streams {
                     }
                     Next::Failed(error) => {
                         guard.set_live(false);
-                        tracing::warn!(consumer = %follower.consumer(), %error, after = %follower.position().cursor(), retry_in = ?backoff.peek(), "replay page failed");
+                        tracing::warn!(selection = ?follower.reader().selection, %error, after = %follower.position().cursor(), retry_in = ?backoff.peek(), "replay page failed");
                         let wake = tokio::select! {
                             _ = tokio::time::sleep(backoff.next_delay()) => None,
                             _ = heartbeat.tick() => Some(Wake::Heartbeat),
@@ -248,24 +246,29 @@ fn render_page(rows: &[EventRow], format: Format) -> Bytes {
         .sum();
     let mut buf = BytesMut::with_capacity(size);
     for row in rows {
-        format.put_event(&mut buf, row.id, &row.event_type, &row.payload);
+        format.put_row(&mut buf, row);
     }
     buf.freeze()
 }
 
 /// Logs a stream's opening and closing, and keeps the open-streams gauges by state.
 struct StreamGuard<'a> {
-    consumer: ConsumerId,
     metrics: &'a Metrics,
     live: bool,
 }
 
 impl<'a> StreamGuard<'a> {
-    fn new(consumer: ConsumerId, cursor: Option<EventId>, metrics: &'a Metrics) -> Self {
-        tracing::info!(%consumer, resume_after = ?cursor, "stream opened");
+    fn new(follower: &Follower, cursor: Option<EventId>, metrics: &'a Metrics) -> Self {
+        let selection = &follower.reader().selection;
+        let topics: Vec<&str> = selection.matchers().iter().map(|m| m.as_str()).collect();
+        tracing::info!(
+            consumer = selection.followed_consumer().map(|c| c.as_str()).unwrap_or(""),
+            ?topics,
+            resume_after = ?cursor,
+            "stream opened"
+        );
         metrics.streams_replaying.increment(1.0);
         StreamGuard {
-            consumer,
             metrics,
             live: false,
         }
@@ -291,6 +294,7 @@ impl<'a> StreamGuard<'a> {
 impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
         self.gauge().decrement(1.0);
-        tracing::info!(consumer = %self.consumer, "stream closed");
+        // The request's span names the consumer.
+        tracing::info!("stream closed");
     }
 }

@@ -10,10 +10,21 @@ use crate::store::StoreError;
 pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
+    /// No token where one is needed: 401 with a bare `Bearer` challenge (RFC 6750, 3.1).
     #[error("{0}")]
     Unauthorized(String),
+    /// A token that does not verify: 401 with `error="invalid_token"`.
+    #[error("{0}")]
+    InvalidToken(String),
+    /// A token presented wrongly (an Authorization header of another scheme): 400 with
+    /// `error="invalid_request"`.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// A valid token that does not allow what was asked: 403 with `error="insufficient_scope"`.
     #[error("{0}")]
     Forbidden(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -50,17 +61,22 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // One line, whatever the underlying error's text looks like.
         let body = format!("{}\n", self.to_string().lines().next().unwrap_or_default());
+        let challenge = |status: StatusCode, value: &'static str| {
+            (status, [(header::WWW_AUTHENTICATE, value)], body.clone()).into_response()
+        };
         let status = match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::Unauthorized(_) => {
-                return (
-                    StatusCode::UNAUTHORIZED,
-                    [(header::WWW_AUTHENTICATE, "Bearer")],
-                    body,
-                )
-                    .into_response();
+            ApiError::Unauthorized(_) => return challenge(StatusCode::UNAUTHORIZED, "Bearer"),
+            ApiError::InvalidToken(_) => {
+                return challenge(StatusCode::UNAUTHORIZED, r#"Bearer error="invalid_token""#);
             }
-            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::InvalidRequest(_) => {
+                return challenge(StatusCode::BAD_REQUEST, r#"Bearer error="invalid_request""#);
+            }
+            ApiError::Forbidden(_) => {
+                return challenge(StatusCode::FORBIDDEN, r#"Bearer error="insufficient_scope""#);
+            }
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -1,11 +1,11 @@
-//! `GET /events` (a consumer's stream) and `GET /events/{id}` (one event).
+//! `GET /events` (a stream of a consumer, topics, or both) and `GET /events/{id}` (one event).
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, RawQuery, State};
-use axum::http::{HeaderMap, HeaderName, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::follower::StartError;
@@ -23,12 +23,13 @@ pub(super) async fn events(
     RawQuery(raw_query): RawQuery,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let mut reading = Reading::check(&state, &headers, raw_query.as_deref(), query)?;
+    let reader = reading.reader();
     let Reading {
         query,
-        consumer,
-        types,
         token_expires,
-    } = Reading::check(&state, &headers, raw_query.as_deref(), query)?;
+        ..
+    } = reading;
     // A token past its `exp` but within the check's leeway would open a stream that ends at
     // once, and a client would reconnect to the same end until the leeway ran out.
     if token_expires.is_some_and(|expires| expires <= std::time::SystemTime::now()) {
@@ -47,7 +48,7 @@ pub(super) async fn events(
     let streams = &state.streams;
     let retry_after = streams.retry_after();
     let stream = streams
-        .open(consumer, cursor, format, token_expires, types)
+        .open(reader, cursor, format, token_expires)
         .await
         .map_err(|error| match error {
             OpenError::Start(StartError::Refused(Refused::TooManyForConsumer)) => {
@@ -93,12 +94,19 @@ pub(super) async fn event_by_id(
     // A reader sees its own events and broadcasts; a publisher sees everything.
     if let (Some(claims), Some(subscriber)) = (claims, subscriber)
         && !claims.publish
-        && claims.sub.as_str() != subscriber
+        && claims.sub.as_ref().is_none_or(|sub| sub.as_str() != subscriber)
     {
-        return Err(ApiError::Forbidden(format!(
-            "this token may read consumer {:?} only",
-            claims.sub.as_str()
-        )));
+        return Err(ApiError::Forbidden(match claims.sub {
+            Some(sub) => format!("this token may read consumer {:?} only", sub.as_str()),
+            None => "this token names no consumer (sub)".into(),
+        }));
     }
-    Ok(([(header::CONTENT_TYPE, "application/json")], json).into_response())
+    Ok((
+        [
+            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            state.hub.discovery(),
+        ],
+        json,
+    )
+        .into_response())
 }

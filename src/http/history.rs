@@ -25,12 +25,9 @@ pub(super) async fn history(
     RawQuery(raw_query): RawQuery,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Reading {
-        query,
-        consumer,
-        types,
-        ..
-    } = Reading::check(&state, &headers, raw_query.as_deref(), query)?;
+    let reading = Reading::check(&state, &headers, raw_query.as_deref(), query)?;
+    let consumer = reading.consumer_only()?.clone();
+    let Reading { query, types, .. } = reading;
     let id = |name: &str, value: &Option<String>, default: i64| match value {
         Some(text) => parse_last_event_id(text.as_bytes())
             .map_err(|_| ApiError::BadRequest(format!("invalid {name}: expected an event id"))),

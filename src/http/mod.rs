@@ -12,7 +12,7 @@ use axum::routing::get;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
-use crate::auth::{Auth, Claims};
+use crate::auth::{Auth, AuthError, Claims};
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
 use crate::store::Store;
@@ -21,6 +21,7 @@ use crate::stream::Streams;
 mod error;
 mod events;
 mod history;
+mod mercure;
 mod publishing;
 mod request;
 mod subscriptions;
@@ -42,6 +43,40 @@ pub struct AppState {
     /// None: authentication is off.
     pub auth: Option<Auth>,
     pub webhooks: WebhookSettings,
+    pub hub: HubSettings,
+}
+
+/// The Mercure hub's settings.
+#[derive(Clone)]
+pub struct HubSettings {
+    /// `--hub-url`, or its default: the base of relative topics and patterns.
+    pub url: url::Url,
+    /// What discovery links point to: `--hub-url` when set, else the hub's path.
+    pub link: HeaderValue,
+    /// With authentication on, whether a stream without a token may follow topics.
+    pub anonymous: bool,
+}
+
+impl HubSettings {
+    pub fn new(url: url::Url, explicit: bool, anonymous: bool) -> HubSettings {
+        let target = if explicit {
+            url.to_string()
+        } else {
+            url.path().to_owned()
+        };
+        let link = HeaderValue::from_str(&format!("<{target}>; rel=\"mercure\""))
+            .unwrap_or_else(|_| HeaderValue::from_static("</.well-known/mercure>; rel=\"mercure\""));
+        HubSettings {
+            url,
+            link,
+            anonymous,
+        }
+    }
+
+    /// The `Link` header that points a client to the hub (Mercure, "Discovery").
+    pub(super) fn discovery(&self) -> (header::HeaderName, HeaderValue) {
+        (header::LINK, self.link.clone())
+    }
 }
 
 impl AppState {
@@ -56,7 +91,11 @@ impl AppState {
             .as_ref()
             .map(|auth| auth.authenticate(headers, query_token))
             .transpose()
-            .map_err(|error| ApiError::Unauthorized(error.to_string()))
+            .map_err(|error| match error {
+                AuthError::Missing => ApiError::Unauthorized(error.to_string()),
+                AuthError::BadRequest(why) => ApiError::InvalidRequest(why),
+                _ => ApiError::InvalidToken(error.to_string()),
+            })
     }
 }
 
@@ -83,6 +122,10 @@ pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
                 .patch(subscriptions::change)
                 .delete(subscriptions::delete),
         )
+        .route(
+            "/.well-known/mercure",
+            get(mercure::subscribe).post(mercure::publish),
+        )
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
@@ -102,7 +145,8 @@ pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
 async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!(
         "no such path: {}; the API is GET /events, POST /events, GET /events/{{id}}, \
-         GET /history, /subscriptions, GET /health, GET /ready, GET /metrics and the page at GET /",
+         GET /history, /subscriptions, /.well-known/mercure, GET /health, GET /ready, \
+         GET /metrics and the page at GET /",
         uri.path()
     ))
 }
@@ -145,7 +189,12 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
             CONSUMER_HEADER,
             LAST_EVENT_ID_HEADER,
         ])
-        .expose_headers([header::LOCATION, header::RETRY_AFTER])
+        .expose_headers([
+            header::LOCATION,
+            header::RETRY_AFTER,
+            header::LINK,
+            mercure::LAST_EVENT_ID_RESPONSE,
+        ])
         .max_age(std::time::Duration::from_secs(3600));
     if origins.iter().any(|origin| origin == "*") {
         return Some(layer.allow_origin(AllowOrigin::any()));

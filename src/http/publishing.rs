@@ -7,6 +7,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::Claims;
+use crate::event::NewEvent;
 use crate::publisher::PublishError;
 
 use super::request::require_json;
@@ -21,10 +23,12 @@ pub(super) async fn publish(
 ) -> Result<Response, ApiError> {
     require_json(&headers)?;
     let claims = state.claims(&headers, None)?;
-    if claims.is_some_and(|claims| !claims.publish) {
+    let events = crate::publish::parse_body(&body).map_err(ApiError::BadRequest)?;
+    if let Some(claims) = &claims
+        && !events.iter().all(|event| may_publish(claims, event))
+    {
         return Err(ApiError::Forbidden("this token may not publish".into()));
     }
-    let events = crate::publish::parse_body(&body).map_err(ApiError::BadRequest)?;
     let ids = state
         .publisher
         .publish(events)
@@ -43,4 +47,15 @@ pub(super) async fn publish(
         axum::Json(serde_json::json!({ "ids": ids })),
     )
         .into_response())
+}
+
+/// A token may publish an event with its `publish` claim, or, for an event addressed to topics
+/// only, with Mercure grants of `publish` on every one of them.
+pub(super) fn may_publish(claims: &Claims, event: &NewEvent) -> bool {
+    claims.publish
+        || (event.subscriber.is_none()
+            && event
+                .topics
+                .as_ref()
+                .is_some_and(|topics| claims.topics.may_publish(topics)))
 }

@@ -1,5 +1,5 @@
-//! What a request asks for, checked once for streams and history alike: the consumer, the types,
-//! the resume point.
+//! What a request asks for, checked once for streams and history alike: the consumer, the
+//! topics, the types, the resume point.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -11,6 +11,8 @@ use serde::Deserialize;
 use crate::auth::Claims;
 use crate::event::{ConsumerId, EventId};
 use crate::filter::TypeFilter;
+use crate::selection::{Reader, Selection};
+use crate::topic::{MAX_TOPICS, Matcher, MatcherType};
 
 use super::{ApiError, AppState};
 
@@ -26,6 +28,8 @@ pub struct EventsQuery {
     pub last_event_id: Option<String>,
     /// A token, for `EventSource` (which cannot send an Authorization header).
     pub access_token: Option<String>,
+    /// The same, under Mercure's name.
+    pub authorization: Option<String>,
     /// Type patterns, comma-separated (for `EventSource`, which cannot send `X-Event-Types`).
     pub types: Option<String>,
     /// `true`: events as `data: {"type", "payload"}` without an `event:` line (see
@@ -51,14 +55,19 @@ pub struct EventsQuery {
 /// What a request that reads events (a stream or a history search) asked for, and may read.
 pub(super) struct Reading {
     pub query: EventsQuery,
-    pub consumer: ConsumerId,
+    /// The consumer it follows: None when it follows topics only.
+    pub consumer: Option<ConsumerId>,
+    /// The topics it follows (`topic=` and Mercure's `match`, `match_exact`, `match_urlpattern`).
+    pub matchers: Vec<Matcher>,
     pub types: Option<TypeFilter>,
     /// When its token expires (None without authentication).
     pub token_expires: Option<SystemTime>,
+    /// The topics its token grants `subscribe` on, for private events.
+    pub private_topics: Vec<Matcher>,
 }
 
 impl Reading {
-    /// Checks the query, the token, the consumer and the types, in that order.
+    /// Checks the query, the token, the topics, the consumer and the types, in that order.
     pub(super) fn check(
         state: &AppState,
         headers: &HeaderMap,
@@ -67,19 +76,108 @@ impl Reading {
     ) -> Result<Reading, ApiError> {
         let Query(query) = query
             .map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
-        let claims = state.claims(headers, query.access_token.as_deref())?;
+        let matchers = matchers(raw_query, &state.hub.url)?;
+        let query_token = query.access_token.as_deref().or(query.authorization.as_deref());
+        // Anonymous streams may follow topics, when allowed: they get public events only.
+        let claims = match state.claims(headers, query_token) {
+            Err(ApiError::Unauthorized(_))
+                if state.hub.anonymous && !matchers.is_empty() && !names_consumer(headers, &query) =>
+            {
+                None
+            }
+            claims => claims?,
+        };
         let token_expires = claims
             .as_ref()
             .map(|claims| UNIX_EPOCH + Duration::from_secs(claims.exp));
         let types = event_types(headers, &query, claims.as_ref())?;
-        let consumer = reader(claims, headers, raw_query, &query)?;
+        let private_topics = claims
+            .as_ref()
+            .map(|claims| claims.topics.subscribe.clone())
+            .unwrap_or_default();
+        let consumer = if matchers.is_empty() || names_consumer(headers, &query) {
+            Some(reader(claims, headers, raw_query, &query)?)
+        } else {
+            None
+        };
         Ok(Reading {
             query,
             consumer,
+            matchers,
             types,
             token_expires,
+            private_topics,
         })
     }
+
+    /// The consumer, for what follows one only (history searches).
+    pub(super) fn consumer_only(&self) -> Result<&ConsumerId, ApiError> {
+        match (&self.consumer, self.matchers.is_empty()) {
+            (Some(consumer), true) => Ok(consumer),
+            _ => Err(ApiError::BadRequest(
+                "history searches follow one consumer: topics are not supported here".into(),
+            )),
+        }
+    }
+
+    /// What the stream follows and may read.
+    pub(super) fn reader(&mut self) -> Reader {
+        let selection = Selection::new(self.consumer.clone(), std::mem::take(&mut self.matchers))
+            .expect("a reading follows a consumer or topics");
+        Reader {
+            selection,
+            types: self.types.take(),
+            private_topics: std::mem::take(&mut self.private_topics).into(),
+        }
+    }
+}
+
+/// The topic matchers in a query string: `topic` (exact) and Mercure's `match`, `match_exact`
+/// and `match_urlpattern`; any other name in the `match` namespace is refused.
+pub(super) fn matchers(raw_query: Option<&str>, hub: &url::Url) -> Result<Vec<Matcher>, ApiError> {
+    let mut matchers = Vec::new();
+    for (name, value) in form_pairs(raw_query.unwrap_or_default().as_bytes())? {
+        let kind = match MatcherType::from_parameter(&name) {
+            Some(kind) => kind.map_err(|why| ApiError::BadRequest(why.0))?,
+            None if name == "topic" => MatcherType::Exact,
+            None => continue,
+        };
+        if matchers.len() == MAX_TOPICS {
+            return Err(ApiError::BadRequest(format!(
+                "at most {MAX_TOPICS} topic matchers on one stream"
+            )));
+        }
+        let matcher = Matcher::parse(kind, &value, hub)
+            .map_err(|why| ApiError::BadRequest(format!("invalid {name}: {why}")))?;
+        matchers.push(matcher);
+    }
+    Ok(matchers)
+}
+
+/// The pairs of an `application/x-www-form-urlencoded` text (a query string or a body), decoded:
+/// `+` is a space, `%XX` a byte. Unlike a lossy decoding, a name or value that is not UTF-8 once
+/// decoded is refused rather than turned into U+FFFD.
+pub(super) fn form_pairs(raw: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
+    let decode = |part: &[u8]| -> Result<String, ApiError> {
+        let spaced: Vec<u8> = part.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect();
+        let bytes: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
+        String::from_utf8(bytes).map_err(|_| {
+            ApiError::BadRequest(format!(
+                "invalid form field {:?}: not UTF-8",
+                String::from_utf8_lossy(part)
+            ))
+        })
+    };
+    raw.split(|&b| b == b'&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| {
+            let (name, value) = match pair.iter().position(|&b| b == b'=') {
+                Some(at) => (&pair[..at], &pair[at + 1..]),
+                None => (pair, &b""[..]),
+            };
+            Ok((decode(name)?, decode(value)?))
+        })
+        .collect()
 }
 
 /// The consumer a request reads: the one it names, which must be its token's when it has one; a
@@ -93,15 +191,21 @@ fn reader(
     Ok(match (claims, consumer_id(headers, raw_query)) {
         (None, requested) => requested?,
         // With a token the consumer may be left out: it is the token's.
-        (Some(claims), Err(_)) if !names_consumer(headers, query) => claims.sub,
+        (Some(Claims { sub: Some(sub), .. }), Err(_)) if !names_consumer(headers, query) => sub,
         (Some(claims), requested) => {
             let requested = requested?;
-            if requested != claims.sub {
-                return Err(ApiError::Forbidden(format!(
-                    "this token may read consumer {:?}, not {:?}",
-                    claims.sub.as_str(),
-                    requested.as_str()
-                )));
+            if claims.sub.as_ref() != Some(&requested) {
+                return Err(ApiError::Forbidden(match &claims.sub {
+                    Some(sub) => format!(
+                        "this token may read consumer {:?}, not {:?}",
+                        sub.as_str(),
+                        requested.as_str()
+                    ),
+                    None => format!(
+                        "this token names no consumer (sub), so it may not read {:?}",
+                        requested.as_str()
+                    ),
+                }));
             }
             requested
         }

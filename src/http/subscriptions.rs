@@ -239,14 +239,14 @@ fn managed_consumer(
                 .map_err(|why| ApiError::BadRequest(format!("invalid consumer: {why}")))
         })
         .transpose()?;
-    match claims {
-        Some(claims) if named.as_ref().is_some_and(|named| *named != claims.sub) => {
-            Err(ApiError::Forbidden(format!(
-                "this token manages the subscriptions of consumer {} only",
-                claims.sub
-            )))
-        }
-        Some(claims) => Ok(Some(claims.sub.clone())),
+    match claims.map(|claims| claims.sub.as_ref()) {
+        Some(None) => Err(ApiError::Forbidden(
+            "this token names no consumer (sub) whose subscriptions it could manage".into(),
+        )),
+        Some(Some(sub)) if named.as_ref().is_some_and(|named| named != sub) => Err(
+            ApiError::Forbidden(format!("this token manages the subscriptions of consumer {sub} only")),
+        ),
+        Some(Some(sub)) => Ok(Some(sub.clone())),
         None => Ok(named),
     }
 }
@@ -266,7 +266,9 @@ async fn visible(
         .map_err(|error| store_error(state, &error))?
         .ok_or_else(|| no_such(id))?;
     match claims {
-        Some(claims) if claims.sub.as_str() != row.consumer => Err(no_such(id)),
+        Some(claims) if claims.sub.as_ref().is_none_or(|sub| sub.as_str() != row.consumer) => {
+            Err(no_such(id))
+        }
         _ => Ok(row),
     }
 }

@@ -21,6 +21,7 @@ use crate::event::{ConsumerId, EventId, EventRow};
 use crate::filter::TypeFilter;
 use crate::follower::{Follower, Next, Sources};
 use crate::metrics::WebhookMetrics;
+use crate::selection::{Reader, Selection};
 use crate::sse::{Frame, put_compact_json};
 use crate::store::StoreError;
 use crate::store::subscriptions::{Attempt, Lease, SubscriptionRow};
@@ -306,14 +307,9 @@ impl Delivery<'_> {
             ..self.context.sources.clone()
         };
         loop {
-            let started = Follower::start(
-                &sources,
-                self.consumer.clone(),
-                Some(after),
-                self.types.clone(),
-                Duration::from_secs(30),
-            )
-            .await;
+            let reader = Reader::consumer(self.consumer.clone(), self.types.clone());
+            let started =
+                Follower::start(&sources, reader, Some(after), Duration::from_secs(30)).await;
             match started {
                 Ok(follower) => return Ok(follower),
                 Err(error) => {
@@ -355,15 +351,15 @@ impl Delivery<'_> {
                 .context
                 .sources
                 .store
-                .read_consumer(
-                    &self.consumer,
+                .read_selection(
+                    &Selection::consumer(self.consumer.clone()),
                     (self.position, upto),
                     i64::from(MAX_BATCH),
                     self.types.as_ref(),
                 )
                 .await;
             match read {
-                Ok(rows) => return Ok(rows),
+                Ok(page) => return Ok(page.rows),
                 Err(error) => {
                     let delay = backoff.next_delay();
                     tracing::warn!(subscription = self.id, %error, ?delay, "reading the pending batch failed; retrying");
@@ -564,12 +560,12 @@ mod tests {
     #[test]
     fn a_batch_body_is_json_with_its_events_in_order() {
         let mut batch = Batch::new(3);
-        batch.push_rows(&[EventRow {
-            id: EventId(7),
-            event_type: "odd \"type\"\nwith a break".into(),
-            subscriber: Some("toto".into()),
-            payload: r#"{"a": [1, 2], "s": "x y"}"#.into(),
-        }]);
+        batch.push_rows(&[EventRow::to_consumer(
+            EventId(7),
+            "odd \"type\"\nwith a break",
+            Some("toto"),
+            r#"{"a": [1, 2], "s": "x y"}"#,
+        )]);
         batch.push_frame(&Frame::render(EventId(9), "ping", "{}"));
         let body = batch.body(12, &ConsumerId::parse(b"toto").unwrap());
         let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
