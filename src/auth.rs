@@ -147,7 +147,10 @@ impl Auth {
     /// Requires `aud` and `iss` as configured, and resolves relative patterns against `hub_url`.
     pub fn expecting(mut self, expect: &Expect, hub_url: url::Url) -> Auth {
         match &expect.audience {
-            Some(audience) => self.validation.set_audience(&[audience]),
+            Some(audience) => {
+                self.validation.set_audience(&[audience]);
+                self.validation.validate_aud = true;
+            }
             None => self.validation.validate_aud = false,
         }
         if let Some(issuer) = &expect.issuer {
@@ -271,7 +274,9 @@ fn topic_grants(details: &serde_json::Value, hub_url: &url::Url) -> Result<Topic
         .filter(|detail| detail.get("type").and_then(Value::as_str) == Some(MERCURE_DETAIL));
     for (index, detail) in mercure.enumerate() {
         if index >= MAX_DETAILS {
-            return Err(format!("more than {MAX_DETAILS} Mercure authorization details"));
+            return Err(format!(
+                "more than {MAX_DETAILS} Mercure authorization details"
+            ));
         }
         let invalid = |why: &str| format!("authorization detail {index}: {why}");
         let actions = detail
@@ -284,9 +289,14 @@ fn topic_grants(details: &serde_json::Value, hub_url: &url::Url) -> Result<Topic
             .and_then(Value::as_array)
             .filter(|topics| !topics.is_empty() && topics.len() <= MAX_DETAIL_TOPICS)
             .ok_or_else(|| {
-                invalid(&format!("topics must be an array of 1 to {MAX_DETAIL_TOPICS} matchers"))
+                invalid(&format!(
+                    "topics must be an array of 1 to {MAX_DETAIL_TOPICS} matchers"
+                ))
             })?;
-        if detail.get("payload").is_some_and(|payload| !payload.is_object()) {
+        if detail
+            .get("payload")
+            .is_some_and(|payload| !payload.is_object())
+        {
             return Err(invalid("payload must be an object"));
         }
         let mut matchers = Vec::with_capacity(topics.len());
@@ -437,8 +447,12 @@ mod tests {
             "iss": "https://example.com",
             "authorization_details": details,
         });
-        jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(SECRET.as_bytes()))
-            .unwrap()
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -455,10 +469,16 @@ mod tests {
             {"type": MERCURE_DETAIL, "actions": ["subscribe"], "topics": [{"match": "*"}]},
             {"type": "https://someone.else/detail", "anything": 1},
         ]);
-        let claims = auth.verify(&mercure_token("at+jwt", details.clone())).unwrap();
+        let claims = auth
+            .verify(&mercure_token("at+jwt", details.clone()))
+            .unwrap();
         assert!(claims.sub.is_none());
         assert!(claims.topics.may_publish(&["https://example.com/books/1"]));
-        assert!(!claims.topics.may_publish(&["https://example.com/books/1", "x"]));
+        assert!(
+            !claims
+                .topics
+                .may_publish(&["https://example.com/books/1", "x"])
+        );
         assert_eq!(claims.topics.subscribe, [Matcher::Any]);
         // Another typ, a bad match_type, a non-string action: the whole token is refused.
         assert!(auth.verify(&mercure_token("JWT", details)).is_err());
@@ -469,7 +489,10 @@ mod tests {
             serde_json::json!([{"type": MERCURE_DETAIL, "actions": ["publish"], "topics": []}]),
             serde_json::json!([{"type": MERCURE_DETAIL, "actions": ["publish"], "topics": ["a"]}]),
         ] {
-            assert!(auth.verify(&mercure_token("at+jwt", bad.clone())).is_err(), "{bad}");
+            assert!(
+                auth.verify(&mercure_token("at+jwt", bad.clone())).is_err(),
+                "{bad}"
+            );
         }
         // The audience and the issuer are checked when configured.
         let other_hub = Auth::from_secret(SECRET).unwrap().expecting(

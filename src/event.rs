@@ -106,7 +106,11 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// An event addressed as before topics: to a consumer, or a broadcast.
-    pub fn to_consumer(event_type: String, subscriber: Option<ConsumerId>, payload: String) -> Self {
+    pub fn to_consumer(
+        event_type: String,
+        subscriber: Option<ConsumerId>,
+        payload: String,
+    ) -> Self {
         NewEvent {
             event_type,
             subscriber,
@@ -137,7 +141,12 @@ pub struct EventRow {
 
 impl EventRow {
     /// A row addressed to `subscriber` only, as before topics (tests, benches).
-    pub fn to_consumer(id: EventId, event_type: &str, subscriber: Option<&str>, payload: &str) -> Self {
+    pub fn to_consumer(
+        id: EventId,
+        event_type: &str,
+        subscriber: Option<&str>,
+        payload: &str,
+    ) -> Self {
         EventRow {
             id,
             event_type: event_type.to_owned(),

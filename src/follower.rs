@@ -215,7 +215,8 @@ impl Follower {
                 Ok(page) => page,
                 Err(error) => return Some(Err(error)),
             };
-            self.position.replayed(Some(page.covered), page.covered >= upto);
+            self.position
+                .replayed(Some(page.covered), page.covered >= upto);
             let mut rows = page.rows;
             rows.retain(|row| self.reader.wants(&row.address(), &row.event_type));
             if !rows.is_empty() {

@@ -49,7 +49,9 @@ fn parse_event(item: Value) -> Result<NewEvent, String> {
         Some(_) => return Err("\"private\" must be true or false".into()),
     };
     if private && topics.is_none() {
-        return Err("\"private\" needs \"topics\": it decides who reads an event through them".into());
+        return Err(
+            "\"private\" needs \"topics\": it decides who reads an event through them".into(),
+        );
     }
     // Required even when null, unless topics address the event: a forgotten subscriber must not
     // turn into a broadcast.
@@ -186,17 +188,23 @@ mod tests {
         assert!(reason(r#"{"type": "t", "topics": [], "payload": 1}"#).contains("1 to 32"));
         assert!(reason(r#"{"type": "t", "topics": ["*"], "payload": 1}"#).contains("reserved"));
         assert!(reason(r#"{"type": "t", "topics": [1], "payload": 1}"#).contains("strings"));
-        assert!(reason(r#"{"type": "t", "subscriber": null, "private": true, "payload": 1}"#)
-            .contains("needs \"topics\""));
+        assert!(
+            reason(r#"{"type": "t", "subscriber": null, "private": true, "payload": 1}"#)
+                .contains("needs \"topics\"")
+        );
     }
 
     #[test]
     fn topics_address_an_event_without_a_subscriber() {
-        let events =
-            parse_body(br#"{"type": "t", "topics": ["room/1", "users/7"], "private": true, "payload": 1}"#)
-                .unwrap();
+        let events = parse_body(
+            br#"{"type": "t", "topics": ["room/1", "users/7"], "private": true, "payload": 1}"#,
+        )
+        .unwrap();
         assert_eq!(events[0].subscriber, None);
-        assert_eq!(events[0].topics.as_deref(), Some(&["room/1".to_owned(), "users/7".to_owned()][..]));
+        assert_eq!(
+            events[0].topics.as_deref(),
+            Some(&["room/1".to_owned(), "users/7".to_owned()][..])
+        );
         assert!(events[0].private);
     }
 }

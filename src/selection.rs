@@ -220,13 +220,22 @@ mod tests {
             )
             .unwrap()]),
         };
-        let address = |subscriber, topics: Option<&[String]>, private| Address {
-            subscriber,
-            topics,
-            private,
-        };
+        fn address<'a>(
+            subscriber: Option<&'a str>,
+            topics: Option<&'a [String]>,
+            private: bool,
+        ) -> Address<'a> {
+            Address {
+                subscriber,
+                topics,
+                private,
+            }
+        }
         assert!(reader.wants(&address(Some("toto"), None, false), "t"));
-        assert!(reader.wants(&address(Some("toto"), None, true), "t"), "its own");
+        assert!(
+            reader.wants(&address(Some("toto"), None, true), "t"),
+            "its own"
+        );
         assert!(reader.wants(&address(None, None, false), "t"), "broadcast");
         assert!(!reader.wants(&address(Some("other"), None, false), "t"));
         assert!(reader.wants(&address(None, Some(&room), false), "t"));
@@ -235,6 +244,9 @@ mod tests {
         let room_only = topics(&["room/1"]);
         assert!(!reader.wants(&address(None, Some(&room_only), true), "t"));
         let topic_only = Selection::new(None, vec![exact("room/1")]).unwrap();
-        assert!(!topic_only.selects(&address(None, None, false)), "no broadcasts");
+        assert!(
+            !topic_only.selects(&address(None, None, false)),
+            "no broadcasts"
+        );
     }
 }

@@ -266,7 +266,10 @@ mod tests {
     fn url_patterns_match_by_component() {
         let books = pattern("https://example.com/books/:id");
         assert!(books.matches("https://example.com/books/1"));
-        assert!(books.matches("https://EXAMPLE.com/books/1"), "hosts are case-insensitive");
+        assert!(
+            books.matches("https://EXAMPLE.com/books/1"),
+            "hosts are case-insensitive"
+        );
         assert!(!books.matches("https://example.com/books/1/reviews"));
         assert!(!books.matches("https://example.com/Books/1"));
         assert!(!books.matches("https://example.net/books/1"));
@@ -284,7 +287,10 @@ mod tests {
         assert!(check_text("topic", "").is_err());
         assert!(check_text("topic", "a\u{7f}").is_err());
         assert!(check_text("topic", "a\u{85}").is_err(), "C1");
-        assert!(check_text("topic", "a\u{200b}b").is_err(), "zero-width space");
+        assert!(
+            check_text("topic", "a\u{200b}b").is_err(),
+            "zero-width space"
+        );
         assert!(check_text("topic", &"x".repeat(MAX_TOPIC_BYTES + 1)).is_err());
     }
 
@@ -313,7 +319,12 @@ mod tests {
         ] {
             assert!(is_reserved(reserved, &hub()), "{reserved}");
         }
-        for free in ["/.well-known/mercurex", "https://example.com/books/1", "books", "urn:x"] {
+        for free in [
+            "/.well-known/mercurex",
+            "https://example.com/books/1",
+            "books",
+            "urn:x",
+        ] {
             assert!(!is_reserved(free, &hub()), "{free}");
         }
     }

@@ -74,7 +74,10 @@ impl IntoResponse for ApiError {
                 return challenge(StatusCode::BAD_REQUEST, r#"Bearer error="invalid_request""#);
             }
             ApiError::Forbidden(_) => {
-                return challenge(StatusCode::FORBIDDEN, r#"Bearer error="insufficient_scope""#);
+                return challenge(
+                    StatusCode::FORBIDDEN,
+                    r#"Bearer error="insufficient_scope""#,
+                );
             }
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,

@@ -94,7 +94,10 @@ pub(super) async fn event_by_id(
     // A reader sees its own events and broadcasts; a publisher sees everything.
     if let (Some(claims), Some(subscriber)) = (claims, subscriber)
         && !claims.publish
-        && claims.sub.as_ref().is_none_or(|sub| sub.as_str() != subscriber)
+        && claims
+            .sub
+            .as_ref()
+            .is_none_or(|sub| sub.as_str() != subscriber)
     {
         return Err(ApiError::Forbidden(match claims.sub {
             Some(sub) => format!("this token may read consumer {:?} only", sub.as_str()),
@@ -103,7 +106,10 @@ pub(super) async fn event_by_id(
     }
     Ok((
         [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
             state.hub.discovery(),
         ],
         json,

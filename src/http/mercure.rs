@@ -184,7 +184,8 @@ pub(super) async fn publish(
 fn update(fields: &[(String, String)], hub: &url::Url) -> Result<NewEvent, ApiError> {
     let bad = ApiError::BadRequest;
     let mut topics = Vec::new();
-    let (mut data, mut private, mut id, mut event_type, mut retry) = (None, false, None, None, None);
+    let (mut data, mut private, mut id, mut event_type, mut retry) =
+        (None, false, None, None, None);
     for (name, value) in fields {
         match name.as_str() {
             "topic" => {
@@ -238,7 +239,9 @@ fn update(fields: &[(String, String)], hub: &url::Url) -> Result<NewEvent, ApiEr
     }
     let data = data.map(String::as_str).unwrap_or_default();
     if data.contains('\0') {
-        return Err(bad("data may not contain U+0000 (PostgreSQL's jsonb cannot store it)".into()));
+        return Err(bad(
+            "data may not contain U+0000 (PostgreSQL's jsonb cannot store it)".into(),
+        ));
     }
     Ok(NewEvent {
         topics: Some(topics),

@@ -64,8 +64,10 @@ impl HubSettings {
         } else {
             url.path().to_owned()
         };
-        let link = HeaderValue::from_str(&format!("<{target}>; rel=\"mercure\""))
-            .unwrap_or_else(|_| HeaderValue::from_static("</.well-known/mercure>; rel=\"mercure\""));
+        let link =
+            HeaderValue::from_str(&format!("<{target}>; rel=\"mercure\"")).unwrap_or_else(|_| {
+                HeaderValue::from_static("</.well-known/mercure>; rel=\"mercure\"")
+            });
         HubSettings {
             url,
             link,

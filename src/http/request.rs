@@ -77,11 +77,16 @@ impl Reading {
         let Query(query) = query
             .map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
         let matchers = matchers(raw_query, &state.hub.url)?;
-        let query_token = query.access_token.as_deref().or(query.authorization.as_deref());
+        let query_token = query
+            .access_token
+            .as_deref()
+            .or(query.authorization.as_deref());
         // Anonymous streams may follow topics, when allowed: they get public events only.
         let claims = match state.claims(headers, query_token) {
             Err(ApiError::Unauthorized(_))
-                if state.hub.anonymous && !matchers.is_empty() && !names_consumer(headers, &query) =>
+                if state.hub.anonymous
+                    && !matchers.is_empty()
+                    && !names_consumer(headers, &query) =>
             {
                 None
             }
@@ -159,7 +164,10 @@ pub(super) fn matchers(raw_query: Option<&str>, hub: &url::Url) -> Result<Vec<Ma
 /// decoded is refused rather than turned into U+FFFD.
 pub(super) fn form_pairs(raw: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
     let decode = |part: &[u8]| -> Result<String, ApiError> {
-        let spaced: Vec<u8> = part.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect();
+        let spaced: Vec<u8> = part
+            .iter()
+            .map(|&b| if b == b'+' { b' ' } else { b })
+            .collect();
         let bytes: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
         String::from_utf8(bytes).map_err(|_| {
             ApiError::BadRequest(format!(

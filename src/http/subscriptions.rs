@@ -243,9 +243,11 @@ fn managed_consumer(
         Some(None) => Err(ApiError::Forbidden(
             "this token names no consumer (sub) whose subscriptions it could manage".into(),
         )),
-        Some(Some(sub)) if named.as_ref().is_some_and(|named| named != sub) => Err(
-            ApiError::Forbidden(format!("this token manages the subscriptions of consumer {sub} only")),
-        ),
+        Some(Some(sub)) if named.as_ref().is_some_and(|named| named != sub) => {
+            Err(ApiError::Forbidden(format!(
+                "this token manages the subscriptions of consumer {sub} only"
+            )))
+        }
         Some(Some(sub)) => Ok(Some(sub.clone())),
         None => Ok(named),
     }
@@ -266,7 +268,12 @@ async fn visible(
         .map_err(|error| store_error(state, &error))?
         .ok_or_else(|| no_such(id))?;
     match claims {
-        Some(claims) if claims.sub.as_ref().is_none_or(|sub| sub.as_str() != row.consumer) => {
+        Some(claims)
+            if claims
+                .sub
+                .as_ref()
+                .is_none_or(|sub| sub.as_str() != row.consumer) =>
+        {
             Err(no_such(id))
         }
         _ => Ok(row),
