@@ -161,6 +161,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// Any other setting: `.with(|config| config.anonymous_subscribers = true)`.
+    pub fn with(mut self, change: impl FnOnce(&mut Config)) -> Self {
+        change(&mut self.config);
+        self
+    }
+
     /// `--jwt-secret`: turns authentication on with this HS256 secret.
     pub fn jwt_secret(mut self, secret: &str) -> Self {
         self.config.jwt_secret = Some(secret.to_owned());
