@@ -376,7 +376,11 @@ mod tests {
             .unwrap();
         let mut everything = router.subscribe(&topics(vec![Matcher::Any])).unwrap();
         let mut toto = router.subscribe(&consumer("toto")).unwrap();
-        assert_eq!(router.topics(), 5, "room/1, room/2, books/1, the pattern, *");
+        assert_eq!(
+            router.topics(),
+            5,
+            "room/1, room/2, books/1, the pattern, *"
+        );
 
         router.route(&[
             topic_frame(1, &["room/1", "room/2"]),

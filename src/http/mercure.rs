@@ -30,7 +30,7 @@ use crate::sse::{self, Format};
 use crate::stream::OpenError;
 use crate::topic::{MAX_TOPICS, check_text, is_reserved};
 
-use super::request::{EventsQuery, LAST_EVENT_ID_HEADER, Reading, form_pairs};
+use super::request::{EventsQuery, LAST_EVENT_ID_HEADER, Reading, form_pairs, text};
 use super::{ApiError, AppState};
 
 /// The response field that tells a resuming subscriber where its stream starts.
@@ -149,7 +149,19 @@ pub(super) async fn publish(
         ));
     }
     let claims = state.claims(&headers, None)?;
-    let event = update(&form_pairs(&body)?, &state.hub.url)?;
+    // Fields the draft defines must be UTF-8; any other is ignored, whatever it holds.
+    let fields = form_pairs(&body)
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let name = String::from_utf8(name).ok()?;
+            matches!(
+                name.as_str(),
+                "topic" | "data" | "private" | "id" | "type" | "retry"
+            )
+            .then(|| text(&name, value).map(|value| (name, value)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let event = update(&fields, &state.hub.url)?;
     if let Some(claims) = &claims
         && !super::publishing::may_publish(claims, &event)
     {

@@ -141,7 +141,9 @@ impl Reading {
 /// and `match_urlpattern`; any other name in the `match` namespace is refused.
 pub(super) fn matchers(raw_query: Option<&str>, hub: &url::Url) -> Result<Vec<Matcher>, ApiError> {
     let mut matchers = Vec::new();
-    for (name, value) in form_pairs(raw_query.unwrap_or_default().as_bytes())? {
+    for (name, value) in form_pairs(raw_query.unwrap_or_default().as_bytes()) {
+        // Parameters that are not matchers are someone else's to decode.
+        let name = String::from_utf8_lossy(&name);
         let kind = match MatcherType::from_parameter(&name) {
             Some(kind) => kind.map_err(|why| ApiError::BadRequest(why.0))?,
             None if name == "topic" => MatcherType::Exact,
@@ -152,6 +154,7 @@ pub(super) fn matchers(raw_query: Option<&str>, hub: &url::Url) -> Result<Vec<Ma
                 "at most {MAX_TOPICS} topic matchers on one stream"
             )));
         }
+        let value = text(&name, value)?;
         let matcher = Matcher::parse(kind, &value, hub)
             .map_err(|why| ApiError::BadRequest(format!("invalid {name}: {why}")))?;
         matchers.push(matcher);
@@ -159,33 +162,29 @@ pub(super) fn matchers(raw_query: Option<&str>, hub: &url::Url) -> Result<Vec<Ma
     Ok(matchers)
 }
 
-/// The pairs of an `application/x-www-form-urlencoded` text (a query string or a body), decoded:
-/// `+` is a space, `%XX` a byte. Unlike a lossy decoding, a name or value that is not UTF-8 once
-/// decoded is refused rather than turned into U+FFFD.
-pub(super) fn form_pairs(raw: &[u8]) -> Result<Vec<(String, String)>, ApiError> {
-    let decode = |part: &[u8]| -> Result<String, ApiError> {
+/// The pairs of an `application/x-www-form-urlencoded` text (a query string or a body),
+/// decoded into bytes: `+` is a space, `%XX` a byte. Each user turns what it reads into text
+/// with [`text`], which refuses what is not UTF-8 instead of turning it into U+FFFD.
+pub(super) fn form_pairs(raw: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let decode = |part: &[u8]| -> Vec<u8> {
         let spaced: Vec<u8> = part
             .iter()
             .map(|&b| if b == b'+' { b' ' } else { b })
             .collect();
-        let bytes: Vec<u8> = percent_encoding::percent_decode(&spaced).collect();
-        String::from_utf8(bytes).map_err(|_| {
-            ApiError::BadRequest(format!(
-                "invalid form field {:?}: not UTF-8",
-                String::from_utf8_lossy(part)
-            ))
-        })
+        percent_encoding::percent_decode(&spaced).collect()
     };
     raw.split(|&b| b == b'&')
         .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (name, value) = match pair.iter().position(|&b| b == b'=') {
-                Some(at) => (&pair[..at], &pair[at + 1..]),
-                None => (pair, &b""[..]),
-            };
-            Ok((decode(name)?, decode(value)?))
+        .map(|pair| match pair.iter().position(|&b| b == b'=') {
+            Some(at) => (decode(&pair[..at]), decode(&pair[at + 1..])),
+            None => (decode(pair), Vec::new()),
         })
         .collect()
+}
+
+/// A form field's decoded value as text; 400 naming the field when it is not UTF-8.
+pub(super) fn text(name: &str, value: Vec<u8>) -> Result<String, ApiError> {
+    String::from_utf8(value).map_err(|_| ApiError::BadRequest(format!("invalid {name}: not UTF-8")))
 }
 
 /// The consumer a request reads: the one it names, which must be its token's when it has one; a
