@@ -138,9 +138,9 @@ BEGIN
     IF to_regclass('events_broadcasts_idx') IS NULL THEN
         CREATE INDEX events_broadcasts_idx ON events (id)
             WHERE subscriber IS NULL AND topics IS NULL;
-        IF to_regclass('events_broadcast_id_idx') IS NOT NULL THEN
-            DROP INDEX events_broadcast_id_idx;
-        END IF;
+    END IF;
+    IF to_regclass('events_broadcast_id_idx') IS NOT NULL THEN
+        DROP INDEX events_broadcast_id_idx;
     END IF;
     -- A topic's replay reads its events by canonical topic in id order, one keyset read per
     -- topic; each alternate topic is one GIN entry. An event with one topic costs one entry.
