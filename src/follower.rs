@@ -244,7 +244,8 @@ impl Follower {
     }
 
     fn wants(&self, frame: &Frame) -> bool {
-        self.reader.wants(&frame.address(), frame.event_type())
+        self.reader
+            .wants_routed(&frame.address(), frame.event_type())
     }
 
     fn recover(&mut self) {

@@ -173,6 +173,19 @@ impl Reader {
         self.selection.by_topic(address) && (!address.private || self.may_read_private(address))
     }
 
+    /// [`Reader::wants`] for an event the router queued on this reader's channel, which the
+    /// selection selects already: only the type and a private event's grant are left to check.
+    pub fn wants_routed(&self, address: &Address<'_>, event_type: &str) -> bool {
+        if self
+            .types
+            .as_ref()
+            .is_some_and(|types| !types.matches(event_type))
+        {
+            return false;
+        }
+        !address.private || self.selection.by_consumer(address) || self.may_read_private(address)
+    }
+
     fn may_read_private(&self, address: &Address<'_>) -> bool {
         address.topics.is_some_and(|topics| {
             self.private_topics
@@ -243,6 +256,10 @@ mod tests {
         assert!(reader.wants(&address(None, Some(&room), true), "t"));
         let room_only = topics(&["room/1"]);
         assert!(!reader.wants(&address(None, Some(&room_only), true), "t"));
+        // Routed to its channel already: the grant is what is left to check.
+        assert!(!reader.wants_routed(&address(None, Some(&room_only), true), "t"));
+        assert!(reader.wants_routed(&address(None, Some(&room_only), false), "t"));
+        assert!(reader.wants_routed(&address(Some("toto"), Some(&room_only), true), "t"));
         let topic_only = Selection::new(None, vec![exact("room/1")]).unwrap();
         assert!(
             !topic_only.selects(&address(None, None, false)),
