@@ -46,6 +46,20 @@ pub struct Args {
     #[arg(long, default_value_t = 10)]
     pub filter_types: usize,
 
+    /// Topics of the topics scenario's shape (a) (and consumers of its peer shape), and streams
+    /// of its shape (b).
+    #[arg(long, default_value_t = 1000)]
+    pub topics: usize,
+
+    /// Streams per topic (and per consumer) in the topics scenario's shape (a), and streams on
+    /// the events' topic (or asking for their type) in its shape (b).
+    #[arg(long, default_value_t = 10)]
+    pub topic_streams: usize,
+
+    /// How many times the topics scenario runs each of its four shapes (alternating).
+    #[arg(long, default_value_t = 1)]
+    pub topic_runs: usize,
+
     /// Rows per transaction in the throughput scenario.
     #[arg(long, default_value_t = 100)]
     pub batch: u64,
@@ -146,6 +160,7 @@ pub enum Scenario {
     Producers,
     Publish,
     Webhooks,
+    Topics,
     All,
 }
 
@@ -161,6 +176,7 @@ impl Scenario {
                 Throughput,
                 Fanout,
                 Filter,
+                Topics,
                 Connections,
                 Replay,
                 Producers,

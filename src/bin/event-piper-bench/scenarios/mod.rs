@@ -12,6 +12,7 @@ mod producers;
 mod publish;
 mod replay;
 mod throughput;
+mod topics;
 mod webhooks;
 
 use std::sync::Arc;
@@ -48,6 +49,7 @@ pub async fn run(scenario: Scenario, bench: &mut Bench) -> Result<Vec<Table>> {
         Scenario::Producers => producers::run(bench).await,
         Scenario::Publish => publish::run(bench).await,
         Scenario::Webhooks => webhooks::run(bench).await,
+        Scenario::Topics => topics::run(bench).await,
         Scenario::All => unreachable!("expanded by the caller"),
     }
 }
