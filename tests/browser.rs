@@ -2,7 +2,9 @@
 //! API: the page connects with EventSource, publishes through its form and shows the event; then
 //! the service is stopped and started again under the open page, events are inserted while it is
 //! down, and the browser's own reconnect (EventSource sending `Last-Event-ID`) brings every one of
-//! them, once, in order.
+//! them, once, in order. And a plain `EventSource` on the Mercure hub, its token in the
+//! `mercureAuthorization` cookie, gets the public events of its topics and the private ones its
+//! token grants, and no other.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (`.ci/run` installs them). Without them the test
 //! prints SKIPPED and passes, unless `EVENT_PIPER_REQUIRE_BROWSER=1` (set by `.ci/run`) makes
@@ -504,6 +506,125 @@ async fn page_shows_recent_events_and_searches_history() {
         .await;
     assert_eq!(cells[0], json!(subscription["id"].to_string()));
     assert_eq!(browser.console_errors().await, Vec::<String>::new());
+
+    browser.quit().await;
+    app.stop().await.expect("clean shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_source_on_the_mercure_hub_gets_the_private_events_its_cookie_grants() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(browser) = browser_or_skip().await else {
+        return;
+    };
+    const SECRET: &str = "browser-secret-browser-secret-browser!";
+    const GRANTED: &str = "https://example.com/rooms/1";
+    const OTHER: &str = "https://example.com/rooms/2";
+    let app = TestApp::builder().jwt_secret(SECRET).start().await;
+    let producer = app.producer().await;
+
+    // A Mercure subscriber's token: typed at+jwt, granting subscribe on GRANTED only.
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.typ = Some("at+jwt".into());
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = json!({
+        "exp": exp,
+        "authorization_details": [{
+            "type": "https://mercure.rocks/authorization-detail",
+            "actions": ["subscribe"],
+            "topics": [{"match": GRANTED}],
+        }],
+    });
+    let token = jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+
+    // Any page of the service's origin will do; /health runs no script of its own.
+    browser.open(&format!("{}/health", app.base)).await;
+    // The cookie carries the token (EventSource cannot send a header); the stream selects both
+    // rooms, so only the grant keeps OTHER's private event out.
+    browser
+        .run(
+            "document.cookie = 'mercureAuthorization=' + arguments[0]
+                 + '; path=/.well-known/mercure; SameSite=Strict';
+             window.hub = { open: false, errors: 0, messages: [] };
+             const query = new URLSearchParams([['topic', arguments[1]], ['topic', arguments[2]]]);
+             const source = new EventSource('/.well-known/mercure?' + query, { withCredentials: true });
+             source.onopen = () => { window.hub.open = true; };
+             source.onerror = () => { window.hub.errors += 1; };
+             source.onmessage = (message) => {
+               window.hub.messages.push({ data: message.data, id: message.lastEventId });
+             };",
+            json!([token, GRANTED, OTHER]),
+        )
+        .await;
+    browser
+        .wait_for(
+            "the hub's stream to open",
+            "return window.hub.open ? true : (window.hub.errors > 0 ? 'error' : null)",
+        )
+        .await
+        .as_bool()
+        .unwrap_or_else(|| panic!("the stream failed to open (a 401 would mean no cookie)"));
+
+    let add = |topics: &'static [&'static str],
+               private: bool,
+               update_id: Option<&'static str>,
+               data: &'static str| {
+        let producer = &producer;
+        async move {
+            let topics: Vec<&str> = topics.to_vec();
+            producer
+                .query_one(
+                    "insert into events (type, topics, private, update_id, payload) \
+                     values ('message', $1, $2, $3, to_jsonb($4::text)) returning id",
+                    &[&topics, &private, &update_id, &data],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let public = add(&[GRANTED], false, None, "hello").await;
+    add(
+        &[GRANTED],
+        true,
+        Some("urn:example:secret-1"),
+        "for members",
+    )
+    .await;
+    add(&[OTHER], true, None, "not for you").await;
+    // Granted through its alternate topic.
+    let alternate = add(&[OTHER, GRANTED], true, None, "for members too").await;
+    // Public, after the others: once it is there, everything before it has been decided.
+    let marker = add(&[OTHER], false, None, "marker").await;
+
+    browser
+        .wait_for(
+            "the marker event",
+            &format!("return window.hub.messages.some(m => m.id === '#{marker}')"),
+        )
+        .await;
+    let messages = browser.run("return window.hub.messages", json!([])).await;
+    assert_eq!(
+        messages,
+        json!([
+            {"data": "hello", "id": format!("#{public}")},
+            {"data": "for members", "id": "urn:example:secret-1"},
+            {"data": "for members too", "id": format!("#{alternate}")},
+            {"data": "marker", "id": format!("#{marker}")},
+        ]),
+        "the public events and the granted private ones, once, in order; not OTHER's private one"
+    );
+    let errors = browser.run("return window.hub.errors", json!([])).await;
+    assert_eq!(errors, json!(0), "the stream never dropped");
 
     browser.quit().await;
     app.stop().await.expect("clean shutdown");
