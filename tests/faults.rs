@@ -1,7 +1,7 @@
-//! The fault suite: exactly-once, in-order delivery per consumer across reconnects, two service
-//! instances on one database, while producers, slow and flaky consumers and injected faults
-//! (killed notification, pool and webhook lease connections, a PostgreSQL restart) all run at
-//! once. Webhook subscriptions of some consumers are delivered at the same time to receivers
+//! The fault suite: exactly-once, in-order delivery per consumer and on a stream of two topics
+//! across reconnects, two service instances on one database, while producers (addressing
+//! consumers, broadcasts and topics), slow and flaky consumers and injected faults (killed
+//! notification, pool and webhook lease connections, a PostgreSQL restart) all run at once. Webhook subscriptions of some consumers are delivered at the same time to receivers
 //! that fail, answer slowly, go away and answer 410: each must get every event of its consumer,
 //! in order, at least once, repeated only where the rules allow it (see [`check_deliveries`]).
 //! Two more tests kill a real `event-piper` process while it delivers: mid-batch, and while the
@@ -33,6 +33,22 @@ use common::receiver::{Answer, Receiver, Request};
 use common::{PATIENCE, Read, SseClient, TestApp};
 
 const CONSUMERS: [&str; 4] = ["alice", "bob", "carol", "slow"];
+/// The topics some events are addressed to; the topic stream selects the first two.
+const TOPICS: [&str; 3] = [
+    "https://example.com/rooms/1",
+    "https://example.com/rooms/2",
+    "https://example.com/rooms/3",
+];
+/// An event's topics: one, or a canonical one and an alternate (selected through either).
+const TOPIC_SETS: [&[&str]; 5] = [
+    &[TOPICS[0]],
+    &[TOPICS[2]],
+    &[TOPICS[1], TOPICS[0]],
+    &[TOPICS[2], TOPICS[1]],
+    &[TOPICS[2], TOPICS[0]],
+];
+/// The stream that follows topics (`?topic=` TOPICS[0] and TOPICS[1]) instead of a consumer.
+const TOPIC_STREAM: &str = "rooms";
 /// Reads one event every this long: slower than the producers' bursts, so it lags its channel.
 const SLOW_READ: Duration = Duration::from_millis(4);
 
@@ -142,6 +158,7 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
 
     let consumers: Vec<_> = CONSUMERS
         .iter()
+        .chain([&TOPIC_STREAM])
         .enumerate()
         .map(|(i, name)| {
             let rng = StdRng::seed_from_u64(seed.wrapping_add(100 + i as u64));
@@ -191,24 +208,34 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
     // The table is the truth: what committed, in id order.
     let client = connect_retrying(&db_url).await;
     let rows = client
-        .query("select id, subscriber, type from events order by id", &[])
+        .query(
+            "select id, subscriber, type, topics, private from events order by id",
+            &[],
+        )
         .await
         .unwrap();
     let mut expected: HashMap<&str, Vec<i64>> = HashMap::new();
     for row in &rows {
         let id: i64 = row.get(0);
-        let subscriber: Option<String> = row.get(1);
         for name in CONSUMERS {
-            if subscriber.as_deref().is_none_or(|s| s == name) {
+            if for_consumer(row, name) {
                 expected.entry(name).or_default().push(id);
             }
+        }
+        // Its public events whose topics, canonical or alternate, it selects; a private event
+        // reaches no topic stream without authentication.
+        let topics: Option<Vec<String>> = row.get(3);
+        let private: Option<bool> = row.get(4);
+        let selected = topics.is_some_and(|topics| topics.iter().any(|t| selects(t)));
+        if selected && private != Some(true) {
+            expected.entry(TOPIC_STREAM).or_default().push(id);
         }
     }
     let last_id = rows.last().map(|row| row.get::<_, i64>(0)).unwrap_or(0);
 
-    // Every consumer must reach the last id addressed to it (or broadcast).
-    let mut delivered = 0;
-    for (name, task) in CONSUMERS.iter().zip(consumers) {
+    // Every stream must reach the last id addressed to it (or broadcast, or to its topics).
+    let (mut delivered, mut on_topics) = (0, 0);
+    for (name, task) in CONSUMERS.iter().chain([&TOPIC_STREAM]).zip(consumers) {
         let want = expected.remove(name).unwrap_or_default();
         let target = want.last().copied().unwrap_or(0);
         task.handle.target.store(target as u64, Ordering::SeqCst);
@@ -217,6 +244,9 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
             .unwrap_or_else(|_| panic!("{name} did not catch up to {target} (seed {seed})"))
             .expect("consumer task");
         delivered += received.ids.len();
+        if *name == TOPIC_STREAM {
+            on_topics = received.ids.len();
+        }
         assert!(
             received.misrouted.is_empty(),
             "{name} received events of others: {:?} (seed {seed})",
@@ -251,9 +281,8 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
         let want: Vec<i64> = rows
             .iter()
             .filter(|row| {
-                let subscriber: Option<&str> = row.get(1);
                 let event_type: &str = row.get(2);
-                subscriber.is_none_or(|s| s == hook.spec.consumer)
+                for_consumer(row, hook.spec.consumer)
                     && hook
                         .spec
                         .types
@@ -267,8 +296,8 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
 
     println!(
         "fault suite passed: {} events committed (last id {last_id}) in {} transactions \
-         ({} rolled back, {} producer errors from faults); {delivered} delivered, 0 lost, \
-         0 duplicated, 0 misrouted; {} reconnects ({} refused with 503); {} faults injected",
+         ({} rolled back, {} producer errors from faults); {delivered} delivered ({on_topics} on \
+         the topic stream), 0 lost, 0 duplicated, 0 misrouted; {} reconnects ({} refused with 503); {} faults injected",
         rows.len(),
         counters.transactions_committed.load(Ordering::SeqCst),
         counters.transactions_rolled_back.load(Ordering::SeqCst),
@@ -297,6 +326,22 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
     for counts in webhook_counts {
         println!("{counts}");
     }
+}
+
+/// Whether a committed row is for `consumer`: its own, or a broadcast (an event addressed to
+/// neither a subscriber nor topics).
+fn for_consumer(row: &tokio_postgres::Row, consumer: &str) -> bool {
+    let subscriber: Option<&str> = row.get(1);
+    let topics: Option<Vec<String>> = row.get(3);
+    match subscriber {
+        Some(subscriber) => subscriber == consumer,
+        None => topics.is_none(),
+    }
+}
+
+/// Whether the topic stream selects `topic`.
+fn selects(topic: &str) -> bool {
+    topic == TOPICS[0] || topic == TOPICS[1]
 }
 
 /// A producer connection, retried while the database restarts.
@@ -344,24 +389,44 @@ async fn produce(
     }
 }
 
-fn pick_subscriber(rng: &mut StdRng) -> Option<&'static str> {
-    if rng.random_bool(0.1) {
-        None
-    } else {
-        Some(CONSUMERS[rng.random_range(0..CONSUMERS.len())])
+/// Who an event is for: a consumer, topics, both, or neither (a broadcast).
+#[derive(Clone, Copy)]
+struct Address {
+    subscriber: Option<&'static str>,
+    topics: Option<&'static [&'static str]>,
+    /// Only with topics: no topic stream may get it here (it has no token).
+    private: bool,
+}
+
+fn pick_address(rng: &mut StdRng) -> Address {
+    let consumer = CONSUMERS[rng.random_range(0..CONSUMERS.len())];
+    let topics = TOPIC_SETS[rng.random_range(0..TOPIC_SETS.len())];
+    let (subscriber, topics) = match rng.random_range(0..100) {
+        0..70 => (Some(consumer), None),
+        70..80 => (None, None),
+        80..95 => (None, Some(topics)),
+        _ => (Some(consumer), Some(topics)),
+    };
+    Address {
+        subscriber,
+        topics,
+        private: topics.is_some() && rng.random_bool(0.1),
     }
 }
 
 async fn insert_rows(
     tx: &tokio_postgres::Transaction<'_>,
-    subscriber: Option<&str>,
+    to: Address,
     count: i32,
 ) -> Result<u64, tokio_postgres::Error> {
+    let topics = to.topics.map(<[&str]>::to_vec);
+    let private = to.private.then_some(true);
     tx.execute(
-        "insert into events (type, subscriber, payload) \
-         select 'fault', $1::text, jsonb_build_object('to', $1::text, 'n', n) \
+        "insert into events (type, subscriber, topics, private, payload) \
+         select 'fault', $1::text, $3::text[], $4::boolean, \
+                jsonb_build_object('to', $1::text, 'topics', $3::text[], 'n', n) \
          from generate_series(1, $2::int) n",
-        &[&subscriber, &count],
+        &[&to.subscriber, &count, &topics, &private],
     )
     .await
 }
@@ -379,17 +444,23 @@ async fn transaction(
         // COPY, a few rows per consumer.
         0..=9 => {
             let sink = tx
-                .copy_in("copy events (type, subscriber, payload) from stdin")
+                .copy_in("copy events (type, subscriber, topics, private, payload) from stdin")
                 .await?;
             let mut rows = String::new();
             for n in 0..size {
-                let subscriber = pick_subscriber(rng);
-                let (column, json) = match subscriber {
+                let to = pick_address(rng);
+                let (column, json) = match to.subscriber {
                     Some(name) => (name.to_string(), format!("\"{name}\"")),
                     None => ("\\N".to_string(), "null".to_string()),
                 };
+                let (array, topics) = match to.topics {
+                    Some(topics) => (format!("{{{}}}", topics.join(",")), json!(topics)),
+                    None => ("\\N".to_string(), Value::Null),
+                };
+                let private = if to.private { "t" } else { "\\N" };
                 rows.push_str(&format!(
-                    "copied\t{column}\t{{\"to\": {json}, \"p\": {producer}, \"n\": {n}}}\n"
+                    "copied\t{column}\t{array}\t{private}\t{{\"to\": {json}, \"topics\": {topics}, \
+                     \"p\": {producer}, \"n\": {n}}}\n"
                 ));
             }
             futures::pin_mut!(sink);
@@ -398,17 +469,17 @@ async fn transaction(
         }
         // A savepoint whose rows are rolled back inside a transaction that commits others.
         10..=19 => {
-            insert_rows(&tx, pick_subscriber(rng), size / 2 + 1).await?;
+            insert_rows(&tx, pick_address(rng), size / 2 + 1).await?;
             tx.batch_execute("savepoint s").await?;
-            insert_rows(&tx, pick_subscriber(rng), size / 2 + 1).await?;
+            insert_rows(&tx, pick_address(rng), size / 2 + 1).await?;
             tx.batch_execute("rollback to savepoint s").await?;
-            insert_rows(&tx, pick_subscriber(rng), 3).await?;
+            insert_rows(&tx, pick_address(rng), 3).await?;
         }
         _ => {
             let mut left = size;
             while left > 0 {
                 let chunk = rng.random_range(1..=left);
-                insert_rows(&tx, pick_subscriber(rng), chunk).await?;
+                insert_rows(&tx, pick_address(rng), chunk).await?;
                 left -= chunk;
             }
         }
@@ -687,11 +758,14 @@ async fn consume_loop(
             counters.reconnects.fetch_add(1, Ordering::SeqCst);
         }
         let last_event_id = last.to_string();
-        let headers = [
-            ("X-Consumer-Id", name.as_str()),
-            ("Last-Event-ID", &last_event_id),
-        ];
-        let response = app.try_get("/events", &headers).await;
+        let mut headers = vec![("Last-Event-ID", last_event_id.as_str())];
+        let path = if name == TOPIC_STREAM {
+            format!("/events?topic={}&topic={}", TOPICS[0], TOPICS[1])
+        } else {
+            headers.push(("X-Consumer-Id", name.as_str()));
+            "/events".to_owned()
+        };
+        let response = app.try_get(&path, &headers).await;
         let response = match response {
             Ok(response) if response.status() == 200 => response,
             Ok(response) => {
@@ -728,7 +802,7 @@ async fn consume_loop(
             if id <= last {
                 received.order_violations.push((last, id));
             }
-            if addressee(&event.data).is_some_and(|to| to != name) {
+            if misrouted(&name, &event.data) {
                 received.misrouted.push(id);
             }
             received.ids.push(id);
@@ -746,10 +820,20 @@ async fn consume_loop(
     received
 }
 
-/// The payload's "to": the consumer the event was inserted for (None for a broadcast).
-fn addressee(data: &str) -> Option<String> {
+/// Whether stream `name` should not have received this event, by its payload: "to", the
+/// consumer it was inserted for, and "topics", the topics it was addressed to.
+fn misrouted(name: &str, data: &str) -> bool {
     let payload: serde_json::Value = serde_json::from_str(data).expect("JSON payload");
-    payload["to"].as_str().map(str::to_owned)
+    if name == TOPIC_STREAM {
+        let topics = payload["topics"].as_array().into_iter().flatten();
+        !topics.filter_map(Value::as_str).any(selects)
+    } else {
+        match payload["to"].as_str() {
+            Some(to) => to != name,
+            // Addressed to topics only: for topic streams, not consumers.
+            None => !payload["topics"].is_null(),
+        }
+    }
 }
 
 /// One webhook subscription of the randomized run: its receiver and seeded answers, the
