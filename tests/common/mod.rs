@@ -649,12 +649,13 @@ pub async fn insert(
         .get(0)
 }
 
-/// The ids of the events `consumer` is to receive (its own and the broadcasts), in id order: what
-/// the table says a stream or a webhook subscription must deliver.
+/// The ids of the events `consumer` is to receive (its own and the broadcasts, not topic-only
+/// events), in id order: what the table says a stream or a webhook subscription must deliver.
 pub async fn ids_for(client: &impl tokio_postgres::GenericClient, consumer: &str) -> Vec<i64> {
     client
         .query(
-            "SELECT id FROM events WHERE subscriber = $1 OR subscriber IS NULL ORDER BY id",
+            "SELECT id FROM events WHERE subscriber = $1 OR (subscriber IS NULL AND topics IS NULL) \
+             ORDER BY id",
             &[&consumer],
         )
         .await
