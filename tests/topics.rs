@@ -1411,8 +1411,6 @@ async fn event_piper_tokens_keep_working_beside_topics() {
 /// needs at least one `match`), not with a `GET /events` reason about consumers, which the hub
 /// does not follow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "src/http/mercure.rs: Reading::check asks for a consumer before the hub's \
-            'missing topic matcher' check, so the hub answers 'missing X-Consumer-Id header'"]
 async fn the_hub_says_a_subscription_without_a_matcher_lacks_one() {
     let app = TestApp::start().await;
     assert_refused(app.get(HUB).await, 400, "missing topic matcher").await;
