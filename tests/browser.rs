@@ -21,6 +21,9 @@ use event_piper::auth::mint;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
+/// The signing secret of the tests that turn authentication on.
+const SECRET: &str = "browser-secret-browser-secret-browser!";
+
 /// A chromedriver process and one browser session in it.
 struct Browser {
     driver: Child,
@@ -372,7 +375,6 @@ async fn page_asks_for_a_new_token_when_its_token_expires() {
     let Some(browser) = browser_or_skip().await else {
         return;
     };
-    const SECRET: &str = "browser-secret-browser-secret-browser!";
     let app = TestApp::builder().jwt_secret(SECRET).start().await;
     let producer = app.producer().await;
     let token = |ttl| mint(SECRET, "toto", Duration::from_secs(ttl), false).unwrap();
@@ -517,7 +519,6 @@ async fn event_source_on_the_mercure_hub_gets_the_private_events_its_cookie_gran
     let Some(browser) = browser_or_skip().await else {
         return;
     };
-    const SECRET: &str = "browser-secret-browser-secret-browser!";
     const GRANTED: &str = "https://example.com/rooms/1";
     const OTHER: &str = "https://example.com/rooms/2";
     let app = TestApp::builder().jwt_secret(SECRET).start().await;

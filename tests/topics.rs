@@ -40,6 +40,16 @@ fn query(pairs: &[(&str, &str)]) -> String {
         .finish()
 }
 
+/// The hub's path with a query of these pairs.
+fn hub(pairs: &[(&str, &str)]) -> String {
+    format!("{HUB}?{}", query(pairs))
+}
+
+/// A live hub stream of the query `pairs`, opened with these headers.
+async fn hub_stream(app: &TestApp, pairs: &[(&str, &str)], headers: &[(&str, &str)]) -> HubStream {
+    HubStream::open(app.get_with(&hub(pairs), headers).await).await
+}
+
 fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -661,7 +671,6 @@ async fn post_events_addresses_topics() {
 async fn the_hub_subscribes_frames_and_resumes_as_the_draft_says() {
     let app = TestApp::start().await;
     let producer = app.producer().await;
-    let hub = |pairs: &[(&str, &str)]| format!("{HUB}?{}", query(pairs));
 
     assert_refused(
         app.get(&hub(&[("match_foo", ROOM)])).await,
@@ -680,10 +689,10 @@ async fn the_hub_subscribes_frames_and_resumes_as_the_draft_says() {
     )
     .await;
 
-    let mut by_match = HubStream::open(app.get(&hub(&[("match", ROOM)])).await).await;
-    let mut by_exact = HubStream::open(app.get(&hub(&[("match_exact", ROOM)])).await).await;
-    let mut by_topic = HubStream::open(app.get(&hub(&[("topic", ROOM)])).await).await;
-    let mut by_pattern = HubStream::open(app.get(&hub(&[("match_urlpattern", BOOKS)])).await).await;
+    let mut by_match = hub_stream(&app, &[("match", ROOM)], &[]).await;
+    let mut by_exact = hub_stream(&app, &[("match_exact", ROOM)], &[]).await;
+    let mut by_topic = hub_stream(&app, &[("topic", ROOM)], &[]).await;
+    let mut by_pattern = hub_stream(&app, &[("match_urlpattern", BOOKS)], &[]).await;
     assert_eq!(by_match.resumed_from(), None);
 
     // Published on the hub (no authentication: anyone may).
@@ -776,7 +785,7 @@ async fn the_hub_subscribes_frames_and_resumes_as_the_draft_says() {
     let resume = async |headers: &[(&str, &str)], extra: &[(&str, &str)]| {
         let mut pairs = both.to_vec();
         pairs.extend_from_slice(extra);
-        HubStream::open(app.get_with(&hub(&pairs), headers).await).await
+        hub_stream(&app, &pairs, headers).await
     };
     let mut after_first = resume(&[("Last-Event-ID", "urn:uuid:first")], &[]).await;
     assert_eq!(after_first.resumed_from(), Some("urn:uuid:first"));
@@ -847,12 +856,10 @@ async fn the_hub_publishes_forms_as_the_draft_says() {
     let producer = app.producer().await;
     let publisher = mercure_token(&[grant(&["publish"], &[pattern(BOOKS), exact(ROOM)])]);
     let reader = mercure_token(&[grant(&["subscribe"], &[exact("*")])]);
-    let mut everything = HubStream::open(
-        app.get_with(
-            &format!("{HUB}?{}", query(&[("match", "*")])),
-            &[("Authorization", &format!("Bearer {reader}"))],
-        )
-        .await,
+    let mut everything = hub_stream(
+        &app,
+        &[("match", "*")],
+        &[("Authorization", &format!("Bearer {reader}"))],
     )
     .await;
 
@@ -1003,12 +1010,10 @@ async fn a_symfony_style_publisher_publishes_to_the_hub() {
         "at+jwt",
         &claims(json!([grant(&["subscribe"], &[exact(&book(1))])])),
     );
-    let mut stream = HubStream::open(
-        app.get_with(
-            &format!("{HUB}?{}", query(&[("match_urlpattern", "/books/:id")])),
-            &[("Cookie", &format!("mercureAuthorization={subscriber}"))],
-        )
-        .await,
+    let mut stream = hub_stream(
+        &app,
+        &[("match_urlpattern", "/books/:id")],
+        &[("Cookie", &format!("mercureAuthorization={subscriber}"))],
     )
     .await;
 
@@ -1289,14 +1294,7 @@ async fn events_point_to_the_hub() {
         format!("<{HUB_URL}>; rel=\"mercure\"")
     );
 
-    let mut relative = HubStream::open(
-        app.get(&format!(
-            "{HUB}?{}",
-            query(&[("match_urlpattern", "/books/:id")])
-        ))
-        .await,
-    )
-    .await;
+    let mut relative = hub_stream(&app, &[("match_urlpattern", "/books/:id")], &[]).await;
     add(&producer, &["https://example.com/books/1"], false).await; // another host
     let absolute = add(&producer, &["https://hub.example.com/books/1"], false).await;
     let relative_topic = add(&producer, &["/books/2"], false).await;
