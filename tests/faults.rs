@@ -1,7 +1,8 @@
 //! The fault suite: exactly-once, in-order delivery per consumer and on a stream of two topics
 //! across reconnects, two service instances on one database, while producers (addressing
 //! consumers, broadcasts and topics), slow and flaky consumers and injected faults (killed
-//! notification, pool and webhook lease connections, a PostgreSQL restart) all run at once. Webhook subscriptions of some consumers are delivered at the same time to receivers
+//! notification, pool and webhook lease connections, a PostgreSQL restart) all run at once.
+//! Webhook subscriptions of some consumers are delivered at the same time to receivers
 //! that fail, answer slowly, go away and answer 410: each must get every event of its consumer,
 //! in order, at least once, repeated only where the rules allow it (see [`check_deliveries`]).
 //! Two more tests kill a real `event-piper` process while it delivers: mid-batch, and while the

@@ -13,7 +13,7 @@ use crate::router::Refused;
 use crate::sse::Format;
 use crate::stream::OpenError;
 
-use super::request::{EventsQuery, Reading, last_event_id, parse_last_event_id};
+use super::request::{EventsQuery, Follows, Reading, last_event_id, parse_last_event_id};
 use super::{ApiError, AppState};
 
 /// `GET /events`: the consumer's event stream.
@@ -23,7 +23,13 @@ pub(super) async fn events(
     RawQuery(raw_query): RawQuery,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let mut reading = Reading::check(&state, &headers, raw_query.as_deref(), query)?;
+    let mut reading = Reading::check(
+        &state,
+        &headers,
+        raw_query.as_deref(),
+        query,
+        Follows::ConsumersAndTopics,
+    )?;
     let reader = reading.reader();
     let Reading {
         query,

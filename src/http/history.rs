@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::event::EventId;
 
-use super::request::{EventsQuery, Reading, parse_last_event_id};
+use super::request::{EventsQuery, Follows, Reading, parse_last_event_id};
 use super::{ApiError, AppState};
 
 /// Events per page of `GET /history` unless the client asks, and at most.
@@ -25,7 +25,13 @@ pub(super) async fn history(
     RawQuery(raw_query): RawQuery,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let reading = Reading::check(&state, &headers, raw_query.as_deref(), query)?;
+    let reading = Reading::check(
+        &state,
+        &headers,
+        raw_query.as_deref(),
+        query,
+        Follows::ConsumersAndTopics,
+    )?;
     let consumer = reading.consumer_only()?.clone();
     let Reading { query, types, .. } = reading;
     let id = |name: &str, value: &Option<String>, default: i64| match value {

@@ -30,7 +30,7 @@ use crate::sse::{self, Format};
 use crate::stream::OpenError;
 use crate::topic::{MAX_TOPICS, check_text, is_reserved};
 
-use super::request::{self, EventsQuery, LAST_EVENT_ID_HEADER, Reading, form_pairs, text};
+use super::request::{EventsQuery, Follows, LAST_EVENT_ID_HEADER, Reading, form_pairs, text};
 use super::{ApiError, AppState};
 
 /// The response field that tells a resuming subscriber where its stream starts.
@@ -48,16 +48,13 @@ pub(super) async fn subscribe(
     RawQuery(raw_query): RawQuery,
     query: Result<Query<EventsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    // Before the rest of the checks: without a matcher they would ask for a consumer, which the
-    // hub does not follow.
-    if request::matchers(raw_query.as_deref(), &state.hub.url)?.is_empty() {
-        return Err(ApiError::BadRequest(
-            "missing topic matcher: add match=<topic> or match_urlpattern=<pattern>".into(),
-        ));
-    }
-    let mut reading = Reading::check(&state, &headers, raw_query.as_deref(), query)?;
-    // The hub follows topics only, whatever the request says of consumers.
-    reading.consumer = None;
+    let mut reading = Reading::check(
+        &state,
+        &headers,
+        raw_query.as_deref(),
+        query,
+        Follows::TopicsOnly,
+    )?;
     if reading
         .token_expires
         .is_some_and(|expires| expires <= std::time::SystemTime::now())

@@ -66,17 +66,34 @@ pub(super) struct Reading {
     pub private_topics: Vec<Matcher>,
 }
 
+/// What an endpoint can follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Follows {
+    /// `GET /events` and `/history`: a consumer, topics, or both.
+    ConsumersAndTopics,
+    /// The Mercure hub: topics, whatever the request says of consumers.
+    TopicsOnly,
+}
+
 impl Reading {
-    /// Checks the query, the token, the topics, the consumer and the types, in that order.
+    /// Checks the query, the topics, the token, the consumer and the types, in that order.
     pub(super) fn check(
         state: &AppState,
         headers: &HeaderMap,
         raw_query: Option<&str>,
         query: Result<Query<EventsQuery>, QueryRejection>,
+        follows: Follows,
     ) -> Result<Reading, ApiError> {
         let Query(query) = query
             .map_err(|error| ApiError::BadRequest(format!("malformed query string: {error}")))?;
         let matchers = matchers(raw_query, &state.hub.url)?;
+        if follows == Follows::TopicsOnly && matchers.is_empty() {
+            return Err(ApiError::BadRequest(
+                "missing topic matcher: add match=<topic> or match_urlpattern=<pattern>".into(),
+            ));
+        }
+        let names_consumer =
+            follows == Follows::ConsumersAndTopics && names_consumer(headers, &query);
         let query_token = query
             .access_token
             .as_deref()
@@ -84,9 +101,7 @@ impl Reading {
         // Anonymous streams may follow topics, when allowed: they get public events only.
         let claims = match state.claims(headers, query_token) {
             Err(ApiError::Unauthorized(_))
-                if state.hub.anonymous
-                    && !matchers.is_empty()
-                    && !names_consumer(headers, &query) =>
+                if state.hub.anonymous && !matchers.is_empty() && !names_consumer =>
             {
                 None
             }
@@ -100,7 +115,7 @@ impl Reading {
             .as_ref()
             .map(|claims| claims.topics.subscribe.clone())
             .unwrap_or_default();
-        let consumer = if matchers.is_empty() || names_consumer(headers, &query) {
+        let consumer = if matchers.is_empty() || names_consumer {
             Some(reader(claims, headers, raw_query, &query)?)
         } else {
             None
