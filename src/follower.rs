@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use crate::channel::RecvError;
 use crate::event::{EventId, EventRow};
 use crate::hub::Published;
+use crate::recent::Recent;
 use crate::router::{Refused, Router, Subscription};
 use crate::selection::Reader;
 use crate::sse::Frame;
@@ -94,11 +95,33 @@ impl Position {
     }
 }
 
+/// A page of a replay, in id order, never empty.
+#[derive(Debug)]
+pub enum Replayed {
+    /// Rows read from the table.
+    Table(Vec<EventRow>),
+    /// Frames the hub published recently, served from memory ([`crate::recent`]).
+    Recent(Vec<Frame>),
+}
+
+impl Replayed {
+    pub fn len(&self) -> usize {
+        match self {
+            Replayed::Table(rows) => rows.len(),
+            Replayed::Recent(frames) => frames.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// What a follower hands out next.
 #[derive(Debug)]
 pub enum Next {
-    /// A page of the selection's events from the table, in id order (never empty).
-    Page(Vec<EventRow>),
+    /// A page of the selection's events from the recent tail or the table.
+    Page(Replayed),
     /// A live frame, as the hub rendered it.
     Live(Frame),
     /// Reading a page failed; the next call retries it.
@@ -111,6 +134,8 @@ pub enum Next {
 #[derive(Clone)]
 pub struct Sources {
     pub router: Arc<Router>,
+    /// The tail of recent events, which serves replays it covers without a read.
+    pub recent: Arc<Recent>,
     /// The hub's published id: every event at or below it is final in the table.
     pub published: watch::Receiver<Published>,
     pub store: Store,
@@ -199,15 +224,31 @@ impl Follower {
     }
 
     /// The next page of the replay; None once the follower is live, which an empty last page
-    /// makes it without handing anything out. Never waits for live events.
-    pub async fn next_page(&mut self) -> Option<Result<Vec<EventRow>, StoreError>> {
+    /// makes it without handing anything out. Never waits for live events. What the recent tail
+    /// covers is served from it; the rest is read from the table.
+    pub async fn next_page(&mut self) -> Option<Result<Replayed, StoreError>> {
         while let Some((after, upto)) = self.position.page() {
+            let limit = self.sources.page_size;
+            if let Some(page) =
+                self.sources
+                    .recent
+                    .read(&self.reader.selection, (after, upto), limit as usize)
+            {
+                self.position
+                    .replayed(Some(page.covered), page.covered >= upto);
+                let mut frames = page.frames;
+                frames.retain(|frame| self.reader.wants(&frame.address(), frame.event_type()));
+                if !frames.is_empty() {
+                    return Some(Ok(Replayed::Recent(frames)));
+                }
+                continue;
+            }
             // Boxed: a query future is large, and every idle follower would carry its space all
             // its life.
             let read = Box::pin(self.sources.store.read_selection(
                 &self.reader.selection,
                 (after, upto),
-                self.sources.page_size,
+                limit,
                 self.reader.types.as_ref(),
             ))
             .await;
@@ -220,7 +261,7 @@ impl Follower {
             let mut rows = page.rows;
             rows.retain(|row| self.reader.wants(&row.address(), &row.event_type));
             if !rows.is_empty() {
-                return Some(Ok(rows));
+                return Some(Ok(Replayed::Table(rows)));
             }
         }
         None

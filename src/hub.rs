@@ -42,6 +42,7 @@ use crate::backoff::Backoff;
 use crate::bell::Bell;
 use crate::event::EventId;
 use crate::metrics::Metrics;
+use crate::recent::Recent;
 use crate::router::Router;
 use crate::sse::Frame;
 use crate::store::{Store, StoreError};
@@ -76,6 +77,8 @@ pub struct Timing {
 pub struct Hub {
     store: Store,
     router: Arc<Router>,
+    /// The tail of what it published, for followers resuming a little behind.
+    recent: Arc<Recent>,
     published: watch::Sender<Published>,
     batch_size: i64,
     timing: Timing,
@@ -130,6 +133,7 @@ impl Hub {
     pub fn new(
         store: Store,
         router: Arc<Router>,
+        recent: Arc<Recent>,
         published: watch::Sender<Published>,
         batch_size: u32,
         timing: Timing,
@@ -138,6 +142,7 @@ impl Hub {
         Hub {
             store,
             router,
+            recent,
             published,
             batch_size: i64::from(batch_size),
             timing,
@@ -172,6 +177,10 @@ impl Hub {
         };
         self.cursor = start;
         self.dead_upto = start;
+        tokio::select! {
+            _ = self.warm(start) => {}
+            _ = shutdown.cancelled() => return,
+        }
         self.published.send_replace(Some(start));
         tracing::info!(published = %start, "hub ready");
 
@@ -294,6 +303,26 @@ impl Hub {
         Ok(max)
     }
 
+    /// Starts the recent tail with the events just below the starting point, so that the clients
+    /// that reconnect right after a restart are served from memory: one read at start instead of
+    /// one per client. Without it (the read failed), the tail starts empty.
+    async fn warm(&self, start: EventId) {
+        let limit = self.recent.warm_rows();
+        let before = if limit == 0 {
+            Vec::new()
+        } else {
+            match self.store.read_before(start, limit).await {
+                Ok(rows) => rows.into_iter().map(Frame::from_row).collect(),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read the recent events; resumes read the table");
+                    Vec::new()
+                }
+            }
+        };
+        tracing::debug!(events = before.len(), "recent events loaded");
+        self.recent.reset(start, before);
+    }
+
     /// Reads and publishes until it is up to date or blocked on an id in flight.
     async fn catch_up(&mut self) -> Result<Pass, StoreError> {
         let mut published = 0;
@@ -323,9 +352,11 @@ impl Hub {
                 published += batch.len();
                 self.metrics.events_published.increment(batch.len() as u64);
                 self.metrics.hub_batch_size.record(batch.len() as f64);
-                // Publish the new cursor before routing: a stream that subscribes meanwhile and
-                // reads the cursor replays these from the table and drops the duplicates it then
-                // also receives live. The other order would lose them.
+                // Into the recent tail, then publish the new cursor, then route: a stream that
+                // subscribes meanwhile and reads the cursor replays these (from the tail or the
+                // table) and drops the duplicates it then also receives live. Routing first
+                // would lose them.
+                self.recent.append(&batch, self.cursor);
                 self.published.send_replace(Some(self.cursor));
                 self.router.route(&batch);
             }

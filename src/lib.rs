@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod net;
 pub mod publish;
 pub mod publisher;
+pub mod recent;
 pub mod retention;
 pub mod router;
 pub mod selection;
@@ -181,9 +182,11 @@ pub async fn serve(
         },
         stop.clone(),
     ));
+    let recent = Arc::new(recent::Recent::new(config.recent_bytes));
     let hub = hub::Hub::new(
         store.clone(),
         Arc::clone(&router),
+        Arc::clone(&recent),
         published_tx,
         config.batch_size,
         config.hub_timing(),
@@ -194,6 +197,7 @@ pub async fn serve(
     if let Some(max_age) = config.retention {
         tasks.spawn(retention::run(
             store.clone(),
+            Arc::clone(&recent),
             max_age,
             published_rx.clone(),
             stop.clone(),
@@ -202,6 +206,7 @@ pub async fn serve(
 
     let sources = follower::Sources {
         router,
+        recent,
         published: published_rx,
         store: store.clone(),
         page_size: i64::from(config.batch_size),

@@ -22,6 +22,7 @@ pub struct Metrics {
     pub events_published: Counter,
     pub frames_delivered: Counter,
     pub replay_rows: Counter,
+    pub replay_recent: Counter,
     pub lag_recoveries: Counter,
     pub listener_reconnects: Counter,
     pub bell_rings: Counter,
@@ -74,6 +75,7 @@ impl Metrics {
             events_published: counter!("event_piper_events_published_total"),
             frames_delivered: counter!("event_piper_frames_delivered_total"),
             replay_rows: counter!("event_piper_replay_rows_total"),
+            replay_recent: counter!("event_piper_replay_recent_total"),
             lag_recoveries: counter!("event_piper_lag_recoveries_total"),
             listener_reconnects: counter!("event_piper_listener_reconnects_total"),
             bell_rings: counter!("event_piper_doorbell_rings_total"),
@@ -151,6 +153,11 @@ fn describe() {
         "event_piper_replay_rows_total",
         Unit::Count,
         "Rows read from the table for replays (Last-Event-ID) and lag recoveries."
+    );
+    describe_counter!(
+        "event_piper_replay_recent_total",
+        Unit::Count,
+        "Events of replays and lag recoveries served from the recent tail in memory, without a read."
     );
     describe_counter!(
         "event_piper_lag_recoveries_total",

@@ -205,6 +205,22 @@ impl Store {
             .map_err(Into::into)
     }
 
+    /// The last `limit` events at or below `upto`, in id order (the recent tail's start).
+    pub async fn read_before(&self, upto: EventId, limit: i64) -> Result<Vec<EventRow>> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(&format!(
+                "SELECT * FROM (SELECT {COLUMNS} FROM events WHERE id <= $1 \
+                 ORDER BY id DESC LIMIT $2) tail ORDER BY id"
+            ))
+            .await?;
+        let rows = client.query(&statement, &[&upto.0, &limit]).await?;
+        rows.iter()
+            .map(event_row)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(Into::into)
+    }
+
     /// One page of a selection's events in `(after, upto]`, in id order, of the given types
     /// only (the types narrow the rows in the database; the follower still decides with the
     /// same filter, as for live frames). Each part of the selection is one keyset read of an
@@ -434,12 +450,17 @@ impl Store {
             .transpose()
     }
 
-    /// Deletes, oldest first, at most `limit` events older than `max_age`, none after `upto` nor
-    /// after the position of a webhook subscription that may still deliver (any not disabled by a
-    /// 410), and stops at the first event that is not old enough: what is deleted is always a
-    /// prefix of the ids, so "everything up to N is gone" stays true. Returns how many were
-    /// deleted.
-    pub async fn expire(&self, max_age: Duration, upto: EventId, limit: i64) -> Result<i64> {
+    /// The highest id of the events retention may delete now, oldest first, at most `limit` of
+    /// them: older than `max_age`, none after `upto` nor after the position of a webhook
+    /// subscription that may still deliver (any not disabled by a 410), stopping at the first
+    /// event that is not old enough, so that what is deleted is always a prefix of the ids and
+    /// "everything up to N is gone" stays true. None when there is nothing to delete.
+    pub async fn expiring(
+        &self,
+        max_age: Duration,
+        upto: EventId,
+        limit: i64,
+    ) -> Result<Option<EventId>> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
@@ -448,20 +469,30 @@ impl Store {
                    FROM events WHERE id <= $2 AND id <= coalesce( \
                      (SELECT min(position) FROM event_piper_subscriptions \
                       WHERE state <> 'disabled'), $2) \
-                   ORDER BY id LIMIT $3), \
-                 doomed AS ( \
-                   SELECT id FROM head WHERE old AND id < coalesce( \
-                     (SELECT min(id) FROM head WHERE NOT old), 9223372036854775807)), \
-                 gone AS (DELETE FROM events WHERE id IN (SELECT id FROM doomed) RETURNING id) \
-                 UPDATE event_piper_retention \
-                 SET deleted_upto = greatest(deleted_upto, coalesce((SELECT max(id) FROM gone), 0)) \
-                 RETURNING (SELECT count(*) FROM gone)",
+                   ORDER BY id LIMIT $3) \
+                 SELECT max(id) FROM head WHERE old AND id < coalesce( \
+                   (SELECT min(id) FROM head WHERE NOT old), 9223372036854775807)",
             )
             .await?;
         let row = client
             .query_one(&statement, &[&max_age.as_secs_f64(), &upto.0, &limit])
             .await?;
-        Ok(row.try_get(0)?)
+        Ok(row.try_get::<_, Option<i64>>(0)?.map(EventId))
+    }
+
+    /// Deletes every event up to `upto` (what [`Store::expiring`] found) and records that they
+    /// are gone, in one statement. Returns how many were deleted.
+    pub async fn expire(&self, upto: EventId) -> Result<i64> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH gone AS (DELETE FROM events WHERE id <= $1 RETURNING id) \
+                 UPDATE event_piper_retention \
+                 SET deleted_upto = greatest(deleted_upto, coalesce((SELECT max(id) FROM gone), 0)) \
+                 RETURNING (SELECT count(*) FROM gone)",
+            )
+            .await?;
+        Ok(client.query_one(&statement, &[&upto.0]).await?.try_get(0)?)
     }
 
     /// The first event a Mercure publisher gave this id (the draft resolves a reused id to the

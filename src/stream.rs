@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::event::{EventId, EventRow};
-use crate::follower::{Follower, Next, Sources, StartError};
+use crate::follower::{Follower, Next, Replayed, Sources, StartError};
 use crate::metrics::Metrics;
 use crate::selection::Reader;
 use crate::sse::{self, Format, Frame};
@@ -78,13 +78,14 @@ impl Streams {
             None => None,
         };
         // Retention may have deleted part of what a resuming client asks for: it gets what is
-        // kept, and is told so.
+        // kept, and is told so. What the recent tail covers was not lost, whatever the table
+        // still holds, and needs no read.
         let truncated = match cursor {
-            Some(cursor) => {
+            Some(cursor) if !self.sources.recent.covers(cursor) => {
                 let deleted_upto = self.sources.store.deleted_upto().await?;
                 (cursor < deleted_upto).then(|| format.truncated(cursor, deleted_upto))
             }
-            None => None,
+            _ => None,
         };
 
         // When the stream ends, and whether that is because its token expires.
@@ -151,10 +152,14 @@ impl Streams {
                 match next {
                     Next::Page(rows) => {
                         backoff.reset();
-                        streams.metrics.replay_rows.increment(rows.len() as u64);
+                        let source = match &rows {
+                            Replayed::Table(_) => &streams.metrics.replay_rows,
+                            Replayed::Recent(_) => &streams.metrics.replay_recent,
+                        };
+                        source.increment(rows.len() as u64);
                         streams.metrics.frames_delivered.increment(rows.len() as u64);
                         guard.set_live(follower.position().is_live());
-                        yield Ok(render_page(&rows, format));
+                        yield Ok(render_page(rows, format));
                     }
                     Next::Live(frame) => {
                         guard.set_live(true);
@@ -238,8 +243,22 @@ fn take_queued(follower: &mut Follower, format: Format, first: Frame) -> (Bytes,
     (gathered.map_or(first, BytesMut::freeze), count)
 }
 
-/// A page of replayed rows as one buffer of frames.
-fn render_page(rows: &[EventRow], format: Format) -> Bytes {
+/// A page of a replay as one buffer of frames.
+fn render_page(page: Replayed, format: Format) -> Bytes {
+    match page {
+        Replayed::Table(rows) => render_rows(&rows, format),
+        Replayed::Recent(frames) => {
+            let mut buf = BytesMut::new();
+            for frame in frames {
+                buf.extend_from_slice(&format.live(frame));
+            }
+            buf.freeze()
+        }
+    }
+}
+
+/// Replayed rows as one buffer of frames.
+fn render_rows(rows: &[EventRow], format: Format) -> Bytes {
     let size: usize = rows
         .iter()
         .map(|row| 32 + row.event_type.len() + row.payload.len())

@@ -19,7 +19,7 @@ use super::signing::Secret;
 use crate::backoff::Backoff;
 use crate::event::{ConsumerId, EventId, EventRow};
 use crate::filter::TypeFilter;
-use crate::follower::{Follower, Next, Sources};
+use crate::follower::{Follower, Next, Replayed, Sources};
 use crate::metrics::WebhookMetrics;
 use crate::selection::{Reader, Selection};
 use crate::sse::{Frame, put_compact_json};
@@ -98,6 +98,13 @@ impl Batch {
     fn push_rows(&mut self, rows: &[EventRow]) {
         for row in rows {
             self.push(row.id, &row.event_type, &row.payload);
+        }
+    }
+
+    fn push_page(&mut self, page: &Replayed) {
+        match page {
+            Replayed::Table(rows) => self.push_rows(rows),
+            Replayed::Recent(frames) => frames.iter().for_each(|frame| self.push_frame(frame)),
         }
     }
 
@@ -263,7 +270,7 @@ impl Delivery<'_> {
                     };
                     let mut batch = Batch::new(self.generation);
                     match next {
-                        Next::Page(rows) => batch.push_rows(&rows),
+                        Next::Page(page) => batch.push_page(&page),
                         Next::Live(frame) => {
                             batch.push_frame(&frame);
                             self.drain_live(&mut follower, &mut batch);
@@ -334,8 +341,8 @@ impl Delivery<'_> {
     /// frames already queued. A page that fails to read is left to the next `Follower::next`.
     async fn ready_batch(&self, follower: &mut Follower) -> Option<Batch> {
         let mut batch = Batch::new(self.generation);
-        if let Some(Ok(rows)) = follower.next_page().await {
-            batch.push_rows(&rows);
+        if let Some(Ok(page)) = follower.next_page().await {
+            batch.push_page(&page);
         } else {
             self.drain_live(follower, &mut batch);
         }
