@@ -137,6 +137,14 @@ pub struct Config {
     #[serde(serialize_with = "optional_millis")]
     pub max_stream_lifetime: Option<Duration>,
 
+    /// On SIGTERM, end the open streams spread over this long (each with a jittered `retry:`),
+    /// so that their clients come back to the other instances over seconds rather than in one
+    /// burst. `/ready` answers 503 and new connections are refused from the start of it. 0 ends
+    /// them all at once.
+    #[arg(long, env = "EVENT_PIPER_DRAIN_PERIOD", default_value = "10s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
+    pub drain_period: Duration,
+
     /// Delete events older than this (by their timestamp), in small batches in the background.
     /// Unset: keep everything.
     #[arg(long, env = "EVENT_PIPER_RETENTION", value_parser = parse_duration)]

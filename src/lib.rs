@@ -160,6 +160,9 @@ pub async fn serve(
     let metrics = metrics::Metrics::new();
     // Every task ends when `stop` is cancelled; `tasks` is waited for before returning.
     let stop = CancellationToken::new();
+    // Cancelled first, on the shutdown signal: streams end and the server stops accepting; the
+    // rest keeps running until they have.
+    let draining = CancellationToken::new();
     let tasks = TaskTracker::new();
     let doorbell = Arc::new(Notify::new());
     let router = router::Router::new(
@@ -237,7 +240,8 @@ pub async fn serve(
     let streams = Arc::new(stream::Streams {
         sources,
         listening: listening_rx,
-        shutdown: stop.clone(),
+        shutdown: draining.clone(),
+        drain: config.drain_period,
         heartbeat: config.heartbeat,
         max_lifetime: config.max_stream_lifetime,
         retry: config.retry,
@@ -277,13 +281,16 @@ pub async fn serve(
         header_timeout: config.header_timeout,
         max_header_bytes: config.max_header_bytes,
     };
+    let drain = config.drain_period;
     let served = net::serve(listener, app, settings, async move {
         shutdown.await;
-        tracing::info!("shutting down: ending open streams");
-        // Open streams watch this and end, so the graceful shutdown does not wait forever.
-        stop.cancel();
+        // Not ready from now on, and the server stops accepting once this returns; open streams
+        // watch this and end over the drain period, so the graceful shutdown ends with them.
+        tracing::info!(period = ?drain, "shutting down: draining open streams");
+        draining.cancel();
     })
     .await;
+    stop.cancel();
     // Every handle to the publisher lived in the connections, which have all closed: its queue is
     // drained and it ends.
     tasks.close();

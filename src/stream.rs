@@ -26,7 +26,10 @@ pub struct Streams {
     pub sources: Sources,
     /// Whether the notification connection is listening (for readiness).
     pub listening: watch::Receiver<bool>,
+    /// Cancelled when the instance starts to shut down: streams end, spread over `drain`.
     pub shutdown: CancellationToken,
+    /// `--drain-period`.
+    pub drain: Duration,
     pub heartbeat: Duration,
     pub retry: Duration,
     /// `--max-stream-lifetime`.
@@ -41,6 +44,8 @@ pub enum OpenError {
     Start(#[from] StartError),
     #[error("cannot replay from the database right now: {0}")]
     Replay(#[from] StoreError),
+    #[error("this instance is shutting down; reconnect to another")]
+    Draining,
 }
 
 /// What a stream waiting for its follower woke up for.
@@ -71,6 +76,9 @@ impl Streams {
         format: Format,
         token_expires: Option<SystemTime>,
     ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + Send + 'static, OpenError> {
+        if self.shutdown.is_cancelled() {
+            return Err(OpenError::Draining);
+        }
         let mut follower = Follower::start(&self.sources, reader, cursor, READY_WAIT).await?;
         let first = match follower.next_page().await {
             Some(Ok(rows)) => Some(Next::Page(rows)),
@@ -101,6 +109,9 @@ impl Streams {
                 Some(at) => Box::pin(tokio::time::sleep_until(at)).left_future(),
                 None => futures::future::pending().right_future(),
             };
+            // Set once the instance drains and this stream's own moment to end is its end.
+            let mut draining = false;
+            let mut drained = false;
             let mut guard = StreamGuard::new(&follower, cursor, &streams.metrics);
             // A client that has read this knows every event committed from now on will reach it.
             yield Ok(sse::retry(streams.retry));
@@ -121,13 +132,13 @@ impl Streams {
                     // A replay goes as fast as the client reads; heartbeats are for waiting.
                     None if !follower.position().is_live() => tokio::select! {
                         biased;
-                        _ = shutdown.cancelled() => Wake::Stop,
+                        _ = shutdown.cancelled(), if !draining => Wake::Stop,
                         _ = &mut ends => Wake::End,
                         next = follower.next() => Wake::Next(next),
                     },
                     None => tokio::select! {
                         biased;
-                        _ = shutdown.cancelled() => Wake::Stop,
+                        _ = shutdown.cancelled(), if !draining => Wake::Stop,
                         _ = &mut ends => Wake::End,
                         next = follower.next() => Wake::Next(next),
                         _ = heartbeat.tick() => Wake::Heartbeat,
@@ -139,7 +150,25 @@ impl Streams {
                         yield Ok(sse::HEARTBEAT);
                         continue;
                     }
-                    Wake::Stop => return,
+                    Wake::Stop => {
+                        // Ends at a moment of its own within the drain period, unless it was to
+                        // end before that anyway.
+                        if streams.drain.is_zero() {
+                            return;
+                        }
+                        draining = true;
+                        let at = Instant::now() + jitter(streams.drain);
+                        if ends_at.is_none_or(|end| at < end) {
+                            ends = Box::pin(tokio::time::sleep_until(at)).left_future();
+                            drained = true;
+                        }
+                        continue;
+                    }
+                    Wake::End if drained => {
+                        // Spread the comebacks further: each client waits a little differently.
+                        yield Ok(sse::retry(streams.retry / 2 + jitter(streams.retry)));
+                        return;
+                    }
                     Wake::End => {
                         yield Ok(format.ending(token_expired));
                         return;
@@ -216,6 +245,12 @@ impl Streams {
     pub fn retry_after(&self) -> u64 {
         self.retry.as_secs().max(1)
     }
+}
+
+/// A uniformly random delay in `[0, up_to)`.
+fn jitter(up_to: Duration) -> Duration {
+    let millis = up_to.as_millis().max(1) as u64;
+    Duration::from_millis(rand::random_range(0..millis))
 }
 
 /// At most this much is gathered into one write (see [`take_queued`]).

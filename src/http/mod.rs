@@ -238,11 +238,12 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// `GET /ready`: 200 once the hub has its starting point and the notification connection is
-/// listening, 503 before that and while it reconnects.
+/// listening, 503 before that, while it reconnects, and from the moment the instance drains.
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let published = *state.streams.sources.published.borrow();
     let listening = *state.streams.listening.borrow();
-    let status = if published.is_some() && listening {
+    let draining = state.streams.shutdown.is_cancelled();
+    let status = if published.is_some() && listening && !draining {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -250,6 +251,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     let body = serde_json::json!({
         "ready": status == StatusCode::OK,
         "listening": listening,
+        "draining": draining,
         "published": published,
     });
     (status, axum::Json(body)).into_response()

@@ -241,7 +241,11 @@ impl TestApp {
     pub fn builder() -> TestAppBuilder {
         // The defaults come from the service's own flag definitions, so that a test app differs
         // from a user's only in what its test sets.
-        let config = Config::try_parse_from(["event-piper"]).expect("the default configuration");
+        let mut config =
+            Config::try_parse_from(["event-piper"]).expect("the default configuration");
+        // Except the drain: every test that stops an app with streams open would wait for it.
+        // tests/drain.rs sets one.
+        config.drain_period = Duration::ZERO;
         TestAppBuilder {
             config,
             database: None,
