@@ -212,3 +212,68 @@ pub async fn watch(resolver: Arc<Resolver>, every: Duration, stop: CancellationT
         tried = Some(contents);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A self-signed pair, as (certificate PEM, key PEM).
+    fn pair() -> (String, String) {
+        let made = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        (made.cert.pem(), made.signing_key.serialize_pem())
+    }
+
+    fn files(name: &str, cert: &str, key: &str) -> (TlsFiles, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("event-piper-tls-unit-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let files = TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        };
+        std::fs::write(&files.cert, cert).unwrap();
+        std::fs::write(&files.key, key).unwrap();
+        (files, dir)
+    }
+
+    fn refusal(name: &str, cert: &str, key: &str) -> String {
+        let (files, dir) = files(name, cert, key);
+        let error = Resolver::load(files).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(dir);
+        assert!(!error.contains('\n'), "one line: {error}");
+        error
+    }
+
+    #[test]
+    fn a_good_pair_loads_and_is_presented() {
+        let (cert, key) = pair();
+        let (files, dir) = files("good", &cert, &key);
+        let resolver = Arc::new(Resolver::load(files).unwrap());
+        let expected = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        assert_eq!(resolver.current_certificate(), expected);
+        resolver.acceptor().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn bad_files_are_refused_with_the_reason() {
+        let (cert, key) = pair();
+        let (_, other_key) = pair();
+        let missing = TlsFiles {
+            cert: "/nonexistent/cert.pem".into(),
+            key: "/nonexistent/key.pem".into(),
+        };
+        let error = Resolver::load(missing).unwrap_err().to_string();
+        assert!(error.starts_with("reading /nonexistent/cert.pem"), "{error}");
+
+        let error = refusal("nocert", "not a certificate", &key);
+        assert!(error.contains("no certificate in it"), "{error}");
+        let error = refusal("nokey", &cert, "not a key");
+        assert!(error.contains("no usable private key"), "{error}");
+        // The key of another certificate: cert-manager mid-rotation, or a wrong file.
+        let error = refusal("mismatch", &cert, &other_key);
+        assert!(error.contains("does not belong to the certificate"), "{error}");
+        // The certificate given as the key.
+        let error = refusal("swapped", &cert, &cert);
+        assert!(error.contains("no usable private key"), "{error}");
+    }
+}
