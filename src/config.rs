@@ -459,7 +459,12 @@ mod tests {
             Config::try_parse_from(["event-piper", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
                 .unwrap();
         assert!(both.tls_files().unwrap().is_some());
-        assert!(Config::parse_from(["event-piper"]).tls_files().unwrap().is_none());
+        assert!(
+            Config::parse_from(["event-piper"])
+                .tls_files()
+                .unwrap()
+                .is_none()
+        );
         let mut half = Config::parse_from(["event-piper"]);
         half.tls_cert = Some("c.pem".into());
         let error = half.tls_files().unwrap_err().to_string();

@@ -192,7 +192,9 @@ pub async fn serve_on(
         }
         (None, None) => None,
         (Some(_), None) => {
-            return Err(tls::TlsError::Config("TLS is configured but has no listener".into()).into());
+            return Err(
+                tls::TlsError::Config("TLS is configured but has no listener".into()).into(),
+            );
         }
         (None, Some(_)) => {
             return Err(tls::TlsError::Config(

@@ -109,13 +109,11 @@ impl Contents {
             .load_private_key(key)
             .map_err(|e| bad_key(e.to_string()))?;
         let certified = CertifiedKey::new(chain, signing);
-        certified
-            .keys_match()
-            .map_err(|error| TlsError::Mismatch {
-                cert: files.cert.clone(),
-                key: files.key.clone(),
-                reason: error.to_string(),
-            })?;
+        certified.keys_match().map_err(|error| TlsError::Mismatch {
+            cert: files.cert.clone(),
+            key: files.key.clone(),
+            reason: error.to_string(),
+        })?;
         Ok(certified)
     }
 }
@@ -224,7 +222,10 @@ mod tests {
     }
 
     fn files(name: &str, cert: &str, key: &str) -> (TlsFiles, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("event-piper-tls-unit-{name}-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "event-piper-tls-unit-{name}-{}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let files = TlsFiles {
             cert: dir.join("cert.pem"),
@@ -263,7 +264,10 @@ mod tests {
             key: "/nonexistent/key.pem".into(),
         };
         let error = Resolver::load(missing).unwrap_err().to_string();
-        assert!(error.starts_with("reading /nonexistent/cert.pem"), "{error}");
+        assert!(
+            error.starts_with("reading /nonexistent/cert.pem"),
+            "{error}"
+        );
 
         let error = refusal("nocert", "not a certificate", &key);
         assert!(error.contains("no certificate in it"), "{error}");
@@ -271,7 +275,10 @@ mod tests {
         assert!(error.contains("no usable private key"), "{error}");
         // The key of another certificate: cert-manager mid-rotation, or a wrong file.
         let error = refusal("mismatch", &cert, &other_key);
-        assert!(error.contains("does not belong to the certificate"), "{error}");
+        assert!(
+            error.contains("does not belong to the certificate"),
+            "{error}"
+        );
         // The certificate given as the key.
         let error = refusal("swapped", &cert, &cert);
         assert!(error.contains("no usable private key"), "{error}");

@@ -763,7 +763,11 @@ async fn http2_lifts_the_six_connection_wall() {
             ),
         )
         .await;
-    assert_eq!(received, json!(vec![vec![id]; 12]), "each stream the event once");
+    assert_eq!(
+        received,
+        json!(vec![vec![id]; 12]),
+        "each stream the event once"
+    );
 
     browser.quit().await;
     app.stop().await.expect("clean shutdown");
@@ -835,7 +839,9 @@ async fn http2_event_source_resumes_across_a_restart() {
     let mut expected = vec![first];
     expected.extend(&missed);
     expected.push(live);
-    let received = browser.run("return window.sources[0].received", json!([])).await;
+    let received = browser
+        .run("return window.sources[0].received", json!([]))
+        .await;
     assert_eq!(received, json!(expected), "every event once, in order");
 
     browser.quit().await;

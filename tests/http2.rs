@@ -184,7 +184,10 @@ async fn tls_serves_http2_and_http1_chosen_by_alpn() {
     assert_eq!(over_h1.next().await.id, id);
 
     // The plain port is still plain HTTP/1.1 beside it.
-    assert_eq!(app.get("/health").await.version(), reqwest::Version::HTTP_11);
+    assert_eq!(
+        app.get("/health").await.version(),
+        reqwest::Version::HTTP_11
+    );
     drop((over_h2, over_h1));
     app.stop().await.expect("clean shutdown");
 }
@@ -302,7 +305,11 @@ async fn the_concurrent_stream_limit_is_announced_and_enforced() {
         .expect("answers to the four streams");
     answered.sort();
     assert_eq!(answered, vec![1, 3, 5], "three streams served");
-    assert_eq!(refused, vec![(7, 0x7)], "the fourth reset with REFUSED_STREAM");
+    assert_eq!(
+        refused,
+        vec![(7, 0x7)],
+        "the fourth reset with REFUSED_STREAM"
+    );
     drop(socket);
     until_open_streams(&app, 0.0).await;
     app.stop().await.expect("clean shutdown");
@@ -339,14 +346,15 @@ async fn rapid_reset_ends_the_connection_and_leaks_nothing() {
         .await
         .ok()
         .map(|joined| joined.unwrap());
-    eprintln!("rapid reset: {sent} streams opened and reset; send error {ended:?}; connection {driver:?}");
+    eprintln!(
+        "rapid reset: {sent} streams opened and reset; send error {ended:?}; connection {driver:?}"
+    );
     // The server told the client to calm down and closed the connection: either the client
     // saw it while sending, or its connection task ended with it. (The client queues what it
     // sends, so it may have handed all of them to its connection task first.)
     let calm = |error: &h2::Error| error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
     assert!(
-        ended.as_ref().is_some_and(calm)
-            || matches!(&driver, Some(Err(error)) if calm(error)),
+        ended.as_ref().is_some_and(calm) || matches!(&driver, Some(Err(error)) if calm(error)),
         "the flood got a GOAWAY (ENHANCE_YOUR_CALM) after {sent} resets"
     );
 
@@ -354,7 +362,11 @@ async fn rapid_reset_ends_the_connection_and_leaks_nothing() {
     let id = insert(&producer, "bystander", "{}").await;
     assert_eq!(bystander.next().await.id, id);
     let fresh = H2Connection::open(&app.address(), &h2::client::Builder::new()).await;
-    let mut stream = fresh.stream("/events?consumer=after", true).await.live().await;
+    let mut stream = fresh
+        .stream("/events?consumer=after", true)
+        .await
+        .live()
+        .await;
     let id = insert(&producer, "after", "{}").await;
     assert_eq!(stream.next_id().await, id);
     drop((stream, bystander));
@@ -375,7 +387,11 @@ async fn a_stalled_stream_holds_neither_its_connection_nor_its_siblings() {
     builder.initial_window_size(WINDOW);
     let connection = H2Connection::open(&app.address(), &builder).await;
     let mut stalled = connection.stream("/events?consumer=stall", false).await;
-    let mut reader = connection.stream("/events?consumer=stall", true).await.live().await;
+    let mut reader = connection
+        .stream("/events?consumer=stall", true)
+        .await
+        .live()
+        .await;
 
     // Twenty events of about 1 kB: far more than the stalled stream's window.
     let payload = format!(r#"{{"pad": "{}"}}"#, "x".repeat(1000));
@@ -387,7 +403,11 @@ async fn a_stalled_stream_holds_neither_its_connection_nor_its_siblings() {
         assert_eq!(reader.next_id().await, *id, "the sibling gets every event");
     }
     // A stream opened on the same connection afterwards is served too.
-    let mut later = connection.stream("/events?consumer=stall", true).await.live().await;
+    let mut later = connection
+        .stream("/events?consumer=stall", true)
+        .await
+        .live()
+        .await;
     let id = insert(&producer, "stall", "{}").await;
     assert_eq!(reader.next_id().await, id);
     assert_eq!(later.next_id().await, id);
@@ -455,7 +475,10 @@ async fn a_rotated_certificate_is_used_by_new_connections_and_open_streams_go_on
     // And one that trusts only the old CA no longer connects afresh.
     let stale = common::tls::client_trusting(&old_ca).build().unwrap();
     let refused = stale.get(format!("https://{tls}/health")).send().await;
-    assert!(refused.is_err(), "the old certificate is no longer presented");
+    assert!(
+        refused.is_err(),
+        "the old certificate is no longer presented"
+    );
 
     // The stream opened before the swap is untouched.
     let id = insert(&producer, "rotate", "{}").await;

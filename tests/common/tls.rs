@@ -30,16 +30,19 @@ fn generate() -> (String, Vec<u8>, String, String) {
         .unwrap()
         .signed_by(&key, &ca)
         .unwrap();
-    (ca.pem(), leaf.der().to_vec(), leaf.pem(), key.serialize_pem())
+    (
+        ca.pem(),
+        leaf.der().to_vec(),
+        leaf.pem(),
+        key.serialize_pem(),
+    )
 }
 
 impl TestCert {
     /// A new pair in a directory of its own under the system's temporary directory.
     pub fn new(name: &str) -> TestCert {
-        let dir = std::env::temp_dir().join(format!(
-            "event-piper-tls-{name}-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("event-piper-tls-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut cert = TestCert {
             cert_path: dir.join("cert.pem"),
