@@ -38,6 +38,32 @@ pub struct Config {
     #[arg(long, env = "EVENT_PIPER_LISTEN", default_value = "127.0.0.1:4000")]
     pub listen: SocketAddr,
 
+    /// TLS certificate chain (PEM) for the TLS listener (--tls-listen): HTTP/2 for browsers,
+    /// whose six HTTP/1.1 connections per origin cap a page at six streams. Needs --tls-key.
+    /// Re-read every --tls-reload-interval: new connections get a rotated certificate.
+    #[arg(long, env = "EVENT_PIPER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, RSA or EC) of --tls-cert.
+    #[arg(long, env = "EVENT_PIPER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Address the TLS listener binds when --tls-cert and --tls-key are given (HTTP/2 and
+    /// HTTP/1.1, chosen by ALPN). The plain --listen port keeps serving beside it.
+    #[arg(long, env = "EVENT_PIPER_TLS_LISTEN", default_value = "127.0.0.1:8443")]
+    pub tls_listen: SocketAddr,
+
+    /// How often the TLS certificate and key files are checked for a new pair.
+    #[arg(long, env = "EVENT_PIPER_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
+    pub tls_reload_interval: Duration,
+
+    /// Most streams a client may open at once on one HTTP/2 connection (announced in its
+    /// SETTINGS; a client opens more connections beyond it).
+    #[arg(long, env = "EVENT_PIPER_HTTP2_MAX_CONCURRENT_STREAMS", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub http2_max_concurrent_streams: u32,
+
     /// Data directory of the managed PostgreSQL (only without DATABASE_URL). Default:
     /// /var/lib/event-piper when run as root, else $XDG_DATA_HOME/event-piper
     /// (~/.local/share/event-piper).
@@ -307,6 +333,24 @@ impl Config {
         Ok(Some(auth.expecting(&expect, self.hub_url()?)))
     }
 
+    /// The TLS files, if TLS is configured; both or neither (the flags require each other,
+    /// and a configuration built in code gets the same check).
+    pub fn tls_files(&self) -> Result<Option<crate::tls::TlsFiles>, crate::tls::TlsError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Ok(Some(crate::tls::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })),
+            (None, None) => Ok(None),
+            (Some(_), None) => Err(crate::tls::TlsError::Config(
+                "--tls-cert needs --tls-key (the certificate's private key)".into(),
+            )),
+            (None, Some(_)) => Err(crate::tls::TlsError::Config(
+                "--tls-key needs --tls-cert (the certificate chain)".into(),
+            )),
+        }
+    }
+
     /// The hub's URL (`--hub-url`, else [`DEFAULT_HUB_URL`]).
     pub fn hub_url(&self) -> Result<url::Url, KeyError> {
         let text = self.hub_url.as_deref().unwrap_or(DEFAULT_HUB_URL);
@@ -417,6 +461,28 @@ mod tests {
             mask_password("host=db password=secret user=u"),
             "host=db password=*** user=u"
         );
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs() {
+        let error = Config::try_parse_from(["event-piper", "--tls-cert", "c.pem"]).unwrap_err();
+        assert!(error.to_string().contains("--tls-key"), "{error}");
+        let error = Config::try_parse_from(["event-piper", "--tls-key", "k.pem"]).unwrap_err();
+        assert!(error.to_string().contains("--tls-cert"), "{error}");
+        let both =
+            Config::try_parse_from(["event-piper", "--tls-cert", "c.pem", "--tls-key", "k.pem"])
+                .unwrap();
+        assert!(both.tls_files().unwrap().is_some());
+        assert!(
+            Config::parse_from(["event-piper"])
+                .tls_files()
+                .unwrap()
+                .is_none()
+        );
+        let mut half = Config::parse_from(["event-piper"]);
+        half.tls_cert = Some("c.pem".into());
+        let error = half.tls_files().unwrap_err().to_string();
+        assert!(error.contains("--tls-key"), "{error}");
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! order and hands rendered frames to the [`router`]; every open [`stream`] of the event's
 //! consumer sends them on. `POST /events` goes through the [`publisher`], which commits
 //! concurrent requests together. [`serve`] runs all of it on a given listener, which is how the
-//! integration tests start the real app on port 0; [`run`] is the whole binary.
+//! integration tests start the real app on port 0 ([`serve_on`] adds the TLS listener); [`run`]
+//! is the whole binary.
 
 #[cfg(target_os = "linux")]
 pub mod allocator;
@@ -33,6 +34,7 @@ pub mod selection;
 pub mod sse;
 pub mod store;
 pub mod stream;
+pub mod tls;
 pub mod topic;
 pub mod webhook;
 
@@ -58,6 +60,8 @@ pub enum Error {
     ManagedPostgres(#[from] ManagedPostgresError),
     #[error("authentication: {0}")]
     Auth(#[from] auth::KeyError),
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
     #[error("managed PostgreSQL: {0}")]
     CreateDatabase(tokio_postgres::Error),
     #[error("{context}: {source}")]
@@ -73,8 +77,11 @@ const MANAGED_DATABASE: &str = "event_piper";
 /// The whole service: a managed PostgreSQL when no database URL is configured, the HTTP server on
 /// the configured address, until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<(), Error> {
-    // Fail on a bad key before starting anything.
+    // Fail on a bad key or certificate before starting anything.
     config.auth()?;
+    if let Some(files) = config.tls_files()? {
+        tls::Resolver::load(files)?;
+    }
     raise_open_files_limit();
     let mut managed = None;
     let database_url = match &config.database_url {
@@ -121,7 +128,20 @@ pub async fn run(config: Config) -> Result<(), Error> {
             source,
         })?;
         tracing::info!(%address, "listening for HTTP");
-        serve(config, database_url, listener, shutdown_signal()).await
+        let tls = match config.tls_files()? {
+            Some(_) => {
+                let tls = TcpListener::bind(config.tls_listen)
+                    .await
+                    .map_err(|source| Error::Io {
+                        context: format!("binding {} (--tls-listen)", config.tls_listen),
+                        source,
+                    })?;
+                tracing::info!(address = %config.tls_listen, "listening for HTTPS (HTTP/2 and HTTP/1.1)");
+                Some(tls)
+            }
+            None => None,
+        };
+        serve_on(config, database_url, listener, tls, shutdown_signal()).await
     }
     .await;
 
@@ -133,13 +153,57 @@ pub async fn run(config: Config) -> Result<(), Error> {
 }
 
 /// Runs the service on `listener` against `database_url` until `shutdown` completes, then ends
-/// every open stream and waits for the background tasks.
+/// every open stream and waits for the background tasks. With TLS configured, the TLS listener
+/// binds `--tls-listen`; [`serve_on`] takes one already bound.
 pub async fn serve(
     config: Config,
     database_url: String,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let tls = match config.tls_files()? {
+        Some(_) => Some(
+            TcpListener::bind(config.tls_listen)
+                .await
+                .map_err(|source| Error::Io {
+                    context: format!("binding {} (--tls-listen)", config.tls_listen),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    serve_on(config, database_url, listener, tls, shutdown).await
+}
+
+/// As [`serve`], with the TLS listener given: `tls_listener` serves TLS with the configured
+/// certificate (`--tls-cert`, `--tls-key`), which is reloaded when its files change. A TLS
+/// listener without a certificate configured is an error.
+pub async fn serve_on(
+    config: Config,
+    database_url: String,
+    listener: TcpListener,
+    tls_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    // The certificate first: a wrong file fails at start, before anything connects.
+    let tls = match (config.tls_files()?, tls_listener) {
+        (Some(files), Some(tls_listener)) => {
+            let resolver = Arc::new(tls::Resolver::load(files)?);
+            Some((tls_listener, resolver))
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(
+                tls::TlsError::Config("TLS is configured but has no listener".into()).into(),
+            );
+        }
+        (None, Some(_)) => {
+            return Err(tls::TlsError::Config(
+                "a TLS listener needs --tls-cert and --tls-key".into(),
+            )
+            .into());
+        }
+    };
     let pg_config = tokio_postgres::Config::from_str(&database_url)
         .map_err(|e| StoreError::Url(e.to_string()))?;
     let store = Store::new(pg_config.clone(), config.pool_size)?;
@@ -280,9 +344,29 @@ pub async fn serve(
         write_timeout: config.write_timeout,
         header_timeout: config.header_timeout,
         max_header_bytes: config.max_header_bytes,
+        http2_max_concurrent_streams: config.http2_max_concurrent_streams,
+        // A connection whose streams are all quiet still hears from the service this often.
+        http2_keep_alive_interval: config.heartbeat,
+        drain: config.drain_period,
+    };
+    let tls = match tls {
+        Some((tls_listener, resolver)) => {
+            let acceptor = resolver.acceptor()?;
+            tasks.spawn(tls::watch(
+                resolver,
+                config.tls_reload_interval,
+                stop.clone(),
+            ));
+            Some((tls_listener, acceptor))
+        }
+        None => None,
+    };
+    let listeners = net::Listeners {
+        plain: listener,
+        tls,
     };
     let drain = config.drain_period;
-    let served = net::serve(listener, app, settings, async move {
+    let served = net::serve_all(listeners, app, settings, async move {
         shutdown.await;
         // Not ready from now on, and the server stops accepting once this returns; open streams
         // watch this and end over the drain period, so the graceful shutdown ends with them.

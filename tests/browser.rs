@@ -36,6 +36,12 @@ struct Browser {
 impl Browser {
     /// Starts chromedriver and a headless Chromium; None (with the reason) when they are missing.
     async fn start() -> Result<Browser, String> {
+        Browser::start_with(false).await
+    }
+
+    /// As [`Browser::start`]; `insecure` accepts any certificate (the tests' own, made at run
+    /// time, which no browser trusts).
+    async fn start_with(insecure: bool) -> Result<Browser, String> {
         let driver_path = find("CHROMEDRIVER", &["chromedriver"])
             .ok_or("chromedriver not found (Debian package chromium-driver)")?;
         let chromium = find(
@@ -70,15 +76,25 @@ impl Browser {
             .map_err(|_| "chromedriver did not become ready".to_owned())?;
 
         let profile = TempDir::new("event-piper-chromium");
+        let mut args = vec![
+            // Root has no sandbox; /dev/shm may be small in containers.
+            "--headless".to_owned(),
+            "--no-sandbox".to_owned(),
+            "--disable-gpu".to_owned(),
+            "--disable-dev-shm-usage".to_owned(),
+            format!("--user-data-dir={}", profile.0.display()),
+        ];
+        if insecure {
+            args.push("--ignore-certificate-errors".to_owned());
+        }
         let capabilities = json!({
             "capabilities": { "alwaysMatch": {
+                "acceptInsecureCerts": insecure,
                 // Keeps the page's console, so the test can tell it logged no error.
                 "goog:loggingPrefs": { "browser": "ALL" },
                 "goog:chromeOptions": {
                     "binary": chromium,
-                    // Root has no sandbox; /dev/shm may be small in containers.
-                    "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                             format!("--user-data-dir={}", profile.0.display())]
+                    "args": args,
                 }
             }}
         });
@@ -118,6 +134,31 @@ impl Browser {
             "WebDriver {path} failed: {response}"
         );
         response["value"].clone()
+    }
+
+    /// Opens a new tab and makes it the one commands go to.
+    async fn new_tab(&self) {
+        let created = self.command("window/new", json!({ "type": "tab" })).await;
+        self.command("window", json!({ "handle": created["handle"] }))
+            .await;
+    }
+
+    /// The handles of the open tabs.
+    async fn tabs(&self) -> Vec<String> {
+        let handles: Value = self
+            .http
+            .get(format!("{}/window/handles", self.session))
+            .send()
+            .await
+            .expect("a WebDriver command")
+            .json()
+            .await
+            .expect("a WebDriver answer");
+        serde_json::from_value(handles["value"].clone()).unwrap()
+    }
+
+    async fn switch_to(&self, handle: &str) {
+        self.command("window", json!({ "handle": handle })).await;
     }
 
     async fn open(&self, url: &str) {
@@ -217,7 +258,16 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 /// A browser, or None (the test is skipped) when Chromium is not installed and
 /// EVENT_PIPER_REQUIRE_BROWSER is not set.
 async fn browser_or_skip() -> Option<Browser> {
-    match Browser::start().await {
+    skip_unless(Browser::start().await)
+}
+
+/// A browser that accepts the tests' own TLS certificates, or None as [`browser_or_skip`].
+async fn insecure_browser_or_skip() -> Option<Browser> {
+    skip_unless(Browser::start_with(true).await)
+}
+
+fn skip_unless(started: Result<Browser, String>) -> Option<Browser> {
+    match started {
         Ok(browser) => Some(browser),
         Err(reason) if std::env::var_os("EVENT_PIPER_REQUIRE_BROWSER").is_none() => {
             eprintln!("SKIPPED: {reason}");
@@ -626,6 +676,173 @@ async fn event_source_on_the_mercure_hub_gets_the_private_events_its_cookie_gran
     );
     let errors = browser.run("return window.hub.errors", json!([])).await;
     assert_eq!(errors, json!(0), "the stream never dropped");
+
+    browser.quit().await;
+    app.stop().await.expect("clean shutdown");
+}
+
+/// Opens `count` EventSources of `consumer` in the current page, recording in `window.sources`
+/// whether each is open and the ids each received (envelope frames: `onmessage` gets them all).
+const OPEN_SOURCES: &str = "
+    window.sources = [];
+    for (let i = 0; i < arguments[1]; i++) {
+      const state = { open: false, errors: 0, received: [] };
+      const source = new EventSource('/events?envelope=true&consumer=' + arguments[0]);
+      source.onopen = () => { state.open = true; };
+      source.onerror = () => { state.open = false; state.errors += 1; };
+      source.onmessage = (message) => { state.received.push(Number(message.lastEventId)); };
+      window.sources.push(state);
+    }";
+
+/// The page's protocol, as the browser negotiated it for the page itself (`h2` over TLS).
+const PAGE_PROTOCOL: &str = "return performance.getEntriesByType('navigation')[0].nextHopProtocol";
+
+/// Over HTTP/1.1 a browser opens at most six connections to an origin, so a seventh stream of
+/// one origin would wait forever; over HTTP/2 they share one connection. Eight tabs with one
+/// EventSource each, then one page with twelve, all receive events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_lifts_the_six_connection_wall() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(browser) = insecure_browser_or_skip().await else {
+        return;
+    };
+    let cert = common::tls::TestCert::new("browser-wall");
+    let app = TestApp::builder()
+        .tls(&cert.cert_path, &cert.key_path)
+        .start()
+        .await;
+    let origin = format!("https://{}", app.tls_address.clone().unwrap());
+    let producer = app.producer().await;
+
+    // Eight tabs of one origin, one stream each.
+    for tab in 0..8 {
+        if tab > 0 {
+            browser.new_tab().await;
+        }
+        browser.open(&format!("{origin}/health")).await;
+        let protocol = browser.run(PAGE_PROTOCOL, json!([])).await;
+        assert_eq!(protocol, json!("h2"), "tab {tab} over HTTP/2");
+        browser.run(OPEN_SOURCES, json!(["wall", 1])).await;
+    }
+    let tabs = browser.tabs().await;
+    assert_eq!(tabs.len(), 8);
+    for tab in &tabs {
+        browser.switch_to(tab).await;
+        browser
+            .wait_for("every tab's stream open", "return window.sources[0].open")
+            .await;
+    }
+    let id = insert(&producer, "wall", "{}").await;
+    for tab in &tabs {
+        browser.switch_to(tab).await;
+        browser
+            .wait_for(
+                "the event in every tab",
+                &format!("return window.sources[0].received.includes({id})"),
+            )
+            .await;
+    }
+
+    // One page, twelve streams.
+    browser.switch_to(&tabs[0]).await;
+    browser.open(&format!("{origin}/health")).await;
+    browser.run(OPEN_SOURCES, json!(["twelve", 12])).await;
+    browser
+        .wait_for(
+            "twelve streams open",
+            "return window.sources.every(source => source.open)",
+        )
+        .await;
+    let id = insert(&producer, "twelve", "{}").await;
+    let received = browser
+        .wait_for(
+            "the event on all twelve streams",
+            &format!(
+                "return window.sources.every(source => source.received.includes({id}))
+                     ? window.sources.map(source => source.received) : null"
+            ),
+        )
+        .await;
+    assert_eq!(
+        received,
+        json!(vec![vec![id]; 12]),
+        "each stream the event once"
+    );
+
+    browser.quit().await;
+    app.stop().await.expect("clean shutdown");
+}
+
+/// The browser's own reconnect over HTTP/2: the service stops under an open EventSource, events
+/// are inserted while it is down, and once it is back every one of them arrives once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_event_source_resumes_across_a_restart() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(browser) = insecure_browser_or_skip().await else {
+        return;
+    };
+    let cert = common::tls::TestCert::new("browser-restart");
+    let app = TestApp::builder()
+        .tls(&cert.cert_path, &cert.key_path)
+        .start()
+        .await;
+    let tls_address = app.tls_address.clone().unwrap();
+    let producer = app.producer().await;
+    browser.open(&format!("https://{tls_address}/health")).await;
+    assert_eq!(browser.run(PAGE_PROTOCOL, json!([])).await, json!("h2"));
+    browser.run(OPEN_SOURCES, json!(["h2-restart", 1])).await;
+    browser
+        .wait_for("the stream open", "return window.sources[0].open")
+        .await;
+    let first = insert(&producer, "h2-restart", "{}").await;
+    browser
+        .wait_for(
+            "the first event",
+            &format!("return window.sources[0].received.includes({first})"),
+        )
+        .await;
+
+    let (address, db_url) = (app.address(), app.db_url.clone());
+    app.stop().await.expect("clean shutdown");
+    browser
+        .wait_for(
+            "the browser to see the stream end",
+            "return !window.sources[0].open",
+        )
+        .await;
+    let mut missed = Vec::new();
+    for n in 0..3 {
+        missed.push(insert(&producer, "h2-restart", &format!(r#"{{"missed": {n}}}"#)).await);
+        insert(&producer, "someone-else", "{}").await;
+    }
+    let app = TestApp::builder()
+        .database(&db_url)
+        .address(&address)
+        .tls(&cert.cert_path, &cert.key_path)
+        .tls_address(&tls_address)
+        .start()
+        .await;
+    let last_missed = *missed.last().unwrap();
+    browser
+        .wait_for(
+            "the events inserted while the service was down",
+            &format!("return window.sources[0].received.includes({last_missed})"),
+        )
+        .await;
+    let live = insert(&producer, "h2-restart", "{}").await;
+    browser
+        .wait_for(
+            "a live event after the restart",
+            &format!("return window.sources[0].received.includes({live})"),
+        )
+        .await;
+    let mut expected = vec![first];
+    expected.extend(&missed);
+    expected.push(live);
+    let received = browser
+        .run("return window.sources[0].received", json!([]))
+        .await;
+    assert_eq!(received, json!(expected), "every event once, in order");
 
     browser.quit().await;
     app.stop().await.expect("clean shutdown");

@@ -6,6 +6,7 @@
 
 pub mod process;
 pub mod receiver;
+pub mod tls;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,6 +56,8 @@ pub async fn connect(url: &str) -> tokio_postgres::Client {
 /// The service, running in this process against its own database.
 pub struct TestApp {
     pub base: String,
+    /// `host:port` of the TLS listener, when the app serves TLS.
+    pub tls_address: Option<String>,
     pub db_url: String,
     /// One HTTP client for every request of a test, as a real client would keep one.
     http: reqwest::Client,
@@ -68,6 +71,7 @@ pub struct TestAppBuilder {
     config: Config,
     database: Option<String>,
     address: Option<String>,
+    tls_address: Option<String>,
 }
 
 impl TestAppBuilder {
@@ -80,6 +84,20 @@ impl TestAppBuilder {
     /// Listens on a given `host:port` (where a stopped app ran) instead of a free port.
     pub fn address(mut self, address: &str) -> Self {
         self.address = Some(address.to_owned());
+        self
+    }
+
+    /// `--tls-cert` and `--tls-key`: also serve TLS (HTTP/2 and HTTP/1.1 by ALPN) on a port of
+    /// its own, [`TestApp::tls_address`].
+    pub fn tls(mut self, cert: &std::path::Path, key: &std::path::Path) -> Self {
+        self.config.tls_cert = Some(cert.to_owned());
+        self.config.tls_key = Some(key.to_owned());
+        self
+    }
+
+    /// The TLS listener's `host:port` (where a stopped app served TLS) instead of a free port.
+    pub fn tls_address(mut self, address: &str) -> Self {
+        self.tls_address = Some(address.to_owned());
         self
     }
 
@@ -134,6 +152,12 @@ impl TestAppBuilder {
     /// `--max-streams-per-consumer`: streams open at once for one consumer.
     pub fn max_streams_per_consumer(mut self, streams: usize) -> Self {
         self.config.max_streams_per_consumer = streams;
+        self
+    }
+
+    /// `--http2-max-concurrent-streams`: streams per HTTP/2 connection.
+    pub fn http2_max_concurrent_streams(mut self, streams: u32) -> Self {
+        self.config.http2_max_concurrent_streams = streams;
         self
     }
 
@@ -199,6 +223,7 @@ impl TestAppBuilder {
             mut config,
             database,
             address,
+            tls_address,
         } = self;
         let db_url = match database {
             Some(url) => url,
@@ -210,17 +235,33 @@ impl TestAppBuilder {
         config.database_url = Some(db_url.clone());
         config.listen = listener.local_addr().unwrap();
         let base = format!("http://{}", config.listen);
+        let tls_listener = match config.tls_cert {
+            Some(_) => Some(
+                TcpListener::bind(tls_address.as_deref().unwrap_or("127.0.0.1:0"))
+                    .await
+                    .expect("binding the app's TLS address"),
+            ),
+            None => None,
+        };
+        let tls_address = tls_listener
+            .as_ref()
+            .map(|listener| listener.local_addr().unwrap().to_string());
+        if let Some(listener) = &tls_listener {
+            config.tls_listen = listener.local_addr().unwrap();
+        }
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(event_piper::serve(
+        let task = tokio::spawn(event_piper::serve_on(
             config,
             db_url.clone(),
             listener,
+            tls_listener,
             async move {
                 let _ = stopped.await;
             },
         ));
         let app = TestApp {
             base,
+            tls_address,
             db_url,
             http: reqwest::Client::new(),
             stop: Some(stop),
@@ -250,6 +291,7 @@ impl TestApp {
             config,
             database: None,
             address: None,
+            tls_address: None,
         }
     }
 

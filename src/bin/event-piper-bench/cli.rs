@@ -72,6 +72,12 @@ pub struct Args {
     #[arg(long)]
     pub stream_consumers: Option<usize>,
 
+    /// Connections scenario: multiplex the streams over h2c connections (HTTP/2 with prior
+    /// knowledge) of this many streams each, instead of one HTTP/1.1 connection per stream. At
+    /// most the service's --http2-max-concurrent-streams (100 by default).
+    #[arg(long)]
+    pub h2_streams_per_connection: Option<usize>,
+
     /// How long the connections scenario holds its streams open once all are live.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub hold: Duration,

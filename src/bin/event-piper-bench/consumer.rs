@@ -79,6 +79,7 @@ pub struct ConnReport {
 /// connections are being opened at once: the permit is held until the stream is live.
 pub async fn run(
     addr: SocketAddr,
+    h2: Option<client::SharedH2>,
     spec: ConnSpec,
     shared: Arc<Shared>,
     connecting: Arc<Semaphore>,
@@ -91,7 +92,16 @@ pub async fn run(
         error: None,
         spec,
     };
-    let result = stream(addr, &mut report, &shared, connecting, &mut stop, deadline).await;
+    let result = stream(
+        addr,
+        h2.as_ref(),
+        &mut report,
+        &shared,
+        connecting,
+        &mut stop,
+        deadline,
+    )
+    .await;
     if let Err(error) = result {
         shared.failed.fetch_add(1, Ordering::Relaxed);
         report.error = Some(format!("{error:#}"));
@@ -101,6 +111,7 @@ pub async fn run(
 
 async fn stream(
     addr: SocketAddr,
+    h2: Option<&client::SharedH2>,
     report: &mut ConnReport,
     shared: &Shared,
     connecting: Arc<Semaphore>,
@@ -119,7 +130,13 @@ async fn stream(
         None => "/events".to_owned(),
     };
     let timeout = deadline.saturating_duration_since(Instant::now());
-    let mut open = tokio::time::timeout(timeout, client::get(addr, &path, &headers))
+    let open = async {
+        match h2 {
+            Some(shared) => client::get_h2(addr, shared, &path, &headers).await,
+            None => client::get(addr, &path, &headers).await,
+        }
+    };
+    let mut open = tokio::time::timeout(timeout, open)
         .await
         .map_err(|_| anyhow::anyhow!("no response before the deadline"))??;
     anyhow::ensure!(

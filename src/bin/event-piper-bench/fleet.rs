@@ -37,15 +37,37 @@ impl Fleet {
         concurrency: usize,
         deadline: Instant,
     ) -> Fleet {
+        Fleet::open_over(addr, None, specs, shared, concurrency, deadline)
+    }
+
+    /// As [`Fleet::open`]; with `h2_streams` set, the streams are multiplexed over h2c
+    /// connections of that many streams each instead of one HTTP/1.1 connection apiece.
+    pub fn open_over(
+        addr: SocketAddr,
+        h2_streams: Option<usize>,
+        specs: Vec<ConnSpec>,
+        shared: Arc<Shared>,
+        concurrency: usize,
+        deadline: Instant,
+    ) -> Fleet {
+        let mut connection: Option<crate::client::SharedH2> = None;
         let (stop, stop_rx) = watch::channel(false);
         // Opening thousands at once would overflow the service's accept backlog (SYN drops cost
         // a one-second retransmit each) and measure the kernel rather than the service.
         let connecting = Arc::new(Semaphore::new(concurrency.max(1)));
         let tasks = specs
             .into_iter()
-            .map(|spec| {
+            .enumerate()
+            .map(|(i, spec)| {
+                let h2 = h2_streams.map(|per| {
+                    if i % per.max(1) == 0 || connection.is_none() {
+                        connection = Some(Default::default());
+                    }
+                    Arc::clone(connection.as_ref().unwrap())
+                });
                 tokio::spawn(consumer::run(
                     addr,
+                    h2,
                     spec,
                     Arc::clone(&shared),
                     Arc::clone(&connecting),

@@ -1,5 +1,7 @@
 //! Scenario 4, connections: 10,000 idle streams held open; the service's resident memory before
-//! and after, and per stream. Target: < 150 MB in all (< 15 kB per stream).
+//! and after, and per stream. Target: < 150 MB in all (< 15 kB per stream). With
+//! `--h2-streams-per-connection N` the streams share h2c connections of N streams each, which
+//! measures what a stream costs on an HTTP/2 connection.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,8 +32,12 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
     let held = outcome?;
 
     let per_stream_kb = (held.after.rss_kb as f64 - held.before.rss_kb as f64) / streams as f64;
+    let over = match bench.args.h2_streams_per_connection {
+        Some(per) => format!(", over h2c, {per} streams a connection"),
+        None => String::new(),
+    };
     let mut table = Table::new(format!(
-        "4. connections: {} idle streams ({} consumers) held open for {:?}",
+        "4. connections: {} idle streams ({} consumers) held open for {:?}{over}",
         count(streams as f64),
         count(consumers as f64),
         bench.args.hold
@@ -107,8 +113,9 @@ async fn hold(
         })
         .collect();
     let deadline = Instant::now() + bench.args.hold + Duration::from_secs(600);
-    let fleet = Fleet::open(
+    let fleet = Fleet::open_over(
         service.addr,
+        bench.args.h2_streams_per_connection,
         specs,
         Arc::clone(&shared),
         bench.args.connect_concurrency,
