@@ -57,6 +57,8 @@ const MAX_RETRY: Duration = Duration::from_secs(5);
 const MAX_GAP_POLL: Duration = Duration::from_millis(100);
 /// A pass that takes longer than this is abandoned and retried (a hung pooled connection).
 const PASS_TIMEOUT: Duration = Duration::from_secs(30);
+/// Rows per read when the recent tail is loaded at start.
+const WARM_PAGE: i64 = 10_000;
 /// A gap held open this long is logged with the pids of the transactions holding it.
 const SLOW_GAP: Duration = Duration::from_secs(5);
 
@@ -304,21 +306,33 @@ impl Hub {
     }
 
     /// Starts the recent tail with the events just below the starting point, so that the clients
-    /// that reconnect right after a restart are served from memory: one read at start instead of
-    /// one per client. Without it (the read failed), the tail starts empty.
+    /// that reconnect right after a restart are served from memory: a few reads at start instead
+    /// of one per client. Read newest first, a page at a time, until the tail's budget is full
+    /// (large payloads fill it with fewer rows). If a read fails, the tail holds what came
+    /// before it, or starts empty.
     async fn warm(&self, start: EventId) {
-        let limit = self.recent.warm_rows();
-        let before = if limit == 0 {
-            Vec::new()
-        } else {
-            match self.store.read_before(start, limit).await {
-                Ok(rows) => rows.into_iter().map(Frame::from_row).collect(),
+        let mut pages = Vec::new();
+        let mut upto = start;
+        let mut room = self.recent.budget();
+        while room > 0 {
+            let rows = match self.store.read_before(upto, WARM_PAGE).await {
+                Ok(rows) => rows,
                 Err(error) => {
-                    tracing::warn!(%error, "cannot read the recent events; resumes read the table");
-                    Vec::new()
+                    tracing::warn!(%error, "cannot read the recent events; older resumes read the table");
+                    break;
                 }
+            };
+            let Some(first) = rows.first() else { break };
+            upto = EventId(first.id.0 - 1);
+            let short = (rows.len() as i64) < WARM_PAGE;
+            let frames: Vec<Frame> = rows.into_iter().map(Frame::from_row).collect();
+            room = room.saturating_sub(frames.iter().map(Recent::cost).sum());
+            pages.push(frames);
+            if short {
+                break;
             }
-        };
+        }
+        let before: Vec<Frame> = pages.into_iter().rev().flatten().collect();
         tracing::debug!(events = before.len(), "recent events loaded");
         self.recent.reset(start, before);
     }

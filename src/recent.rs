@@ -25,8 +25,6 @@ use crate::sse::Frame;
 /// At most this many events are looked at per scan (selections with patterns): the lock is held
 /// briefly, and the caller comes back for the rest.
 const SCAN_STEP: usize = 16 * 1024;
-/// At most this many events are read at start (one statement; a second or so of a busy table).
-const MAX_WARM_ROWS: usize = 100_000;
 /// What an event costs here besides its text: the frame, its metadata, its index entries.
 const OVERHEAD_BYTES: usize = 192;
 
@@ -142,9 +140,21 @@ impl Recent {
         })
     }
 
-    /// How many events to load at start: about what the budget holds, at most [`MAX_WARM_ROWS`].
-    pub fn warm_rows(&self) -> i64 {
-        (self.budget / (OVERHEAD_BYTES + 64)).min(MAX_WARM_ROWS) as i64
+    /// The memory it may hold, in bytes.
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// About what an event takes here.
+    pub fn cost(frame: &Frame) -> usize {
+        let address = frame.address();
+        let topics: usize = address
+            .topics
+            .unwrap_or_default()
+            .iter()
+            .map(|t| t.len() + 24)
+            .sum();
+        OVERHEAD_BYTES + frame.bytes.len() + address.subscriber.map_or(0, str::len) + topics
     }
 
     /// Events held now (for metrics and tests).
@@ -185,7 +195,7 @@ impl Tail {
                 index(&mut self.by_topic, topic, seq);
             }
         }
-        self.bytes += cost(&frame);
+        self.bytes += Recent::cost(&frame);
         self.frames.push_back(frame);
     }
 
@@ -197,7 +207,7 @@ impl Tail {
         let seq = self.head;
         self.head += 1;
         self.floor = frame.id;
-        self.bytes -= cost(&frame);
+        self.bytes -= Recent::cost(&frame);
         let address = frame.address();
         if self.broadcasts.front() == Some(&seq) {
             self.broadcasts.pop_front();
@@ -300,18 +310,6 @@ fn unindex(map: &mut HashMap<String, VecDeque<u64>>, key: &str, seq: u64) {
     }
 }
 
-/// About what an event takes here.
-fn cost(frame: &Frame) -> usize {
-    let address = frame.address();
-    let topics: usize = address
-        .topics
-        .unwrap_or_default()
-        .iter()
-        .map(|t| t.len() + 24)
-        .sum();
-    OVERHEAD_BYTES + frame.bytes.len() + address.subscriber.map_or(0, str::len) + topics
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,7 +391,7 @@ mod tests {
 
     #[test]
     fn the_oldest_make_room_and_the_floor_moves_up() {
-        let one = cost(&event(1, Some("a"), Some(&["x"])));
+        let one = Recent::cost(&event(1, Some("a"), Some(&["x"])));
         let recent = Recent::new(one * 3);
         recent.reset(id(0), Vec::new());
         for n in 1..=5 {
