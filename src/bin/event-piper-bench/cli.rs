@@ -132,6 +132,10 @@ pub struct Args {
     #[arg(long)]
     pub nginx: Option<PathBuf>,
 
+    /// Listen backlog of the storm scenario's Nchan (default: nginx's own, 511).
+    #[arg(long)]
+    pub nchan_backlog: Option<u32>,
+
     /// Consumer connections being opened at once.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,

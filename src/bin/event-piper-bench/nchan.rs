@@ -3,10 +3,12 @@
 //! killed at the end; and a publisher that POSTs messages to its publisher location over
 //! keep-alive connections.
 //!
-//! Configured for the comparison: as many worker processes as cores (event-piper's runtime has
-//! one thread per core), the same listen backlog as event-piper's listener (tokio's 1,024, not
-//! nginx's 511: a reconnect storm overflows a short accept queue, and each dropped handshake
-//! costs a second), and a message buffer that keeps every message a storm resumes from.
+//! Configured as nginx ships but for what the comparison needs: as many worker processes as
+//! cores (event-piper's runtime has one thread per core) and a message buffer that keeps every
+//! message a storm resumes from. The listen backlog is nginx's own (511) unless
+//! `--nchan-backlog` sets it: a storm can overflow an accept queue, and each dropped handshake
+//! costs its client a one-second SYN retransmit, so the scenario shows the overflows beside the
+//! times (event-piper's listener has a backlog of 128: `ss -ltn` shows it).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -100,12 +102,12 @@ pub struct Nginx {
 impl Nginx {
     /// Writes the configuration under `dir`, starts nginx in the foreground and waits until it
     /// answers.
-    pub async fn start(found: &Found, dir: &Path) -> Result<Nginx> {
+    pub async fn start(found: &Found, dir: &Path, backlog: Option<u32>) -> Result<Nginx> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let port = event_piper::net::free_loopback_port().context("finding a free port")?;
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let conf = dir.join("nginx.conf");
-        std::fs::write(&conf, config(found, dir, addr))?;
+        std::fs::write(&conf, config(found, dir, addr, backlog))?;
         let log = std::fs::File::create(dir.join("stderr.log"))?;
         let child = Command::new(&found.nginx)
             .arg("-p")
@@ -171,7 +173,8 @@ impl Nginx {
     }
 }
 
-fn config(found: &Found, dir: &Path, addr: SocketAddr) -> String {
+fn config(found: &Found, dir: &Path, addr: SocketAddr, backlog: Option<u32>) -> String {
+    let backlog = backlog.map(|n| format!(" backlog={n}")).unwrap_or_default();
     let load = found
         .module
         .as_ref()
@@ -198,7 +201,7 @@ http {{
   nchan_message_buffer_length 1000;
   nchan_message_timeout 1h;
   server {{
-    listen {addr} backlog=1024;
+    listen {addr}{backlog};
     location = /pub {{ nchan_publisher; nchan_channel_id $arg_id; }}
     location = /sub {{ nchan_subscriber eventsource; nchan_channel_id $arg_id; }}
     location = /ready {{ return 200 \"ready\"; }}

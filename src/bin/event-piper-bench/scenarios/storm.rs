@@ -165,11 +165,15 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
         ));
         match &peer {
             Ok(found) => table.note(format!(
-                "Peer: {} (worker_processes auto, listen backlog 1024 as event-piper's, \
+                "Peer: {} (worker_processes auto, listen backlog {}, \
                  nchan_message_buffer_length 1000, nchan_message_timeout 1h), EventSource \
                  subscriber, channel from ?id=, resumed by Nchan's own message id in \
-                 Last-Event-ID.",
-                found.version
+                 Last-Event-ID. event-piper's listen backlog: 128.",
+                found.version,
+                bench
+                    .args
+                    .nchan_backlog
+                    .map_or("511 (nginx's default)".to_owned(), |n| n.to_string())
             )),
             Err(why) => table.note(format!("Nchan not measured: {why}.")),
         };
@@ -184,10 +188,15 @@ fn describe(table: &mut Table, system: System, storms: &[&Storm]) -> Option<f64>
     let figure = |values: Vec<f64>, unit: &str, decimals: usize| {
         let median = median(&values);
         let each: Vec<String> = values.iter().map(|v| format!("{v:.decimals$}")).collect();
-        if values.len() > 1 {
-            format!("{median:.decimals$} {unit} ({})", each.join(" · "))
+        let unit = if unit.is_empty() {
+            String::new()
         } else {
-            format!("{median:.decimals$} {unit}")
+            format!(" {unit}")
+        };
+        if values.len() > 1 {
+            format!("{median:.decimals$}{unit} ({})", each.join(" · "))
+        } else {
+            format!("{median:.decimals$}{unit}")
         }
     };
     let all_caught = storms.iter().all(|storm| storm.all_caught);
@@ -758,7 +767,7 @@ async fn nchan_storm(bench: &Bench, found: &Found, shape: Shape, run: usize) -> 
         .launch
         .log_dir
         .join(format!("nchan-{}-{run}", shape.label));
-    let nginx = Nginx::start(found, &dir).await?;
+    let nginx = Nginx::start(found, &dir, bench.args.nchan_backlog).await?;
     let result = nchan_with(bench, &nginx, shape, run).await;
     nginx.stop().await?;
     result
