@@ -127,6 +127,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub storm_runs: usize,
 
+    /// Storm scenario: at most this many reconnects in flight (waiting for their response head);
+    /// 0, the default: every stream reconnects at once.
+    #[arg(long, default_value_t = 0)]
+    pub storm_in_flight: usize,
+
     /// nginx for the storm scenario's peer, Nchan (default: /usr/sbin/nginx; the module from
     /// /usr/lib/nginx/modules, Debian's libnginx-mod-nchan).
     #[arg(long)]

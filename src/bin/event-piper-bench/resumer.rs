@@ -260,6 +260,10 @@ pub struct Resumed {
 /// The storm phase of one stream: reconnects with `Last-Event-ID: resume_from` (the header is
 /// added here), checks each event against `expected` (ascending keys) and records when the last
 /// of them arrived, relative to `start`. Reads on until `stop`, to catch anything extra.
+///
+/// With `connecting`, the request waits for a permit first and holds it until its response head
+/// is in: the storm is then at most that many reconnects in flight instead of all at once.
+#[allow(clippy::too_many_arguments)]
 pub async fn resume(
     target: Target,
     resume_from: String,
@@ -267,9 +271,14 @@ pub async fn resume(
     expected: Arc<[i64]>,
     start: Instant,
     caught_up: Arc<Gate>,
+    connecting: Option<Arc<Semaphore>>,
     stop: watch::Receiver<bool>,
     deadline: Instant,
 ) -> Resumed {
+    let permit = match connecting {
+        Some(connecting) => connecting.acquire_owned().await.ok(),
+        None => None,
+    };
     let mut out = Resumed {
         sent: start.elapsed(),
         ..Resumed::default()
@@ -286,6 +295,7 @@ pub async fn resume(
         deadline,
         &mut out,
         &mut check,
+        permit,
     )
     .await;
     if let Err(error) = result {
@@ -307,6 +317,7 @@ async fn resumed(
     deadline: Instant,
     out: &mut Resumed,
     check: &mut Check,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<()> {
     let mut headers: Vec<(&str, &str)> = target.headers.iter().map(|(k, v)| (*k, &**v)).collect();
     headers.push(("last-event-id", resume_from));
@@ -315,6 +326,7 @@ async fn resumed(
         .await
         .map_err(|_| anyhow::anyhow!("no response before the deadline"))??;
     out.head = Some(start.elapsed());
+    drop(permit);
     ensure!(
         open.response.status().is_success(),
         "GET {} answered {}",

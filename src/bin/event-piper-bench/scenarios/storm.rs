@@ -157,8 +157,15 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
                 format!("{:.2}×", ours / theirs),
             );
         }
+        let in_flight = match bench.args.storm_in_flight {
+            0 => "every stream reconnecting at once".to_owned(),
+            n => format!(
+                "at most {n} reconnects in flight (--storm-in-flight; a permit held until the response head)"
+            ),
+        };
         table.note(format!(
-            "Times from the moment the first reconnect started being sent. {runs} run(s); a \
+            "Load client: one tokio runtime, one HTTP/1.1 connection per stream, {in_flight}. \
+             Times from the moment the first reconnect started being sent. {runs} run(s); a \
              figure is the median of the runs, the runs follow in brackets. CPU: event-piper \
              process and every process of its PostgreSQL cluster; nginx master and workers for \
              Nchan. TCP counters are the machine's."
@@ -565,8 +572,10 @@ async fn storm_phase(
     key: KeyFrom,
     expected: Vec<Arc<[i64]>>,
     meter: &Meter,
+    in_flight: usize,
 ) -> Running {
     let total = targets.len();
+    let connecting = (in_flight > 0).then(|| Arc::new(Semaphore::new(in_flight)));
     let gate = Gate::new(total);
     let (stop, stop_rx) = watch::channel(false);
     let deadline = Instant::now() + STORM_TIMEOUT + Duration::from_secs(30);
@@ -583,6 +592,7 @@ async fn storm_phase(
             expected,
             start,
             Arc::clone(&gate),
+            connecting.clone(),
             stop_rx.clone(),
             deadline,
         )));
@@ -752,7 +762,15 @@ async fn event_piper_with(
         service: (service.pid, false),
         postmaster: bench.db.postmaster_pid(),
     };
-    let running = storm_phase(targets, seeds, KeyFrom::Id, expected, &meter).await;
+    let running = storm_phase(
+        targets,
+        seeds,
+        KeyFrom::Id,
+        expected,
+        &meter,
+        bench.args.storm_in_flight,
+    )
+    .await;
     let counted = if statements {
         Some(super::dbcost::service_statements(&db).await?)
     } else {
@@ -815,6 +833,14 @@ async fn nchan_with(bench: &Bench, nginx: &Nginx, shape: Shape, run: usize) -> R
         service: (nginx.pid, true),
         postmaster: None,
     };
-    let running = storm_phase(targets, seeds, KeyFrom::DataSeq, expected, &meter).await;
+    let running = storm_phase(
+        targets,
+        seeds,
+        KeyFrom::DataSeq,
+        expected,
+        &meter,
+        bench.args.storm_in_flight,
+    )
+    .await;
     Ok(running.finish(None).await)
 }
