@@ -117,6 +117,36 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "1000,100,1")]
     pub webhook_batch_sizes: Vec<i32>,
 
+    /// Storm scenario (a): streams, one consumer each, all reconnecting at once.
+    #[arg(long, default_value_t = 5000)]
+    pub storm_streams: usize,
+
+    /// Storm scenario (b): streams of one consumer, all resuming from the same point.
+    #[arg(long, default_value_t = 2000)]
+    pub storm_shared_streams: usize,
+
+    /// Events each storm stream missed while it was closed.
+    #[arg(long, default_value_t = 10)]
+    pub storm_behind: usize,
+
+    /// How many times the storm scenario runs each storm on each system.
+    #[arg(long, default_value_t = 1)]
+    pub storm_runs: usize,
+
+    /// Storm scenario: at most this many reconnects in flight (waiting for their response head);
+    /// 0, the default: every stream reconnects at once.
+    #[arg(long, default_value_t = 0)]
+    pub storm_in_flight: usize,
+
+    /// nginx for the storm scenario's peer, Nchan (default: /usr/sbin/nginx; the module from
+    /// /usr/lib/nginx/modules, Debian's libnginx-mod-nchan).
+    #[arg(long)]
+    pub nginx: Option<PathBuf>,
+
+    /// Listen backlog of the storm scenario's Nchan (default: nginx's own, 511).
+    #[arg(long)]
+    pub nchan_backlog: Option<u32>,
+
     /// Consumer connections being opened at once.
     #[arg(long, default_value_t = 256)]
     pub connect_concurrency: usize,
@@ -167,6 +197,8 @@ pub enum Scenario {
     Publish,
     Webhooks,
     Topics,
+    /// Issue 18: reconnect storms, against Nchan.
+    Storm,
     All,
 }
 
@@ -176,7 +208,7 @@ impl Scenario {
         match self {
             // dbcost last: it restarts the managed PostgreSQL with pg_stat_statements loaded, which
             // would add its own cost to every producer's statement. Webhooks loads it too, for
-            // its last shape only: it comes just before.
+            // its last shape only, and storm for its statement counts: they come just before.
             All => vec![
                 Latency,
                 Throughput,
@@ -188,6 +220,7 @@ impl Scenario {
                 Producers,
                 Publish,
                 Webhooks,
+                Storm,
                 Dbcost,
             ],
             one => vec![one],

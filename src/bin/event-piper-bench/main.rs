@@ -16,7 +16,8 @@
 //! is timed from the insert or request being sent, so it includes the producer's own commit.
 //! `webhooks` delivers one consumer's events to a receiver inside the bench through a webhook
 //! subscription: events/s from a backlog and from live producers at several batch sizes, latency
-//! beside an SSE stream of the same events, and the statements per delivered batch.
+//! beside an SSE stream of the same events, and the statements per delivered batch. `storm`
+//! (issue 18): every stream reconnecting at once with `Last-Event-ID`, against Nchan as the peer.
 //!
 //! ```text
 //! cargo build --release
@@ -31,12 +32,14 @@ mod delivery;
 mod fleet;
 mod latency;
 mod ledger;
+mod nchan;
 mod procfs;
 mod producer;
 mod progress;
 mod publisher;
 mod receiver;
 mod report;
+mod resumer;
 mod scenarios;
 mod service;
 mod sse;

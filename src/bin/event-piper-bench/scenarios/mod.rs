@@ -11,6 +11,7 @@ mod live;
 mod producers;
 mod publish;
 mod replay;
+mod storm;
 mod throughput;
 mod topics;
 mod webhooks;
@@ -50,6 +51,7 @@ pub async fn run(scenario: Scenario, bench: &mut Bench) -> Result<Vec<Table>> {
         Scenario::Publish => publish::run(bench).await,
         Scenario::Webhooks => webhooks::run(bench).await,
         Scenario::Topics => topics::run(bench).await,
+        Scenario::Storm => storm::run(bench).await,
         Scenario::All => unreachable!("expanded by the caller"),
     }
 }
