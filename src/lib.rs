@@ -117,9 +117,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
     };
 
     let result = async {
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| Error::Io {
+        let listener = net::bind(config.listen).map_err(|source| Error::Io {
                 context: format!("binding {}", config.listen),
                 source,
             })?;
@@ -130,9 +128,7 @@ pub async fn run(config: Config) -> Result<(), Error> {
         tracing::info!(%address, "listening for HTTP");
         let tls = match config.tls_files()? {
             Some(_) => {
-                let tls = TcpListener::bind(config.tls_listen)
-                    .await
-                    .map_err(|source| Error::Io {
+                let tls = net::bind(config.tls_listen).map_err(|source| Error::Io {
                         context: format!("binding {} (--tls-listen)", config.tls_listen),
                         source,
                     })?;
@@ -162,14 +158,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let tls = match config.tls_files()? {
-        Some(_) => Some(
-            TcpListener::bind(config.tls_listen)
-                .await
-                .map_err(|source| Error::Io {
-                    context: format!("binding {} (--tls-listen)", config.tls_listen),
-                    source,
-                })?,
-        ),
+        Some(_) => Some(net::bind(config.tls_listen).map_err(|source| Error::Io {
+            context: format!("binding {} (--tls-listen)", config.tls_listen),
+            source,
+        })?),
         None => None,
     };
     serve_on(config, database_url, listener, tls, shutdown).await

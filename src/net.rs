@@ -70,6 +70,25 @@ pub fn free_loopback_port() -> io::Result<u16> {
         .port())
 }
 
+/// Connections the kernel queues for `accept` on a listener. A reconnect storm is thousands of
+/// connections in the same instant: with std's 128, the rest are dropped and their clients
+/// retransmit their SYN a second later, which alone makes the storm's slowest client a second
+/// late. Linux caps it at `net.core.somaxconn` (4096 by default since 5.4).
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// Binds a listener the way the service needs it: `SO_REUSEADDR` (a restart binds again at
+/// once) and a deep accept backlog ([`ACCEPT_BACKLOG`]).
+pub fn bind(address: std::net::SocketAddr) -> io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(ACCEPT_BACKLOG)
+}
+
 /// Connection-level bounds.
 #[derive(Debug, Clone, Copy)]
 pub struct ServeSettings {

@@ -438,7 +438,7 @@ impl Storm {
                 self.calls() as f64 * 100.0 / self.resumes.max(1) as f64
             );
             let mut top = list.clone();
-            top.sort_by(|a, b| b.1.cmp(&a.1));
+            top.sort_by_key(|entry| std::cmp::Reverse(entry.1));
             for (text, calls) in top.iter().take(8) {
                 let text: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
                 let text: String = text.chars().take(160).collect();
