@@ -71,7 +71,7 @@ impl Recent {
     /// Starts (or starts over) at `published`, with `before`: the events just below it, in id
     /// order, with nothing missing between the first of them and `published`.
     pub fn reset(&self, published: EventId, before: Vec<Frame>) {
-        let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
+        let mut tail = self.write();
         let head = tail.head + tail.frames.len() as u64;
         *tail = Tail {
             head,
@@ -91,7 +91,7 @@ impl Recent {
         if self.budget == 0 {
             return;
         }
-        let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
+        let mut tail = self.write();
         for frame in frames {
             tail.push(frame.clone());
         }
@@ -104,7 +104,7 @@ impl Recent {
     /// Forgets every event up to `upto` (retention is about to delete them): a resume from before
     /// it reads the table.
     pub fn forget_upto(&self, upto: EventId) {
-        let mut tail = self.tail.write().unwrap_or_else(|e| e.into_inner());
+        let mut tail = self.write();
         while tail.frames.front().is_some_and(|f| f.id <= upto) {
             tail.pop();
         }
@@ -113,7 +113,7 @@ impl Recent {
 
     /// Whether every event after `after` is here.
     pub fn covers(&self, after: EventId) -> bool {
-        self.budget > 0 && self.tail.read().unwrap_or_else(|e| e.into_inner()).floor <= after
+        self.budget > 0 && self.read_tail().floor <= after
     }
 
     /// The events `selection` selects in `(after, upto]`, at most `limit` of them; None when the
@@ -127,7 +127,7 @@ impl Recent {
         if self.budget == 0 {
             return None;
         }
-        let tail = self.tail.read().unwrap_or_else(|e| e.into_inner());
+        let tail = self.read_tail();
         if after < tail.floor || upto > tail.upto {
             return None;
         }
@@ -155,6 +155,16 @@ impl Recent {
             .map(|t| t.len() + 24)
             .sum();
         OVERHEAD_BYTES + frame.bytes.len() + address.subscriber.map_or(0, str::len) + topics
+    }
+
+    /// The tail, for writing. A panic elsewhere while it was held leaves nothing half-done that
+    /// matters here (every change is a push or a pop), so a poisoned lock is used as it is.
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Tail> {
+        self.tail.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read_tail(&self) -> std::sync::RwLockReadGuard<'_, Tail> {
+        self.tail.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Events held now (for metrics and tests).
