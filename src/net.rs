@@ -74,7 +74,7 @@ pub fn free_loopback_port() -> io::Result<u16> {
 /// connections in the same instant: with std's 128, the rest are dropped and their clients
 /// retransmit their SYN a second later, which alone makes the storm's slowest client a second
 /// late. Linux caps it at `net.core.somaxconn` (4096 by default since 5.4).
-const ACCEPT_BACKLOG: u32 = 4096;
+pub const ACCEPT_BACKLOG: u32 = 4096;
 
 /// Binds a listener the way the service needs it: `SO_REUSEADDR` (a restart binds again at
 /// once) and a deep accept backlog ([`ACCEPT_BACKLOG`]).

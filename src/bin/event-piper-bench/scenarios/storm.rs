@@ -175,12 +175,13 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
                 "Peer: {} (worker_processes auto, listen backlog {}, \
                  nchan_message_buffer_length 1000, nchan_message_timeout 1h), EventSource \
                  subscriber, channel from ?id=, resumed by Nchan's own message id in \
-                 Last-Event-ID. event-piper's listen backlog: 128.",
+                 Last-Event-ID. event-piper's listen backlog: {}.",
                 found.version,
                 bench
                     .args
                     .nchan_backlog
-                    .map_or("511 (nginx's default)".to_owned(), |n| n.to_string())
+                    .map_or("511 (nginx's default)".to_owned(), |n| n.to_string()),
+                event_piper::net::ACCEPT_BACKLOG,
             )),
             Err(why) => table.note(format!("Nchan not measured: {why}.")),
         };
