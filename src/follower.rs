@@ -22,6 +22,7 @@ use crate::channel::RecvError;
 use crate::event::{EventId, EventRow};
 use crate::hub::Published;
 use crate::recent::Recent;
+use crate::replay_reads::ReplayReads;
 use crate::router::{Refused, Router, Subscription};
 use crate::selection::Reader;
 use crate::sse::Frame;
@@ -139,6 +140,8 @@ pub struct Sources {
     /// The hub's published id: every event at or below it is final in the table.
     pub published: watch::Receiver<Published>,
     pub store: Store,
+    /// Reads replay pages from the table, merging those asked for together.
+    pub reads: ReplayReads,
     /// Rows per replay page.
     pub page_size: i64,
 }
@@ -152,6 +155,9 @@ pub struct Follower {
     position: Position,
     /// Lag recoveries so far (for metrics).
     lags: u64,
+    /// How far retention had deleted, as the last page read from the table saw it, when that
+    /// read told.
+    deleted_upto: Option<EventId>,
 }
 
 /// Why a follower could not start.
@@ -187,6 +193,7 @@ impl Follower {
             sources: sources.clone(),
             position: Position::new(after, start),
             lags: 0,
+            deleted_upto: None,
         })
     }
 
@@ -200,6 +207,12 @@ impl Follower {
 
     pub fn lags(&self) -> u64 {
         self.lags
+    }
+
+    /// How far retention had deleted when the last page was read from the table, if that read
+    /// told (it spares a resume a statement of its own to find out).
+    pub fn deleted_upto(&self) -> Option<EventId> {
+        self.deleted_upto
     }
 
     /// The next page or live frame. Cancel-safe: the position moves only when something is
@@ -245,15 +258,12 @@ impl Follower {
             }
             // Boxed: a query future is large, and every idle follower would carry its space all
             // its life.
-            let read = Box::pin(self.sources.store.read_selection(
-                &self.reader.selection,
-                (after, upto),
-                limit,
-                self.reader.types.as_ref(),
-            ))
-            .await;
+            let read = Box::pin(self.sources.reads.read(&self.reader, (after, upto), limit)).await;
             let page = match read {
-                Ok(page) => page,
+                Ok(read) => {
+                    self.deleted_upto = read.deleted_upto.or(self.deleted_upto);
+                    read.page
+                }
                 Err(error) => return Some(Err(error)),
             };
             self.position

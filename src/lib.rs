@@ -28,6 +28,7 @@ pub mod net;
 pub mod publish;
 pub mod publisher;
 pub mod recent;
+pub mod replay_reads;
 pub mod retention;
 pub mod router;
 pub mod selection;
@@ -268,6 +269,12 @@ pub async fn serve_on(
         recent,
         published: published_rx,
         store: store.clone(),
+        reads: replay_reads::ReplayReads::start(
+            store.clone(),
+            // Half the pool: the hub, publishing and webhooks keep the rest.
+            config.pool_size / 2,
+            metrics.replay_statements.clone(),
+        ),
         page_size: i64::from(config.batch_size),
     };
     let webhooks_changed = Arc::new(Notify::new());

@@ -23,6 +23,7 @@ pub struct Metrics {
     pub frames_delivered: Counter,
     pub replay_rows: Counter,
     pub replay_recent: Counter,
+    pub replay_statements: Counter,
     pub lag_recoveries: Counter,
     pub listener_reconnects: Counter,
     pub bell_rings: Counter,
@@ -76,6 +77,7 @@ impl Metrics {
             frames_delivered: counter!("event_piper_frames_delivered_total"),
             replay_rows: counter!("event_piper_replay_rows_total"),
             replay_recent: counter!("event_piper_replay_recent_total"),
+            replay_statements: counter!("event_piper_replay_statements_total"),
             lag_recoveries: counter!("event_piper_lag_recoveries_total"),
             listener_reconnects: counter!("event_piper_listener_reconnects_total"),
             bell_rings: counter!("event_piper_doorbell_rings_total"),
@@ -158,6 +160,11 @@ fn describe() {
         "event_piper_replay_recent_total",
         Unit::Count,
         "Events of replays and lag recoveries served from the recent tail in memory, without a read."
+    );
+    describe_counter!(
+        "event_piper_replay_statements_total",
+        Unit::Count,
+        "Statements that read replay pages from the table; one serves every plain consumer's page asked for meanwhile."
     );
     describe_counter!(
         "event_piper_lag_recoveries_total",

@@ -33,6 +33,9 @@ pub enum StoreError {
     Standby,
     #[error("unexpected answer from the database: {0}")]
     Unexpected(String),
+    /// One failure of a statement that served several callers ([`crate::replay_reads`]).
+    #[error("{0}")]
+    Shared(std::sync::Arc<StoreError>),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -67,15 +70,23 @@ fn sql_types(types: Option<&TypeFilter>) -> (Option<Vec<String>>, Vec<String>) {
 
 /// Decodes a row read with [`COLUMNS`].
 fn event_row(row: &tokio_postgres::Row) -> std::result::Result<EventRow, tokio_postgres::Error> {
+    event_row_at(row, 0)
+}
+
+/// Decodes [`COLUMNS`] from column `at` on.
+fn event_row_at(
+    row: &tokio_postgres::Row,
+    at: usize,
+) -> std::result::Result<EventRow, tokio_postgres::Error> {
     Ok(EventRow {
-        id: EventId(row.try_get(0)?),
-        event_type: row.try_get(1)?,
-        subscriber: row.try_get(2)?,
-        payload: row.try_get(3)?,
-        topics: row.try_get(4)?,
-        private: row.try_get(5)?,
-        update_id: row.try_get(6)?,
-        retry: row.try_get(7)?,
+        id: EventId(row.try_get(at)?),
+        event_type: row.try_get(at + 1)?,
+        subscriber: row.try_get(at + 2)?,
+        payload: row.try_get(at + 3)?,
+        topics: row.try_get(at + 4)?,
+        private: row.try_get(at + 5)?,
+        update_id: row.try_get(at + 6)?,
+        retry: row.try_get(at + 7)?,
     })
 }
 
@@ -95,6 +106,16 @@ const SCAN_IDS_PER_ROW: i64 = 8;
 pub struct Page {
     pub rows: Vec<EventRow>,
     pub covered: EventId,
+}
+
+/// One range scan of a merged replay read ([`Store::read_lanes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lane {
+    /// The consumer whose events it reads; None: the broadcasts.
+    pub subscriber: Option<String>,
+    pub after: EventId,
+    pub upto: EventId,
+    pub limit: i64,
 }
 
 /// Makes a dead peer show up as a failed connection within about half a minute, instead of the
@@ -309,6 +330,87 @@ impl Store {
         // An event found by two parts (its consumer and a topic, two of its topics) once.
         rows.dedup_by_key(|row| row.id);
         Ok(Page { rows, covered })
+    }
+
+    /// Reads every lane, in one statement: each lane's first `limit` rows in `(after, upto]`,
+    /// in id order, one vector per lane, and how far retention has deleted (the same snapshot).
+    pub async fn read_lanes(&self, lanes: &[Lane]) -> Result<(Vec<Vec<EventRow>>, EventId)> {
+        let (mut subscribers, mut afters, mut uptos, mut limits) = (vec![], vec![], vec![], vec![]);
+        let (mut b_afters, mut b_uptos, mut b_limits) = (vec![], vec![], vec![]);
+        // The statement numbers consumer lanes 1, 2, ... and broadcast lanes -1, -2, ...
+        let mut numbered = Vec::with_capacity(lanes.len());
+        for (at, lane) in lanes.iter().enumerate() {
+            match &lane.subscriber {
+                Some(subscriber) => {
+                    subscribers.push(subscriber.as_str());
+                    afters.push(lane.after.0);
+                    uptos.push(lane.upto.0);
+                    limits.push(lane.limit);
+                    numbered.push((subscribers.len() as i64, at));
+                }
+                None => {
+                    b_afters.push(lane.after.0);
+                    b_uptos.push(lane.upto.0);
+                    b_limits.push(lane.limit);
+                    numbered.push((-(b_afters.len() as i64), at));
+                }
+            }
+        }
+        let lane_of: HashMap<i64, usize> = numbered.into_iter().collect();
+        let client = self.pool.get().await?;
+        // LEFT JOIN: every lane yields a row, with NULL columns when it is empty, so that the
+        // retention column comes back even when no lane has a row.
+        let statement = client
+            .prepare_cached(&format!(
+                "WITH retention AS (SELECT coalesce(max(deleted_upto), 0) AS deleted_upto \
+                   FROM event_piper_retention) \
+                 SELECT lane.n, retention.deleted_upto, page.* FROM retention \
+                 CROSS JOIN unnest($1::text[], $2::int8[], $3::int8[], $4::int8[]) \
+                   WITH ORDINALITY AS lane(subscriber, after, upto, lim, n) \
+                 LEFT JOIN LATERAL (SELECT {COLUMNS} FROM events \
+                   WHERE subscriber = lane.subscriber AND id > lane.after AND id <= lane.upto \
+                   ORDER BY id LIMIT lane.lim) page ON true \
+                 UNION ALL \
+                 SELECT -lane.n, retention.deleted_upto, page.* FROM retention \
+                 CROSS JOIN unnest($5::int8[], $6::int8[], $7::int8[]) \
+                   WITH ORDINALITY AS lane(after, upto, lim, n) \
+                 LEFT JOIN LATERAL (SELECT {COLUMNS} FROM events \
+                   WHERE subscriber IS NULL AND topics IS NULL \
+                   AND id > lane.after AND id <= lane.upto ORDER BY id LIMIT lane.lim) page ON true"
+            ))
+            .await?;
+        let raw = client
+            .query(
+                &statement,
+                &[
+                    &subscribers,
+                    &afters,
+                    &uptos,
+                    &limits,
+                    &b_afters,
+                    &b_uptos,
+                    &b_limits,
+                ],
+            )
+            .await?;
+        let mut rows = vec![Vec::new(); lanes.len()];
+        let mut deleted_upto = EventId(0);
+        for row in &raw {
+            deleted_upto = EventId(row.try_get(1)?);
+            if row.try_get::<_, Option<i64>>(2)?.is_none() {
+                continue;
+            }
+            let n: i64 = row.try_get(0)?;
+            let lane = *lane_of
+                .get(&n)
+                .ok_or_else(|| StoreError::Unexpected(format!("a row of no lane ({n})")))?;
+            rows[lane].push(event_row_at(row, 2)?);
+        }
+        // SQL promises no order across the lateral joins' output: put each lane in id order.
+        for lane in &mut rows {
+            lane.sort_unstable_by_key(|row| row.id);
+        }
+        Ok((rows, deleted_upto))
     }
 
     /// One page of a consumer's history (its events and the broadcasts), oldest first, each as a

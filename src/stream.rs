@@ -90,7 +90,10 @@ impl Streams {
         // still holds, and needs no read.
         let truncated = match cursor {
             Some(cursor) if !self.sources.recent.covers(cursor) => {
-                let deleted_upto = self.sources.store.deleted_upto().await?;
+                let deleted_upto = match follower.deleted_upto() {
+                    Some(deleted_upto) => deleted_upto,
+                    None => self.sources.store.deleted_upto().await?,
+                };
                 (cursor < deleted_upto).then(|| format.truncated(cursor, deleted_upto))
             }
             _ => None,

@@ -1,8 +1,9 @@
 //! Reconnect storms: many clients resuming at once with `Last-Event-ID` are served from the
 //! recent tail in memory, not a read each, and still get exactly their events, once, in order;
 //! a restarted instance loads the tail before it serves; a resume from before the tail reads the
-//! table and carries on from memory where the tail begins. Its own test binary, as it reads the
-//! process-wide replay counters.
+//! table and carries on from memory where the tail begins; without a tail, resumes that arrive
+//! together are read by a few merged statements, still exactly. Its own test binary, as it reads
+//! the process-wide replay counters.
 
 mod common;
 
@@ -58,8 +59,15 @@ async fn counter(app: &TestApp, name: &str) -> f64 {
 
 /// Resumes `streams` streams per consumer at once, each from its own point within the
 /// consumer's events, and checks each gets exactly what the table says follows its point, in
-/// order. Returns how many events they got.
-async fn storm(app: &TestApp, producer: &tokio_postgres::Client, streams: usize) -> usize {
+/// order. Returns how many events they got. With `hold`, the events table is locked while the
+/// resumes arrive, so that they queue behind the first reads instead of finding the database
+/// idle one after the other.
+async fn storm(
+    app: &TestApp,
+    producer: &tokio_postgres::Client,
+    streams: usize,
+    hold: bool,
+) -> usize {
     let mut resumes = Vec::new();
     for consumer in (0..CONSUMERS).map(|n| format!("c-{n}")) {
         let expected = ids_for(producer, &consumer).await;
@@ -76,7 +84,20 @@ async fn storm(app: &TestApp, producer: &tokio_postgres::Client, streams: usize)
             });
         }
     }
-    let clients = join_all(resumes).await;
+    let mut locker = app.producer().await;
+    let lock = locker.transaction().await.unwrap();
+    if hold {
+        lock.batch_execute("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+    }
+    let release = async {
+        if hold {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        lock.commit().await.unwrap();
+    };
+    let (clients, ()) = tokio::join!(join_all(resumes), release);
     // Nothing more, nothing repeated: the next event each gets is the one inserted now.
     let next: i64 = producer
         .query_one(
@@ -107,7 +128,7 @@ async fn a_reconnect_storm_is_served_from_memory_exactly() {
 
     let read_before = counter(&app, "event_piper_replay_rows_total").await;
     let recent_before = counter(&app, "event_piper_replay_recent_total").await;
-    let served = storm(&app, &producer, 5).await;
+    let served = storm(&app, &producer, 5, false).await;
     assert_eq!(
         counter(&app, "event_piper_replay_rows_total").await,
         read_before,
@@ -124,7 +145,7 @@ async fn a_reconnect_storm_is_served_from_memory_exactly() {
     let app = TestApp::builder().database(&db_url).start().await;
     app.wait_until_ready().await;
     let read_before = counter(&app, "event_piper_replay_rows_total").await;
-    storm(&app, &producer, 2).await;
+    storm(&app, &producer, 2, false).await;
     assert_eq!(
         counter(&app, "event_piper_replay_rows_total").await,
         read_before,
@@ -158,5 +179,38 @@ async fn a_resume_from_before_the_tail_reads_the_table_then_memory() {
     assert!(
         counter(&app, "event_piper_replay_recent_total").await > recent_before,
         "the end of the replay came from memory"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_beyond_the_tail_is_read_by_few_statements_exactly() {
+    let _counters = COUNTERS.lock().await;
+    let db_url = common::fresh_database().await;
+    // No tail: every resume reads the table. Pages of 5: most resumes take several pages, and
+    // their later pages are merged as well.
+    let app = TestApp::builder()
+        .database(&db_url)
+        .batch_size(5)
+        .with(|config| config.recent_bytes = 0)
+        .start()
+        .await;
+    let producer = app.producer().await;
+    let mut watcher = app.consume("watcher", None).await;
+    let last = fill(&producer, 10).await;
+    while watcher.next().await.id != last {}
+
+    let statements_before = counter(&app, "event_piper_replay_statements_total").await;
+    let rows_before = counter(&app, "event_piper_replay_rows_total").await;
+    let resumes = 5 * CONSUMERS;
+    storm(&app, &producer, 5, true).await;
+    let statements = counter(&app, "event_piper_replay_statements_total").await - statements_before;
+    assert!(
+        counter(&app, "event_piper_replay_rows_total").await > rows_before,
+        "the resumes read the table"
+    );
+    // Read alone, each resume would take at least two statements (more pages than one).
+    assert!(
+        statements < (resumes / 2) as f64,
+        "{statements} statements for {resumes} resumes"
     );
 }

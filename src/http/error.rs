@@ -49,6 +49,7 @@ impl ApiError {
                 ApiError::Internal(format!("the database refused the request: {error}"))
             }
             StoreError::Unexpected(_) => ApiError::Internal(error.to_string()),
+            StoreError::Shared(error) => ApiError::from_store(error, retry_after),
             _ => ApiError::Unavailable {
                 reason: format!("database unavailable: {error}"),
                 retry_after,
