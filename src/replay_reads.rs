@@ -44,6 +44,7 @@ pub struct Read {
 #[derive(Clone)]
 pub struct ReplayReads {
     store: Store,
+    /// Unbounded, yet bounded by the followers: each waits for its page before it asks again.
     queue: mpsc::UnboundedSender<Request>,
     /// Statements that read replay pages, merged or alone.
     statements: Counter,
