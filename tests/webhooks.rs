@@ -967,3 +967,66 @@ async fn a_new_position_while_a_batch_is_in_flight_refuses_its_acknowledgement()
     .await;
     app.stop().await.unwrap();
 }
+
+/// A database of the previous version, with a batch in flight recorded in an earlier generation
+/// (a pause and a resume came after it): upgraded in place, the batch goes out again under the
+/// webhook-id it had, and the subscription goes on in an epoch no earlier webhook-id used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_from_the_previous_version_goes_on_under_its_webhook_ids() {
+    let url = common::fresh_database().await;
+    let admin = common::connect(&url).await;
+    admin
+        .batch_execute(include_str!("fixtures/schema-before-epoch.sql"))
+        .await
+        .unwrap();
+    let events = insert_for_toto(&admin, 3).await;
+    let receiver = Receiver::start().await;
+    let secret = event_piper::webhook::signing::Secret::generate().to_string();
+    receiver.verify_with(&secret);
+    let id: i64 = admin
+        .query_one(
+            "INSERT INTO event_piper_subscriptions (consumer, url, secret, batch_size, position, \
+               pending_upto, pending_generation, generation) \
+             VALUES ('toto', $1, $2, 10, $3, $4, 4, 6) RETURNING id",
+            &[&receiver.url, &secret, &(events[0] - 1), &events[1]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let app = TestApp::builder()
+        .webhooks_for_tests()
+        .database(&url)
+        .start()
+        .await;
+    let epoch: i32 = admin
+        .query_one(
+            "SELECT epoch FROM event_piper_subscriptions WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(epoch, 6, "the epoch starts at the generation");
+    assert_eq!(receiver.wait_for_accepted(3).await, events);
+    let requests = receiver.requests();
+    assert_eq!(
+        requests[0].webhook_id,
+        format!("evp_{id}_4_{}", events[1]),
+        "the batch in flight, under its webhook-id: {requests:?}"
+    );
+    assert_eq!(requests[0].ids(), events[..2]);
+    assert_eq!(requests[1].webhook_id, format!("evp_{id}_6_{}", events[2]));
+    assert_eq!(receiver.bad_signatures(), 0);
+
+    // A replay is a new epoch: the next generation, which no webhook-id was made of.
+    patch(&app, &json!(id), json!({"after": events[1]})).await;
+    receiver
+        .wait_until("the replay", |requests| requests.len() >= 3)
+        .await;
+    assert_eq!(
+        receiver.requests()[2].webhook_id,
+        format!("evp_{id}_7_{}", events[2])
+    );
+    app.stop().await.unwrap();
+}
