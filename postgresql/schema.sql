@@ -162,10 +162,17 @@ CREATE INDEX IF NOT EXISTS events_subscriber_id_idx ON events (subscriber, id);
 -- Webhook subscriptions (README, "Webhooks"): the server remembers each one's position, so a
 -- receiver that is away gets what it missed when it is back. `position` is the last event id the
 -- receiver acknowledged with a 2xx; `pending_upto` is the end of the batch being delivered, and
--- `pending_generation` the generation it was formed in (they make its webhook-id), so that an
--- instance taking over sends that same batch again, under the same webhook-id. `generation`
--- grows with every change made through the API; the instance delivering a subscription writes
--- only while the generation it read is current, so a change always reaches it.
+-- `pending_generation` the epoch it was formed in (they make its webhook-id), so that an
+-- instance taking over sends that same batch again, under the same webhook-id.
+--
+-- Two counters, because not every change invalidates what is in flight (README, "What a change
+-- does to delivery"). `generation` grows with every change made through the API: the instance
+-- delivering a subscription begins a batch, records a failure or disables only while the
+-- generation it read is current, so a change always reaches it. `epoch` is the generation of the
+-- last change that restarted delivery (a new position, or new types); an acknowledgement is
+-- stored while the epoch it was sent in is current, so a pause, a resume, a new URL or batch size
+-- keeps it, and a replay asked for refuses it. Being a generation, an epoch is never reused, and
+-- neither is a webhook-id.
 CREATE TABLE IF NOT EXISTS event_piper_subscriptions (
     id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     consumer        text        NOT NULL,
@@ -179,6 +186,7 @@ CREATE TABLE IF NOT EXISTS event_piper_subscriptions (
     state           text        NOT NULL DEFAULT 'active'
                                 CHECK (state IN ('active', 'paused', 'disabled')),
     generation      integer     NOT NULL DEFAULT 0,
+    epoch           integer     NOT NULL DEFAULT 0,
     created_at      timestamptz NOT NULL DEFAULT now(),
     delivered       bigint      NOT NULL DEFAULT 0,
     failed_attempts bigint      NOT NULL DEFAULT 0,
@@ -191,3 +199,17 @@ CREATE TABLE IF NOT EXISTS event_piper_subscriptions (
 );
 CREATE INDEX IF NOT EXISTS event_piper_subscriptions_consumer_idx
     ON event_piper_subscriptions (consumer);
+
+-- A table from before the epoch, when every change restarted delivery. Each epoch starts at its
+-- subscription's generation: the batches of that generation go on under their webhook-ids, and
+-- the next epoch is a later generation, which no earlier webhook-id was made of.
+DO $epoch$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'event_piper_subscriptions'::regclass AND attname = 'epoch'
+                     AND NOT attisdropped) THEN
+        ALTER TABLE event_piper_subscriptions ADD COLUMN epoch integer NOT NULL DEFAULT 0;
+        UPDATE event_piper_subscriptions SET epoch = generation;
+    END IF;
+END
+$epoch$;

@@ -697,3 +697,336 @@ async fn two_instances_share_the_subscriptions_and_one_takes_all_when_the_other_
     wait_for_holders(vec![4]).await;
     second.stop().await.unwrap();
 }
+
+// A change that lands while a batch is in flight. The receiver holds its answer to the first
+// batch until the change has been applied (the PATCH has answered), so the acknowledgement
+// always comes after the change: no timing involved. README, "What a change does to delivery".
+
+/// An app whose attempts wait longer for an answer than the receiver ever holds one: a held
+/// answer must never time out on a slow machine (that is another case, sent again).
+async fn patient_app() -> TestApp {
+    TestApp::builder()
+        .webhooks_for_tests()
+        .webhook_timeout(common::PATIENCE * 3)
+        .start()
+        .await
+}
+
+/// Subscribes toto with `body`, the receiver holding its first answer, and waits for the first
+/// batch: the subscription as created (with its secret) and that batch's request. The events it
+/// should hold are in the table already: it waits until the hub has published them, so that the
+/// first batch holds as many of them as the batch size allows (otherwise it could start with
+/// the ones published so far).
+async fn hold_first_batch(
+    app: &TestApp,
+    receiver: &Receiver,
+    body: Value,
+) -> (Value, common::receiver::Request) {
+    let newest: i64 = app
+        .producer()
+        .await
+        .query_one("SELECT max(id) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let published = async {
+        loop {
+            let ready: Value = app.get("/ready").await.json().await.unwrap();
+            if ready["published"].as_i64() >= Some(newest) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(common::PATIENCE, published)
+        .await
+        .expect("the hub to publish the events");
+    receiver.answer(|n| match n {
+        0 => Answer::Held,
+        _ => Answer::Accept,
+    });
+    let created = subscribe(app, receiver, body).await;
+    receiver
+        .wait_until("the first batch", |requests| !requests.is_empty())
+        .await;
+    let first = receiver.requests().remove(0);
+    (created, first)
+}
+
+/// Issue 19, as reported: a pause right after the receiver answered used to discard the
+/// acknowledgement, and the resume sent the batch again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_while_a_batch_is_in_flight_keeps_its_acknowledgement() {
+    let app = patient_app().await;
+    let receiver = Receiver::start().await;
+    let producer = app.producer().await;
+    let mut expected = insert_for_toto(&producer, 3).await;
+    let (created, first) = hold_first_batch(
+        &app,
+        &receiver,
+        json!({"consumer": "toto", "batch_size": 3, "after": expected[0] - 1}),
+    )
+    .await;
+    let id = &created["id"];
+    assert_eq!(first.ids(), expected, "the three events, in one batch");
+
+    let paused = patch(&app, id, json!({"paused": true})).await;
+    assert_eq!(paused["status"], "paused");
+    receiver.release();
+    let shown = wait_for(
+        &app,
+        id,
+        "the acknowledgement to be stored while paused",
+        |shown| shown["position"] == json!(expected[2]),
+    )
+    .await;
+    assert_eq!(shown["status"], "paused");
+    assert_eq!(shown["delivered"], 3);
+    assert_eq!(shown["last_outcome"], "HTTP 200");
+
+    let during = insert_for_toto(&producer, 5).await;
+    wait_for(&app, id, "the events published while paused", |shown| {
+        shown["behind"] == 5
+    })
+    .await;
+    assert_eq!(receiver.requests().len(), 1, "nothing is sent while paused");
+    expected.extend(&during);
+    patch(&app, id, json!({"paused": false})).await;
+    let ids = receiver.wait_for_accepted(expected.len()).await;
+    assert_eq!(
+        ids, expected,
+        "every event once: the acknowledged batch is not sent again"
+    );
+    wait_for(&app, id, "the position to move past them", |shown| {
+        shown["position"] == json!(expected[7])
+    })
+    .await;
+    assert_eq!(receiver.bad_signatures(), 0);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_url_while_a_batch_is_in_flight_keeps_its_acknowledgement() {
+    let app = patient_app().await;
+    let old = Receiver::start().await;
+    let new = Receiver::start().await;
+    let producer = app.producer().await;
+    let batch = insert_for_toto(&producer, 3).await;
+    let (created, first) = hold_first_batch(
+        &app,
+        &old,
+        json!({"consumer": "toto", "batch_size": 3, "after": batch[0] - 1}),
+    )
+    .await;
+    let id = &created["id"];
+    new.verify_with(created["secret"].as_str().unwrap());
+    assert_eq!(first.ids(), batch);
+
+    let moved = patch(&app, id, json!({"url": new.url})).await;
+    assert_eq!(moved["url"], json!(new.url));
+    old.release();
+    wait_for(&app, id, "the acknowledgement to be stored", |shown| {
+        shown["position"] == json!(batch[2])
+    })
+    .await;
+    let later = insert_for_toto(&producer, 2).await;
+    assert_eq!(
+        new.wait_for_accepted(later.len()).await,
+        later,
+        "the new URL gets what follows, not the acknowledged batch again"
+    );
+    assert_eq!(old.requests().len(), 1, "the old URL got its one batch");
+    assert_eq!(new.bad_signatures(), 0);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_batch_size_while_a_batch_is_in_flight_keeps_its_acknowledgement() {
+    let app = patient_app().await;
+    let receiver = Receiver::start().await;
+    let producer = app.producer().await;
+    // The next batch is ready (in the table) when the first is acknowledged: it was formed at
+    // the old size, and must not go out.
+    let expected = insert_for_toto(&producer, 8).await;
+    let (created, first) = hold_first_batch(
+        &app,
+        &receiver,
+        json!({"consumer": "toto", "batch_size": 3, "after": expected[0] - 1}),
+    )
+    .await;
+    let id = &created["id"];
+    assert_eq!(first.ids(), expected[..3]);
+
+    patch(&app, id, json!({"batch_size": 2})).await;
+    receiver.release();
+    let ids = receiver.wait_for_accepted(expected.len()).await;
+    assert_eq!(ids, expected, "every event once");
+    let requests = receiver.requests();
+    assert!(
+        requests[1..]
+            .iter()
+            .all(|request| request.events.len() <= 2),
+        "batches of the new size after the change: {requests:?}"
+    );
+    wait_for(&app, id, "the position to move past them", |shown| {
+        shown["position"] == json!(expected[7])
+    })
+    .await;
+    app.stop().await.unwrap();
+}
+
+/// Toto's events of these types, one statement each; their ids.
+async fn insert_typed(producer: &tokio_postgres::Client, types: &[&str]) -> Vec<i64> {
+    let mut ids = Vec::with_capacity(types.len());
+    for event_type in types {
+        let row = producer
+            .query_one(
+                "INSERT INTO events (type, subscriber) VALUES ($1, 'toto') RETURNING id",
+                &[event_type],
+            )
+            .await
+            .unwrap();
+        ids.push(row.get(0));
+    }
+    ids
+}
+
+/// New types start over from the last acknowledged position: the batch in flight was chosen by
+/// the old filter, and storing its end would skip the events the new filter adds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_types_while_a_batch_is_in_flight_start_over_from_the_acknowledged_position() {
+    let app = patient_app().await;
+    let receiver = Receiver::start().await;
+    let producer = app.producer().await;
+    let ids = insert_typed(&producer, &["a", "b", "a"]).await;
+    let (created, first) = hold_first_batch(
+        &app,
+        &receiver,
+        json!({"consumer": "toto", "types": ["a"], "after": ids[0] - 1}),
+    )
+    .await;
+    let id = &created["id"];
+    assert_eq!(first.ids(), [ids[0], ids[2]]);
+
+    patch(&app, id, json!({"types": ["b"]})).await;
+    receiver.release();
+    receiver
+        .wait_until("the range again, of the new types", |requests| {
+            requests.len() >= 2
+        })
+        .await;
+    let requests = receiver.requests();
+    assert_eq!(requests[1].ids(), [ids[1]], "{requests:?}");
+    assert_ne!(
+        requests[1].webhook_id, first.webhook_id,
+        "a new batch, under a new webhook-id"
+    );
+    let shown = wait_for(&app, id, "the position to move", |shown| {
+        shown["position"].as_i64() >= Some(ids[1])
+    })
+    .await;
+    assert!(shown["position"].as_i64() <= Some(ids[2]), "{shown}");
+    app.stop().await.unwrap();
+}
+
+/// A new position is a replay asked for: the acknowledgement of the batch in flight, which
+/// comes after it, is refused, and delivery starts from the new position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_position_while_a_batch_is_in_flight_refuses_its_acknowledgement() {
+    let app = patient_app().await;
+    let receiver = Receiver::start().await;
+    let producer = app.producer().await;
+    let before = insert(&producer, "toto", "{}").await;
+    let batch = insert_for_toto(&producer, 3).await;
+    let (created, first) = hold_first_batch(
+        &app,
+        &receiver,
+        json!({"consumer": "toto", "batch_size": 3, "after": before}),
+    )
+    .await;
+    let id = &created["id"];
+    assert_eq!(first.ids(), batch);
+
+    let moved = patch(&app, id, json!({"after": 0})).await;
+    assert_eq!(moved["position"], 0);
+    receiver.release();
+    let mut expected = batch.clone();
+    expected.push(before);
+    expected.extend(&batch);
+    assert_eq!(receiver.wait_for_accepted(7).await, expected);
+    let requests = receiver.requests();
+    assert!(
+        requests[1..]
+            .iter()
+            .all(|request| request.webhook_id != first.webhook_id),
+        "the replay is new batches, under new webhook-ids: {requests:?}"
+    );
+    wait_for(&app, id, "the position to move past the replay", |shown| {
+        shown["position"] == json!(batch[2])
+    })
+    .await;
+    app.stop().await.unwrap();
+}
+
+/// A database of the previous version, with a batch in flight recorded in an earlier generation
+/// (a pause and a resume came after it): upgraded in place, the batch goes out again under the
+/// webhook-id it had, and the subscription goes on in an epoch no earlier webhook-id used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_from_the_previous_version_goes_on_under_its_webhook_ids() {
+    let url = common::fresh_database().await;
+    let admin = common::connect(&url).await;
+    admin
+        .batch_execute(include_str!("fixtures/schema-before-epoch.sql"))
+        .await
+        .unwrap();
+    let events = insert_for_toto(&admin, 3).await;
+    let receiver = Receiver::start().await;
+    let secret = event_piper::webhook::signing::Secret::generate().to_string();
+    receiver.verify_with(&secret);
+    let id: i64 = admin
+        .query_one(
+            "INSERT INTO event_piper_subscriptions (consumer, url, secret, batch_size, position, \
+               pending_upto, pending_generation, generation) \
+             VALUES ('toto', $1, $2, 10, $3, $4, 4, 6) RETURNING id",
+            &[&receiver.url, &secret, &(events[0] - 1), &events[1]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    let app = TestApp::builder()
+        .webhooks_for_tests()
+        .database(&url)
+        .start()
+        .await;
+    let epoch: i32 = admin
+        .query_one(
+            "SELECT epoch FROM event_piper_subscriptions WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(epoch, 6, "the epoch starts at the generation");
+    assert_eq!(receiver.wait_for_accepted(3).await, events);
+    let requests = receiver.requests();
+    assert_eq!(
+        requests[0].webhook_id,
+        format!("evp_{id}_4_{}", events[1]),
+        "the batch in flight, under its webhook-id: {requests:?}"
+    );
+    assert_eq!(requests[0].ids(), events[..2]);
+    assert_eq!(requests[1].webhook_id, format!("evp_{id}_6_{}", events[2]));
+    assert_eq!(receiver.bad_signatures(), 0);
+
+    // A replay is a new epoch: the next generation, which no webhook-id was made of.
+    patch(&app, &json!(id), json!({"after": events[1]})).await;
+    receiver
+        .wait_until("the replay", |requests| requests.len() >= 3)
+        .await;
+    assert_eq!(
+        receiver.requests()[2].webhook_id,
+        format!("evp_{id}_7_{}", events[2])
+    );
+    app.stop().await.unwrap();
+}

@@ -30,11 +30,15 @@ pub struct SubscriptionRow {
     pub batch_size: i32,
     /// The last event id the receiver acknowledged.
     pub position: EventId,
-    /// The batch being delivered, if one is: where it ends and the generation it was formed in.
+    /// The batch being delivered, if one is: where it ends and the epoch it was formed in.
     pub pending: Option<(EventId, i32)>,
     /// `active`, `paused` or `disabled` (the receiver answered 410 Gone).
     pub state: String,
+    /// Grows with every change through the API: the deliverer stops at the next one.
     pub generation: i32,
+    /// The generation of the last change that restarted delivery (a new position or new types):
+    /// an acknowledgement counts only within the epoch its batch was sent in.
+    pub epoch: i32,
     pub created_at: SystemTime,
     pub delivered: i64,
     pub failed_attempts: i64,
@@ -48,7 +52,7 @@ pub struct SubscriptionRow {
 
 const SUBSCRIPTION_COLUMNS: &str = "id, consumer, url, secret, types, batch_size, position, \
      pending_upto, pending_generation, state, generation, created_at, delivered, failed_attempts, last_attempt_at, \
-     last_outcome, last_error, last_success_at, failing_since, next_retry_at";
+     last_outcome, last_error, last_success_at, failing_since, next_retry_at, epoch";
 
 fn subscription_row(row: &tokio_postgres::Row) -> Result<SubscriptionRow> {
     Ok(SubscriptionRow {
@@ -74,6 +78,7 @@ fn subscription_row(row: &tokio_postgres::Row) -> Result<SubscriptionRow> {
         last_success_at: row.try_get(17)?,
         failing_since: row.try_get(18)?,
         next_retry_at: row.try_get(19)?,
+        epoch: row.try_get(20)?,
     })
 }
 
@@ -156,15 +161,19 @@ impl Store {
     }
 
     /// Applies a change and moves the generation on, so that the instance delivering the
-    /// subscription notices at its next write. The batch in flight is forgotten only when the
-    /// position or the types change (its events would differ); otherwise it is sent again under
-    /// the same webhook-id. Resuming clears the failure state. None: no such subscription.
+    /// subscription stops and starts again in the new form. A position (even the same one) or
+    /// types that differ also start a new epoch: the batch in flight is forgotten (its events
+    /// would differ) and its acknowledgement refused. Any other change keeps both: the batch in
+    /// flight is acknowledged if the receiver accepts it, and sent again under the same
+    /// webhook-id if not. Resuming clears the failure state. None: no such subscription.
     pub async fn change_subscription(
         &self,
         id: i64,
         change: &SubscriptionChange,
     ) -> Result<Option<SubscriptionRow>> {
         let client = self.pool.get().await?;
+        // In SET, `types` is the value before the change.
+        let restarts = "$7 IS NOT NULL OR ($3 AND types IS DISTINCT FROM $4)";
         let statement = client
             .prepare_cached(&format!(
                 "UPDATE event_piper_subscriptions SET \
@@ -174,11 +183,12 @@ impl Store {
                    state = CASE $6::boolean WHEN true THEN 'paused' WHEN false THEN 'active' \
                            ELSE state END, \
                    position = coalesce($7, position), \
-                   pending_upto = CASE WHEN $3 OR $7 IS NOT NULL THEN NULL ELSE pending_upto END, \
-                   pending_generation = CASE WHEN $3 OR $7 IS NOT NULL THEN NULL \
+                   pending_upto = CASE WHEN {restarts} THEN NULL ELSE pending_upto END, \
+                   pending_generation = CASE WHEN {restarts} THEN NULL \
                                         ELSE pending_generation END, \
                    failing_since = CASE WHEN $6 = false THEN NULL ELSE failing_since END, \
                    next_retry_at = CASE WHEN $6 = false THEN NULL ELSE next_retry_at END, \
+                   epoch = CASE WHEN {restarts} THEN generation + 1 ELSE epoch END, \
                    generation = generation + 1 \
                  WHERE id = $1 RETURNING {SUBSCRIPTION_COLUMNS}"
             ))
@@ -202,7 +212,7 @@ impl Store {
     }
 
     /// Deletes a subscription; false if there was none. The instance delivering it stops at its
-    /// next write (it finds no row of its generation).
+    /// next write (it finds no row to write).
     pub async fn delete_subscription(&self, id: i64) -> Result<bool> {
         let client = self.pool.get().await?;
         let statement = client
@@ -247,9 +257,25 @@ pub struct Attempt<'a> {
     pub error: Option<&'a str>,
 }
 
+/// What became of an acknowledgement ([`Lease::delivered`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acknowledged {
+    /// The position moved, and the next batch, if given, is recorded: delivery goes on.
+    Stored,
+    /// The position moved, but the subscription was changed otherwise (paused, a new URL or
+    /// batch size...): the next batch is not recorded, and the delivery stops, to start again in
+    /// the new form.
+    StoredThenChanged,
+    /// The position did not move: a new position or new types were asked for since the batch
+    /// was sent (or the subscription was deleted).
+    Refused,
+}
+
 /// The connection that holds this instance's subscription locks, and the writes of the
-/// subscriptions it delivers. A write is accepted only while the subscription still has the
-/// generation the deliverer read: a change through the API, or a delete, refuses it.
+/// subscriptions it delivers. A write that starts or retries something (a batch, a failure, a
+/// 410) is accepted only while the subscription still has the generation the deliverer read: any
+/// change through the API, or a delete, refuses it. An acknowledgement, which reports what the
+/// receiver already has, is stored while the epoch is unchanged: see [`Lease::delivered`].
 ///
 /// Session advisory locks end with the session, so an instance that dies, or loses this
 /// connection, lets go of its subscriptions at once, and another instance claims them at its next
@@ -270,6 +296,14 @@ struct Statements {
     delivered: Statement,
     failed: Statement,
     disable: Statement,
+}
+
+/// The generation and epoch a deliverer read with the subscription: what its writes are checked
+/// against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Version {
+    pub generation: i32,
+    pub epoch: i32,
 }
 
 impl Lease {
@@ -316,18 +350,26 @@ impl Lease {
             ))
             .await?,
             begin_batch: prepare(
-                "UPDATE event_piper_subscriptions SET pending_upto = $3, pending_generation = $2 \
-                 WHERE id = $1 AND generation = $2 AND state = 'active'"
+                "UPDATE event_piper_subscriptions SET pending_upto = $4, pending_generation = $3 \
+                 WHERE id = $1 AND generation = $2 AND epoch = $3 AND state = 'active'"
                     .into(),
             )
             .await?,
+            // Whatever else changed, the position moves when the epoch is the batch's and the
+            // position its start; the next batch is recorded only in an unchanged generation.
+            // The position's own check is for an instance of an earlier version, which moves
+            // positions without starting an epoch (it did not know of them): its move is not
+            // overwritten either.
             delivered: prepare(
-                "UPDATE event_piper_subscriptions SET position = $3, pending_upto = $6, \
-                   pending_generation = CASE WHEN $6::bigint IS NULL THEN NULL ELSE $2 END, \
-                   delivered = delivered + $4, last_attempt_at = now(), last_outcome = $5, \
+                "UPDATE event_piper_subscriptions SET position = $5, \
+                   pending_upto = CASE WHEN generation = $2 AND state = 'active' THEN $8::bigint END, \
+                   pending_generation = CASE WHEN generation = $2 AND state = 'active' \
+                                          AND $8::bigint IS NOT NULL THEN $3 END, \
+                   delivered = delivered + $6, last_attempt_at = now(), last_outcome = $7, \
                    last_error = NULL, last_success_at = now(), failing_since = NULL, \
                    next_retry_at = NULL \
-                 WHERE id = $1 AND generation = $2 AND state = 'active'"
+                 WHERE id = $1 AND epoch = $3 AND position = $4 \
+                 RETURNING generation = $2 AND state = 'active'"
                     .into(),
             )
             .await?,
@@ -417,45 +459,59 @@ impl Lease {
         Ok(())
     }
 
-    /// Records the batch about to be sent, `(position, upto]`, formed in the current generation.
-    /// False: the subscription changed.
-    pub async fn begin_batch(&self, id: i64, generation: i32, upto: EventId) -> Result<bool> {
+    /// Records the batch about to be sent, `(position, upto]`, formed in the current generation
+    /// and epoch. False: the subscription changed.
+    pub async fn begin_batch(&self, id: i64, version: Version, upto: EventId) -> Result<bool> {
         let statement = &self.statements.begin_batch;
-        Ok(self
-            .client
-            .execute(statement, &[&id, &generation, &upto.0])
-            .await?
-            == 1)
-    }
-
-    /// The receiver acknowledged the batch ending at `upto`, of `count` events; `next` is the
-    /// end of the batch to be sent next, when it is known already. False: the subscription
-    /// changed in the meantime, and the position did not move.
-    pub async fn delivered(
-        &self,
-        id: i64,
-        generation: i32,
-        upto: EventId,
-        count: i64,
-        next: Option<EventId>,
-        attempt: &Attempt<'_>,
-    ) -> Result<bool> {
-        let statement = &self.statements.delivered;
         Ok(self
             .client
             .execute(
                 statement,
+                &[&id, &version.generation, &version.epoch, &upto.0],
+            )
+            .await?
+            == 1)
+    }
+
+    /// The receiver acknowledged the batch `(from, upto]`, of `count` events, sent in
+    /// `version.epoch`; `next` is the end of the batch to be sent next, when it is known already.
+    ///
+    /// The receiver has the batch whatever was changed since, so the position moves unless the
+    /// change asked for a new start (a new position or new types: a new epoch). One statement
+    /// checks and writes, so an acknowledgement and a change through the API are ordered by
+    /// PostgreSQL: an acknowledgement that comes after a new start is refused, one that comes
+    /// after any other change is stored.
+    pub async fn delivered(
+        &self,
+        id: i64,
+        version: Version,
+        (from, upto): (EventId, EventId),
+        count: i64,
+        next: Option<EventId>,
+        attempt: &Attempt<'_>,
+    ) -> Result<Acknowledged> {
+        let statement = &self.statements.delivered;
+        let row = self
+            .client
+            .query_opt(
+                statement,
                 &[
                     &id,
-                    &generation,
+                    &version.generation,
+                    &version.epoch,
+                    &from.0,
                     &upto.0,
                     &count,
                     &attempt.outcome,
                     &next.map(|next| next.0),
                 ],
             )
-            .await?
-            == 1)
+            .await?;
+        Ok(match row {
+            None => Acknowledged::Refused,
+            Some(row) if row.try_get(0)? => Acknowledged::Stored,
+            Some(_) => Acknowledged::StoredThenChanged,
+        })
     }
 
     /// An attempt failed; the next is at `retry_at`. Returns since when the subscription has

@@ -7,6 +7,11 @@
 //! a crash sends that same batch, under the same webhook-id), and the position is stored once the
 //! receiver answered 2xx. When the next batch is ready by then, one write does both: under load a
 //! batch costs one write; a lone event two.
+//!
+//! A change through the API ends the delivery, and the supervisor starts it again in the new
+//! form. The acknowledgement of a batch the receiver already took is still stored, unless the
+//! change asked for a new start (a new position or new types, a new epoch): see
+//! [`Lease::delivered`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,7 +29,7 @@ use crate::metrics::WebhookMetrics;
 use crate::selection::{Reader, Selection};
 use crate::sse::{Frame, put_compact_json};
 use crate::store::StoreError;
-use crate::store::subscriptions::{Attempt, Lease, SubscriptionRow};
+use crate::store::subscriptions::{Acknowledged, Attempt, Lease, SubscriptionRow, Version};
 
 /// The most events a batch may hold (the schema's limit on `batch_size`).
 pub const MAX_BATCH: i32 = 1000;
@@ -60,24 +65,25 @@ struct Batch {
     count: i64,
     /// The batch covers the consumer's events in `(position, upto]`.
     upto: EventId,
-    /// The subscription's generation when the batch was formed.
-    generation: i32,
+    /// The subscription's epoch when the batch was formed.
+    epoch: i32,
 }
 
 impl Batch {
-    fn new(generation: i32) -> Batch {
+    fn new(epoch: i32) -> Batch {
         Batch {
             events: BytesMut::new(),
             count: 0,
             upto: EventId(0),
-            generation,
+            epoch,
         }
     }
 
     /// The batch's webhook-id: the same for every attempt, and for an instance that takes the
-    /// batch over; a new one after a change through the API (a replay is new messages).
+    /// batch over; a new one after a new position or new types (a replay is new messages).
+    /// Within an epoch a batch's end identifies it: batches only move forward.
     fn message_id(&self, subscription: i64) -> String {
-        format!("evp_{subscription}_{}_{}", self.generation, self.upto)
+        format!("evp_{subscription}_{}_{}", self.epoch, self.upto)
     }
 
     fn push(&mut self, id: EventId, event_type: &str, payload: &str) {
@@ -139,8 +145,10 @@ struct Delivery<'a> {
     lease: &'a Lease,
     stop: &'a CancellationToken,
     id: i64,
-    /// The generation read with the row: every write is refused once the API changed it.
-    generation: i32,
+    /// The generation and epoch read with the row: once the API changed the subscription, no
+    /// write starts or retries anything, and once it asked for a new start, no acknowledgement
+    /// is stored.
+    version: Version,
     consumer: ConsumerId,
     /// As stored, for the logs.
     url: String,
@@ -191,7 +199,10 @@ pub async fn run(
         lease: &lease,
         stop: &stop,
         id,
-        generation: subscription.generation,
+        version: Version {
+            generation: subscription.generation,
+            epoch: subscription.epoch,
+        },
         consumer,
         target: context
             .client
@@ -242,10 +253,12 @@ impl Delivery<'_> {
         // hand: then there is nothing to send, and the follower reads past them.
         let mut ready = None;
         let mut after = self.position;
-        if let Some((upto, generation)) = pending.filter(|(upto, _)| *upto > self.position) {
+        if let Some((upto, epoch)) = pending.filter(|(upto, _)| *upto > self.position) {
             let rows = self.read_pending(upto).await?;
             if !rows.is_empty() {
-                let mut batch = Batch::new(generation);
+                // Its own epoch: a batch recorded before epochs were stored carries the
+                // generation it was formed in, and keeps its webhook-id.
+                let mut batch = Batch::new(epoch);
                 batch.push_rows(&rows);
                 batch.upto = upto;
                 ready = Some(batch);
@@ -268,7 +281,7 @@ impl Delivery<'_> {
                         next = follower.next() => next,
                         _ = self.stop.cancelled() => return Err(Ended::Stopped),
                     };
-                    let mut batch = Batch::new(self.generation);
+                    let mut batch = Batch::new(self.version.epoch);
                     match next {
                         Next::Page(page) => batch.push_page(&page),
                         Next::Live(frame) => {
@@ -287,7 +300,7 @@ impl Delivery<'_> {
                     batch.upto = batch.upto.max(follower.position().cursor());
                     // Recorded before it is sent, so that whoever sends it again uses the same
                     // webhook-id.
-                    let recorded = self.lease.begin_batch(self.id, self.generation, batch.upto);
+                    let recorded = self.lease.begin_batch(self.id, self.version, batch.upto);
                     if !self.write(recorded).await? {
                         return Err(Ended::Changed);
                     }
@@ -340,7 +353,7 @@ impl Delivery<'_> {
     /// The next batch if it can be had without waiting: the next replay page, or the live
     /// frames already queued. A page that fails to read is left to the next `Follower::next`.
     async fn ready_batch(&self, follower: &mut Follower) -> Option<Batch> {
-        let mut batch = Batch::new(self.generation);
+        let mut batch = Batch::new(self.version.epoch);
         if let Some(Ok(page)) = follower.next_page().await {
             batch.push_page(&page);
         } else {
@@ -424,7 +437,10 @@ impl Delivery<'_> {
                     };
                     self.metrics.failed_attempts.increment(1);
                     if !self
-                        .write(self.lease.disable(self.id, self.generation, &attempt))
+                        .write(
+                            self.lease
+                                .disable(self.id, self.version.generation, &attempt),
+                        )
                         .await?
                     {
                         return Err(Ended::Changed);
@@ -454,7 +470,8 @@ impl Delivery<'_> {
     }
 
     /// Stores the position past `batch`, which the receiver acknowledged, and records `next`
-    /// as the batch in flight if there is one.
+    /// as the batch in flight if there is one. A change through the API since ends the delivery
+    /// here, with the position stored unless the change was a new start.
     async fn acknowledged(&mut self, batch: &Batch, next: Option<&Batch>) -> Step<()> {
         let outcome = format!("HTTP {}", self.last_status);
         let attempt = Attempt {
@@ -463,15 +480,17 @@ impl Delivery<'_> {
         };
         let stored = self.lease.delivered(
             self.id,
-            self.generation,
-            batch.upto,
+            self.version,
+            (self.position, batch.upto),
             batch.count,
             next.map(|next| next.upto),
             &attempt,
         );
-        if !self.write(stored).await? {
-            return Err(Ended::Changed);
-        }
+        let changed = match self.write(stored).await? {
+            Acknowledged::Stored => false,
+            Acknowledged::StoredThenChanged => true,
+            Acknowledged::Refused => return Err(Ended::Changed),
+        };
         self.position = batch.upto;
         self.metrics.delivered.increment(batch.count as u64);
         self.metrics.last_success.set(
@@ -487,6 +506,10 @@ impl Delivery<'_> {
             );
             self.marked_failing = false;
         }
+        if changed {
+            // `next`, formed before the change, was not recorded and is not sent.
+            return Err(Ended::Changed);
+        }
         Ok(())
     }
 
@@ -501,7 +524,7 @@ impl Delivery<'_> {
         let Some(since) = self
             .write(
                 self.lease
-                    .failed(self.id, self.generation, &attempt, retry_at),
+                    .failed(self.id, self.version.generation, &attempt, retry_at),
             )
             .await?
         else {

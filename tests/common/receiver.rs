@@ -1,9 +1,9 @@
 //! A webhook receiver for the tests: a real HTTP server on loopback that verifies every request's
 //! Standard Webhooks signature with the `standardwebhooks` crate (a library this project did not
 //! write), records each request with when it arrived, and answers as the test tells it (accept,
-//! fail, be slow, answer 410). It can also go away (stop listening, so that connections are
-//! refused) and come back on the same port, and the arrival times let the fault suite tell a
-//! repeat explained by a fault from one that is not.
+//! fail, be slow, answer 410, or hold the answer until the test releases it). It can also go away
+//! (stop listening, so that connections are refused) and come back on the same port, and the
+//! arrival times let the fault suite tell a repeat explained by a fault from one that is not.
 //!
 //! Its own accept loop (hyper, not `axum::serve`) because going away must close the listening
 //! socket while the port is kept for coming back.
@@ -20,7 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::PATIENCE;
@@ -34,6 +34,10 @@ pub enum Answer {
     Status(u16, Option<u64>),
     /// Waits this long, then 200 (past the service's timeout, the attempt fails).
     Slow(Duration),
+    /// Holds the answer until the test calls [`Receiver::release`], then 200: the test can
+    /// change the subscription while the batch is in flight, and know that the answer comes
+    /// after the change, with no timing involved.
+    Held,
 }
 
 /// One request as received.
@@ -55,7 +59,7 @@ pub struct Request {
 impl Request {
     /// Whether the receiver took the events (answered 2xx, in time or not).
     pub fn accepted(&self) -> bool {
-        matches!(self.answer, Answer::Accept | Answer::Slow(_))
+        matches!(self.answer, Answer::Accept | Answer::Slow(_) | Answer::Held)
     }
 
     /// Whether the receiver took the events but answered after `timeout`: the sender counts the
@@ -76,6 +80,8 @@ struct Inner {
     secret: Option<String>,
     answers: Answers,
     requests: Vec<Request>,
+    /// One permit per held answer the test released.
+    released: Arc<Semaphore>,
 }
 
 /// The server while it listens: stopping it closes the listener at once and lets the requests
@@ -101,6 +107,7 @@ impl Receiver {
             secret: None,
             answers: Box::new(|_| Answer::Accept),
             requests: Vec::new(),
+            released: Arc::new(Semaphore::new(0)),
         }));
         let serving = serve(listener, Arc::clone(&inner));
         Receiver {
@@ -119,6 +126,11 @@ impl Receiver {
     /// How to answer request number n (counted from 0, over the receiver's life).
     pub fn answer(&self, answers: impl FnMut(usize) -> Answer + Send + 'static) {
         self.inner.lock().unwrap().answers = Box::new(answers);
+    }
+
+    /// Lets one held answer (the oldest waiting, or the next to come) go out.
+    pub fn release(&self) {
+        self.inner.lock().unwrap().released.add_permits(1);
     }
 
     pub fn requests(&self) -> Vec<Request> {
@@ -247,7 +259,7 @@ async fn receive(
     let Ok(body) = body.collect().await.map(|body| body.to_bytes()) else {
         return Ok(respond(400, None));
     };
-    let answer = {
+    let (answer, released) = {
         let mut inner = inner.lock().unwrap();
         let signature_ok = inner.secret.as_ref().map(|secret| {
             standardwebhooks::Webhook::new(secret)
@@ -284,7 +296,7 @@ async fn receive(
             signature_ok,
             arrived,
         });
-        answer
+        (answer, Arc::clone(&inner.released))
     };
     Ok(match answer {
         Answer::Accept => respond(200, None),
@@ -293,6 +305,16 @@ async fn receive(
             respond(200, None)
         }
         Answer::Status(status, retry_after) => respond(status, retry_after),
+        Answer::Held => {
+            // Bounded, so that a test that never releases fails instead of hanging.
+            match tokio::time::timeout(PATIENCE, released.acquire()).await {
+                Ok(Ok(permit)) => {
+                    permit.forget();
+                    respond(200, None)
+                }
+                _ => respond(500, None),
+            }
+        }
     })
 }
 
