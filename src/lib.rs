@@ -119,26 +119,15 @@ pub async fn run(config: Config) -> Result<(), Error> {
 
     let result = async {
         let listener = net::bind(config.listen).map_err(|source| Error::Io {
-                context: format!("binding {}", config.listen),
-                source,
-            })?;
+            context: format!("binding {}", config.listen),
+            source,
+        })?;
         let address = listener.local_addr().map_err(|source| Error::Io {
             context: "reading the bound address".into(),
             source,
         })?;
         tracing::info!(%address, "listening for HTTP");
-        let tls = match config.tls_files()? {
-            Some(_) => {
-                let tls = net::bind(config.tls_listen).map_err(|source| Error::Io {
-                        context: format!("binding {} (--tls-listen)", config.tls_listen),
-                        source,
-                    })?;
-                tracing::info!(address = %config.tls_listen, "listening for HTTPS (HTTP/2 and HTTP/1.1)");
-                Some(tls)
-            }
-            None => None,
-        };
-        serve_on(config, database_url, listener, tls, shutdown_signal()).await
+        serve(config, database_url, listener, shutdown_signal()).await
     }
     .await;
 
@@ -159,10 +148,14 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let tls = match config.tls_files()? {
-        Some(_) => Some(net::bind(config.tls_listen).map_err(|source| Error::Io {
-            context: format!("binding {} (--tls-listen)", config.tls_listen),
-            source,
-        })?),
+        Some(_) => {
+            let tls = net::bind(config.tls_listen).map_err(|source| Error::Io {
+                context: format!("binding {} (--tls-listen)", config.tls_listen),
+                source,
+            })?;
+            tracing::info!(address = %config.tls_listen, "listening for HTTPS (HTTP/2 and HTTP/1.1)");
+            Some(tls)
+        }
         None => None,
     };
     serve_on(config, database_url, listener, tls, shutdown).await

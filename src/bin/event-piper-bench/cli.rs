@@ -133,6 +133,12 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub storm_runs: usize,
 
+    /// Pin the bench (its producers and consumers) and the PostgreSQL it starts to CPU 0, and
+    /// the service to CPU 1 (`taskset`): a primary whose cores the service does not share, so
+    /// that what the service's reads cost producers shows up as lost commits.
+    #[arg(long)]
+    pub pin_cores: bool,
+
     /// Storm scenario: at most this many reconnects in flight (waiting for their response head);
     /// 0, the default: every stream reconnects at once.
     #[arg(long, default_value_t = 0)]

@@ -58,6 +58,13 @@ use service::Launch;
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.pin_cores {
+        // Before any thread starts: the runtimes' threads and every process started from here
+        // (PostgreSQL, and so its backends) inherit the mask; the service is moved to CPU 1 as
+        // it starts (service.rs).
+        pin_to_cpu(0)?;
+        eprintln!("pinned: bench and PostgreSQL to CPU 0, the service to CPU 1");
+    }
     // The bench opens thousands of sockets (and the service, its child, inherits the limit).
     match event_piper::raise_open_files_limit() {
         Some(limit) => eprintln!("open files limit: {limit}"),
@@ -85,6 +92,23 @@ fn main() -> Result<()> {
     Ok(())
 }
 
+/// Restricts the calling thread, and the threads and processes it starts, to one CPU.
+fn pin_to_cpu(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
+    let result = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if result != 0 {
+        anyhow::bail!(
+            "cannot pin to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 /// Runs the scenarios; returns the number of delivery errors seen.
 async fn run(args: Args, producers: tokio::runtime::Handle) -> Result<u64> {
     let work_dir = args.work_dir.clone().unwrap_or_else(|| {
@@ -97,6 +121,7 @@ async fn run(args: Args, producers: tokio::runtime::Handle) -> Result<u64> {
         log_level: args.service_log.clone(),
         extra_args: args.service_args.clone(),
         log_dir: work_dir.clone(),
+        cpu: args.pin_cores.then_some(1),
     };
     eprintln!(
         "service: {} (logs in {})",

@@ -33,6 +33,9 @@ pub struct Launch {
     pub extra_args: Vec<String>,
     /// Where service logs go, one file per start.
     pub log_dir: PathBuf,
+    /// The one CPU to run the service on (`--pin-cores`), through `taskset`, which execs it in
+    /// place (the pid is the service's).
+    pub cpu: Option<usize>,
 }
 
 impl Launch {
@@ -60,7 +63,15 @@ impl Service {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = launch.log_dir.join(format!("service-{label}.log"));
         let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let child = Command::new(&launch.binary)
+        let mut command = match launch.cpu {
+            Some(cpu) => {
+                let mut taskset = Command::new("taskset");
+                taskset.arg("-c").arg(cpu.to_string()).arg(&launch.binary);
+                taskset
+            }
+            None => Command::new(&launch.binary),
+        };
+        let child = command
             .arg("--database-url")
             .arg(database_url)
             .arg("--listen")
