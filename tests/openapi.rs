@@ -47,6 +47,7 @@ async fn the_document_lists_exactly_the_routes_the_router_serves() {
         document, served,
         "the document served is the checked-in file"
     );
+    assert_eq!(document["info"]["version"], env!("CARGO_PKG_VERSION"));
 
     let documented: BTreeSet<&str> = document["paths"]
         .as_object()
