@@ -65,7 +65,11 @@ fn parse_event(item: Value) -> Result<NewEvent, String> {
         ),
         Some(_) => return Err("\"subscriber\" must be a string or null".into()),
     };
-    let payload = take(&mut fields, "payload")?.to_string();
+    let payload = take(&mut fields, "payload")?;
+    if contains_nul(&payload) {
+        return Err(NUL_IN_PAYLOAD.into());
+    }
+    let payload = payload.to_string();
     if let Some(unknown) = fields.keys().next() {
         return Err(format!("unknown field {unknown:?}"));
     }
@@ -101,6 +105,23 @@ pub fn check_topic(topic: String) -> Result<String, String> {
         return Err("the topic \"*\" is reserved: it matches every topic".into());
     }
     Ok(topic)
+}
+
+/// Why a payload with U+0000 is refused.
+const NUL_IN_PAYLOAD: &str =
+    "\"payload\" may not contain U+0000 (PostgreSQL's jsonb cannot store it)";
+
+/// Whether a string of `value`, or a key, holds U+0000: PostgreSQL's jsonb refuses it, so a
+/// payload (or a containment filter) with one is refused up front rather than by the database.
+pub fn contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(text) => text.contains('\0'),
+        Value::Array(items) => items.iter().any(contains_nul),
+        Value::Object(fields) => fields
+            .iter()
+            .any(|(key, value)| key.contains('\0') || contains_nul(value)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
 }
 
 fn take(fields: &mut Map<String, Value>, name: &str) -> Result<Value, String> {

@@ -51,12 +51,21 @@ pub(super) async fn history(
             })
             .transpose()
     };
-    if let Some(payload) = &query.payload
-        && serde_json::from_str::<serde_json::Value>(payload).is_err()
-    {
-        return Err(ApiError::BadRequest(
-            "invalid payload: expected JSON".into(),
-        ));
+    if let Some(payload) = &query.payload {
+        match serde_json::from_str::<serde_json::Value>(payload) {
+            Err(_) => {
+                return Err(ApiError::BadRequest(
+                    "invalid payload: expected JSON".into(),
+                ));
+            }
+            // jsonb cannot hold U+0000, so the database would refuse the search (a 500).
+            Ok(value) if crate::publish::contains_nul(&value) => {
+                return Err(ApiError::BadRequest(
+                    "invalid payload: U+0000 cannot be stored, so no payload contains it".into(),
+                ));
+            }
+            Ok(_) => {}
+        }
     }
     let count = |name: &str, text: &str| {
         text.parse::<i64>()

@@ -118,6 +118,12 @@ async fn resume_point(state: &AppState, requested: &str) -> Result<Option<EventI
     if requested == EARLIEST {
         return Ok(Some(EventId(0)));
     }
+    // PostgreSQL refuses text with U+0000 (a 500), and no publisher's id can hold one.
+    if requested.contains('\0') {
+        return Err(ApiError::BadRequest(
+            "invalid Last-Event-ID: U+0000 is in no id".into(),
+        ));
+    }
     if let Some(id) = requested.strip_prefix('#') {
         return super::request::parse_last_event_id(id.as_bytes()).map(Some);
     }

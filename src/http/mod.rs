@@ -8,7 +8,7 @@ use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{MethodRouter, get};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::trace::TraceLayer;
 
@@ -22,11 +22,13 @@ mod error;
 mod events;
 mod history;
 mod mercure;
+mod openapi;
 mod publishing;
 mod request;
 mod subscriptions;
 
 pub use error::ApiError;
+pub use openapi::DOCUMENT as OPENAPI_DOCUMENT;
 use request::{CONSUMER_HEADER, EventsQuery, LAST_EVENT_ID_HEADER};
 pub use subscriptions::WebhookSettings;
 
@@ -108,29 +110,47 @@ pub struct HttpSettings {
     pub cors_origins: Vec<String>,
 }
 
-pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
-    let router = Router::new()
-        .route("/", get(page))
-        .route("/events", get(events::events).post(publishing::publish))
-        .route("/events/{id}", get(events::event_by_id))
-        .route("/history", get(history::history))
-        .route(
+/// Every path the router serves, with its handlers: the router is built from this list, and
+/// `tests/openapi.rs` holds the OpenAPI document to it through [`paths`].
+fn endpoints() -> Vec<(&'static str, MethodRouter<Arc<AppState>>)> {
+    vec![
+        ("/", get(page)),
+        ("/openapi.json", get(openapi::document)),
+        ("/events", get(events::events).post(publishing::publish)),
+        ("/events/{id}", get(events::event_by_id)),
+        ("/history", get(history::history)),
+        (
             "/subscriptions",
             get(subscriptions::list).post(subscriptions::create),
-        )
-        .route(
+        ),
+        (
             "/subscriptions/{id}",
             get(subscriptions::show)
                 .patch(subscriptions::change)
                 .delete(subscriptions::delete),
-        )
-        .route(
+        ),
+        (
             "/.well-known/mercure",
             get(mercure::subscribe).post(mercure::publish),
-        )
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
+        ),
+        ("/health", get(health)),
+        ("/ready", get(ready)),
+        ("/metrics", get(metrics)),
+    ]
+}
+
+/// The paths the router serves, as axum writes them (`/events/{id}`); which methods each takes
+/// is the router's to say (a `405` lists them in `Allow`).
+pub fn paths() -> Vec<&'static str> {
+    endpoints().into_iter().map(|(path, _)| path).collect()
+}
+
+pub fn routes(state: AppState, settings: &HttpSettings) -> Router {
+    let router = endpoints()
+        .into_iter()
+        .fold(Router::new(), |router, (path, methods)| {
+            router.route(path, methods)
+        })
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(settings.max_body_bytes))
@@ -148,7 +168,7 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!(
         "no such path: {}; the API is GET /events, POST /events, GET /events/{{id}}, \
          GET /history, /subscriptions, /.well-known/mercure, GET /health, GET /ready, \
-         GET /metrics and the page at GET /",
+         GET /metrics, GET /openapi.json (which describes them) and the page at GET /",
         uri.path()
     ))
 }

@@ -108,6 +108,11 @@ impl ServiceProcess {
         }
     }
 
+    /// Its exit status if it has exited; never waits, never fails the test (for a drop).
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// SIGKILL: no shutdown, no last write; the kernel closes its connections.
     pub fn kill(&mut self) {
         self.child.kill().expect("killing event-piper");
