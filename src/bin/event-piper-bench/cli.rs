@@ -133,9 +133,10 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub storm_runs: usize,
 
-    /// Pin the bench (its producers and consumers) and the PostgreSQL it starts to CPU 0, and
-    /// the service to CPU 1 (`taskset`): a primary whose cores the service does not share, so
-    /// that what the service's reads cost producers shows up as lost commits.
+    /// Pin the producers and the PostgreSQL the bench starts to CPU 0, and the service and the
+    /// consumers to CPU 1 (`taskset` for the service): a saturated primary whose core the
+    /// service does not share, so that what the service's reads cost producers shows up as lost
+    /// commits.
     #[arg(long)]
     pub pin_cores: bool,
 

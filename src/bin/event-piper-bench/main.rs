@@ -58,17 +58,14 @@ use service::Launch;
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.pin_cores {
-        // Before any thread starts: the runtimes' threads and every process started from here
-        // (PostgreSQL, and so its backends) inherit the mask; the service is moved to CPU 1 as
-        // it starts (service.rs).
+    let pin = args.pin_cores;
+    if pin {
+        // Before any thread starts: the producers' runtime inherits CPU 0, and PostgreSQL is
+        // moved there once started. The consumers run on the other runtime's threads, on CPU 1
+        // with the service (service.rs), so that reading the streams takes nothing from
+        // PostgreSQL's core.
         pin_to_cpu(0)?;
-        eprintln!("pinned: bench and PostgreSQL to CPU 0, the service to CPU 1");
-    }
-    // The bench opens thousands of sockets (and the service, its child, inherits the limit).
-    match event_piper::raise_open_files_limit() {
-        Some(limit) => eprintln!("open files limit: {limit}"),
-        None => eprintln!("warning: cannot read the open files limit"),
+        eprintln!("pinned: producers and PostgreSQL to CPU 0, the service and consumers to CPU 1");
     }
     // Producers get a runtime thread of their own: see producer.rs.
     let producers = tokio::runtime::Builder::new_multi_thread()
@@ -78,6 +75,11 @@ fn main() -> Result<()> {
         .build()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_start(move || {
+            if pin && let Err(error) = pin_to_cpu(1) {
+                eprintln!("warning: {error}");
+            }
+        })
         .build()?;
     let result = runtime.block_on(run(args, producers.handle().clone()));
     producers.shutdown_background();
@@ -94,17 +96,49 @@ fn main() -> Result<()> {
 
 /// Restricts the calling thread, and the threads and processes it starts, to one CPU.
 fn pin_to_cpu(cpu: usize) -> Result<()> {
+    pin_pid(0, cpu)
+}
+
+/// Restricts a process (0: the calling thread) to one CPU.
+fn pin_pid(pid: libc::pid_t, cpu: usize) -> Result<()> {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes within it.
     let result = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if result != 0 {
         anyhow::bail!(
-            "cannot pin to CPU {cpu}: {}",
+            "cannot pin {pid} to CPU {cpu}: {}",
             std::io::Error::last_os_error()
         );
+    }
+    Ok(())
+}
+
+/// Pins a process and its children (PostgreSQL's postmaster and its auxiliary processes) to one
+/// CPU; processes it forks later inherit that.
+fn pin_tree(parent: u32, cpu: usize) -> Result<()> {
+    pin_pid(parent as libc::pid_t, cpu)?;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // The parent pid is the 4th field of /proc/<pid>/stat, after the parenthesized name.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|field| field.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            pin_pid(pid as libc::pid_t, cpu)?;
+        }
     }
     Ok(())
 }
@@ -129,6 +163,13 @@ async fn run(args: Args, producers: tokio::runtime::Handle) -> Result<u64> {
         work_dir.display()
     );
     let db = Database::start(args.database_url.as_deref(), &work_dir).await?;
+    if args.pin_cores {
+        match db.postmaster_pid() {
+            // Its backends (the producers' among them) are forked from it and inherit the mask.
+            Some(postmaster) => pin_tree(postmaster, 0)?,
+            None => eprintln!("warning: an external PostgreSQL is not pinned"),
+        }
+    }
     let scenarios = args.scenario.expand();
     let mut bench = Bench {
         args,
