@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{TestApp, ids_for, insert};
+use common::{TestApp, TestAppBuilder, ids_for, insert};
 use futures::future::join_all;
 
 const CONSUMERS: usize = 40;
@@ -55,6 +55,18 @@ async fn counter(app: &TestApp, name: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Starts an instance, fills the table ([`fill`], 10 rounds) and waits until the instance has
+/// published all of it.
+async fn filled(builder: TestAppBuilder) -> (TestApp, tokio_postgres::Client) {
+    let app = builder.start().await;
+    let producer = app.producer().await;
+    let mut watcher = app.consume("watcher", None).await;
+    let last = fill(&producer, 10).await;
+    // Every event is published once the watcher has the last one (a broadcast).
+    while watcher.next().await.id != last {}
+    (app, producer)
 }
 
 /// Resumes `streams` streams per consumer at once, each from its own point within the
@@ -119,12 +131,7 @@ async fn storm(
 async fn a_reconnect_storm_is_served_from_memory_exactly() {
     let _counters = COUNTERS.lock().await;
     let db_url = common::fresh_database().await;
-    let app = TestApp::builder().database(&db_url).start().await;
-    let producer = app.producer().await;
-    let mut watcher = app.consume("watcher", None).await;
-    let last = fill(&producer, 10).await;
-    // Every event is published once the watcher has the last one (a broadcast).
-    while watcher.next().await.id != last {}
+    let (app, producer) = filled(TestApp::builder().database(&db_url)).await;
 
     let read_before = counter(&app, "event_piper_replay_rows_total").await;
     let recent_before = counter(&app, "event_piper_replay_recent_total").await;
@@ -159,16 +166,13 @@ async fn a_resume_from_before_the_tail_reads_the_table_then_memory() {
     let db_url = common::fresh_database().await;
     // Room for a few dozen events, pages of 7: a replay from the start crosses from the table
     // into the tail.
-    let app = TestApp::builder()
-        .database(&db_url)
-        .batch_size(7)
-        .with(|config| config.recent_bytes = 12_000)
-        .start()
-        .await;
-    let producer = app.producer().await;
-    let mut watcher = app.consume("watcher", None).await;
-    let last = fill(&producer, 10).await;
-    while watcher.next().await.id != last {}
+    let (app, producer) = filled(
+        TestApp::builder()
+            .database(&db_url)
+            .batch_size(7)
+            .with(|config| config.recent_bytes = 12_000),
+    )
+    .await;
 
     let read_before = counter(&app, "event_piper_replay_rows_total").await;
     let recent_before = counter(&app, "event_piper_replay_recent_total").await;
@@ -188,16 +192,13 @@ async fn a_storm_beyond_the_tail_is_read_by_few_statements_exactly() {
     let db_url = common::fresh_database().await;
     // No tail: every resume reads the table. Pages of 5: most resumes take several pages, and
     // their later pages are merged as well.
-    let app = TestApp::builder()
-        .database(&db_url)
-        .batch_size(5)
-        .with(|config| config.recent_bytes = 0)
-        .start()
-        .await;
-    let producer = app.producer().await;
-    let mut watcher = app.consume("watcher", None).await;
-    let last = fill(&producer, 10).await;
-    while watcher.next().await.id != last {}
+    let (app, producer) = filled(
+        TestApp::builder()
+            .database(&db_url)
+            .batch_size(5)
+            .with(|config| config.recent_bytes = 0),
+    )
+    .await;
 
     let statements_before = counter(&app, "event_piper_replay_statements_total").await;
     let rows_before = counter(&app, "event_piper_replay_rows_total").await;
