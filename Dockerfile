@@ -9,9 +9,12 @@ COPY src ./src
 COPY static ./static
 COPY postgresql ./postgresql
 COPY tests ./tests
+# The load generator is a member of the workspace: cargo reads its manifest, but only the
+# service's package is built.
+COPY bench ./bench
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin event-piper \
+    cargo build --release --locked --package event-piper --bin event-piper \
     && cp target/release/event-piper /usr/local/bin/event-piper
 
 FROM debian:bookworm-slim
