@@ -135,6 +135,12 @@ impl Service {
 
     /// SIGTERM (the service ends its streams and exits), SIGKILL if it has not within 15 s.
     pub async fn stop(mut self) -> Result<()> {
+        self.terminate().await
+    }
+
+    /// Stops the service in place (SIGTERM, then waits for it to exit); [`Service::stop`] for a
+    /// caller that starts another one into the same place.
+    pub async fn terminate(&mut self) -> Result<()> {
         eprintln!("  service log: {}", self.log.display());
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child's, not yet
         // reaped, so it cannot have been reused.

@@ -10,6 +10,9 @@
 //!   single-row autocommit INSERT back to back for `--duration`: plain, then `events` with the
 //!   service running and one stream per consumer reading every event (checked exactly once, in
 //!   order), then plain again, so that machine noise shows. Target: events / plain >= 0.90.
+//!   Between the first plain phase and the streamed one, the same INSERTs into `events` with
+//!   the service stopped: what the table itself costs, apart from what delivering adds.
+//!   `--pin-cores` puts PostgreSQL and the producers on one CPU and the service on the other.
 //!   Latency is timed from the INSERT being sent, so it includes the producer's own commit.
 //! - 7c: a multi-row `INSERT ... SELECT generate_series` and a `COPY` into `events` beside
 //!   single-row producers: nothing lost or repeated.
@@ -43,7 +46,7 @@ use crate::producer::{self, Bulk, Produced, Stamp, Targets};
 use crate::progress::Progress;
 use crate::receiver::{Received, Receiver};
 use crate::report::{Table, count};
-use crate::service::Service;
+use crate::service::{Launch, Service};
 
 /// The plain table, beside `events` in the same database.
 const PLAIN: &str = "plain_events";
@@ -98,8 +101,8 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
     // changes nothing else, so 7a to 7d run with it too and every shape sees the same service.
     let mut launch = bench.launch.clone();
     launch.extra_args.push("--webhook-allow-private".into());
-    let service = Service::start(&launch, &url, "producers").await?;
-    let measured = measure(bench, &service, &url).await;
+    let mut service = Service::start(&launch, &url, "producers").await?;
+    let measured = measure(bench, &mut service, &launch, &url).await;
     service.stop().await?;
     let mut tables = measured?;
     for table in &mut tables {
@@ -112,7 +115,12 @@ fn on_off(synchronous_commit: bool) -> &'static str {
     if synchronous_commit { "on" } else { "off" }
 }
 
-async fn measure(bench: &Bench, service: &Service, url: &str) -> Result<Vec<Table>> {
+async fn measure(
+    bench: &Bench,
+    service: &mut Service,
+    launch: &Launch,
+    url: &str,
+) -> Result<Vec<Table>> {
     let shapes = &bench.args.producer_shapes;
     let mut tables = Vec::new();
     for (shape, letter, synchronous_commit) in [
@@ -130,9 +138,13 @@ async fn measure(bench: &Bench, service: &Service, url: &str) -> Result<Vec<Tabl
         ));
         for &producers in &bench.args.producer_connections {
             let before = plain(bench, service, url, producers, synchronous_commit).await?;
+            service.terminate().await?;
+            let alone = flood(bench, None, url, producers, synchronous_commit, "events").await;
+            *service = Service::start(launch, url, "producers").await?;
+            let alone = alone?;
             let events = events(bench, service, url, producers, synchronous_commit).await?;
             let after = plain(bench, service, url, producers, synchronous_commit).await?;
-            flood_rows(&mut table, producers, [&before, &after], &events);
+            flood_rows(&mut table, producers, [&before, &after], &alone, &events);
         }
         table.note(
             "Plain: `plain_events` (bigserial id, the columns and indexes of `events`, no \
@@ -166,11 +178,32 @@ async fn plain(
     producers: usize,
     synchronous_commit: bool,
 ) -> Result<PlainRun> {
+    flood(
+        bench,
+        Some(service.pid),
+        url,
+        producers,
+        synchronous_commit,
+        PLAIN,
+    )
+    .await
+}
+
+/// The producers' INSERTs into `table` for `--duration`, nothing reading them (the service,
+/// when given, idles or is not running at all).
+async fn flood(
+    bench: &Bench,
+    service: Option<u32>,
+    url: &str,
+    producers: usize,
+    synchronous_commit: bool,
+    table: &'static str,
+) -> Result<PlainRun> {
     super::wait_for_quiet(bench.args.quiet_timeout).await;
     let counter = Arc::new(AtomicU64::new(0));
-    let label = format!("plain {producers} sync {}", on_off(synchronous_commit));
+    let label = format!("{table} {producers} sync {}", on_off(synchronous_commit));
     let progress = Progress::start(label, Arc::clone(&counter), None, 0);
-    let cpu = CpuMeter::start(Some(service.pid), bench.db.postmaster_pid());
+    let cpu = CpuMeter::start(service, bench.db.postmaster_pid());
     let targets = Targets {
         consumers: names("plain", CONSUMERS),
         types: crate::producer::one_type(),
@@ -183,7 +216,7 @@ async fn plain(
         .producers
         .spawn(async move {
             let sinks =
-                producer::walkthrough_sinks(&url, producers, PLAIN, synchronous_commit).await?;
+                producer::walkthrough_sinks(&url, producers, table, synchronous_commit).await?;
             producer::flood_with(sinks, duration, targets).await
         })
         .await
@@ -263,8 +296,26 @@ fn against_plain<'a>(
     (label, higher)
 }
 
-fn flood_rows(table: &mut Table, producers: usize, plain: [&PlainRun; 2], events: &Outcome) {
+fn flood_rows(
+    table: &mut Table,
+    producers: usize,
+    plain: [&PlainRun; 2],
+    alone: &PlainRun,
+    events: &Outcome,
+) {
     let (label, higher) = against_plain(table, producers, plain, &events.produced, "events");
+    let rate = |produced: &Produced| produced.rate();
+    table.info(
+        format!(
+            "{label}: events with the service stopped: commits/s · / plain · streamed / stopped"
+        ),
+        format!(
+            "{} · {:.2} · {:.2}",
+            count(rate(&alone.produced)),
+            rate(&alone.produced) / rate(&higher.produced).max(1e-9),
+            rate(&events.produced) / rate(&alone.produced).max(1e-9)
+        ),
+    );
     live::describe_sent(table, &label, events, "INSERT", None);
     table.info(format!("{label}: CPU, plain"), higher.cpu.clone());
 }
