@@ -2,6 +2,10 @@
 # Release image: build with the Rust toolchain, run on a slim Debian as a non-root user.
 
 FROM rust:1.95-slim-bookworm AS build
+# The global allocator, jemalloc, is built from C source by its configure script and make (the
+# slim image has gcc but not make).
+RUN apt-get update && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src

@@ -9,8 +9,6 @@
 //! integration tests start the real app on port 0 ([`serve_on`] adds the TLS listener); [`run`]
 //! is the whole binary.
 
-#[cfg(target_os = "linux")]
-pub mod allocator;
 pub mod auth;
 pub mod backoff;
 pub mod bell;
