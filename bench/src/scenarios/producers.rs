@@ -11,7 +11,8 @@
 //!   service running and one stream per consumer reading every event (checked exactly once, in
 //!   order), then plain again, so that machine noise shows. Target: events / plain >= 0.90.
 //!   Between the first plain phase and the streamed one, the same INSERTs into `events` with
-//!   the service stopped: what the table itself costs, apart from what delivering adds.
+//!   the service stopped: what the table itself costs, apart from what delivering adds. Every
+//!   phase starts after a VACUUM of both tables and a CHECKPOINT.
 //!   `--pin-cores` puts PostgreSQL and the producers on one CPU and the service on the other.
 //!   Latency is timed from the INSERT being sent, so it includes the producer's own commit.
 //! - 7c: a multi-row `INSERT ... SELECT generate_series` and a `COPY` into `events` beside
@@ -170,6 +171,28 @@ struct PlainRun {
     cpu: String,
 }
 
+/// Before a phase: vacuums both tables and checkpoints, so that the autovacuum and checkpoint a
+/// previous phase's rows call for do not land in this one (on one pinned core they swung two
+/// plain phases of the same count by up to 2x). Best effort: a failure is reported, not fatal.
+async fn settle(url: &str) {
+    let settled = async {
+        let client = crate::database::connect(url).await?;
+        // One statement at a time: VACUUM cannot run in the transaction that several
+        // statements of one query string share.
+        for statement in [
+            "VACUUM (ANALYZE) events".to_owned(),
+            format!("VACUUM (ANALYZE) {PLAIN}"),
+            "CHECKPOINT".to_owned(),
+        ] {
+            client.batch_execute(&statement).await?;
+        }
+        anyhow::Ok(())
+    };
+    if let Err(error) = settled.await {
+        eprintln!("  warning: cannot settle the database before a phase: {error:#}");
+    }
+}
+
 /// The same producers against the plain table (nothing streams it; the service idles).
 async fn plain(
     bench: &Bench,
@@ -199,6 +222,7 @@ async fn flood(
     synchronous_commit: bool,
     table: &'static str,
 ) -> Result<PlainRun> {
+    settle(url).await;
     super::wait_for_quiet(bench.args.quiet_timeout).await;
     let counter = Arc::new(AtomicU64::new(0));
     let label = format!("{table} {producers} sync {}", on_off(synchronous_commit));
@@ -234,6 +258,7 @@ async fn events(
     producers: usize,
     synchronous_commit: bool,
 ) -> Result<Outcome> {
+    settle(url).await;
     let label = format!("events {producers} sync {}", on_off(synchronous_commit));
     let mut plan = Plan::one_connection_each(label, "prod", CONSUMERS, 0.0);
     plan.stamp = Stamp::Sent;
