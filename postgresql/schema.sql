@@ -122,8 +122,10 @@ INSERT INTO event_piper_retention DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- subscriber; the first is canonical, the others alternates. `private` events reach a topic's
 -- streams only with a token that grants one of their topics. `update_id` and `retry` are what a
 -- Mercure publisher asked for as the SSE id and retry. All four are NULL for an event addressed
--- as before, which then costs an insert nothing more: no index below holds it but the two it
--- always had (each partial index's predicate is false for it).
+-- as before, and no index below holds it but the two it always had. It still pays for the three
+-- topic indexes: PostgreSQL opens every index and evaluates each partial index's predicate for
+-- every row it inserts, about 1 µs each (BENCHMARKS.md, "What topics cost a producer that does
+-- not use them").
 DO $topics$
 BEGIN
     -- Each statement here locks `events`, so it runs only when the catalog says it is needed.
