@@ -277,6 +277,18 @@ fn skip_unless(started: Result<Browser, String>) -> Option<Browser> {
     }
 }
 
+/// What the restart tests insert while the service is down: three events for `consumer`, each
+/// followed by one for another consumer, which the resumed stream must leave out. Returns the ids
+/// of the three.
+async fn insert_while_down(producer: &tokio_postgres::Client, consumer: &str) -> Vec<i64> {
+    let mut missed = Vec::new();
+    for n in 0..3 {
+        missed.push(insert(producer, consumer, &format!(r#"{{"missed": {n}}}"#)).await);
+        insert(producer, "someone-else", r#"{"missed": true}"#).await;
+    }
+    missed
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn page_publishes_shows_and_resumes_across_a_restart() {
     let _turn = ONE_AT_A_TIME.lock().await;
@@ -372,11 +384,7 @@ async fn page_publishes_shows_and_resumes_across_a_restart() {
             "return piper.state === 'reconnecting'",
         )
         .await;
-    let mut missed = Vec::new();
-    for n in 0..3 {
-        missed.push(insert(&producer, "browser", &format!(r#"{{"missed": {n}}}"#)).await);
-        insert(&producer, "someone-else", r#"{"missed": true}"#).await;
-    }
+    let missed = insert_while_down(&producer, "browser").await;
     let app = TestApp::builder()
         .database(&db_url)
         .address(&address)
@@ -810,11 +818,7 @@ async fn http2_event_source_resumes_across_a_restart() {
             "return !window.sources[0].open",
         )
         .await;
-    let mut missed = Vec::new();
-    for n in 0..3 {
-        missed.push(insert(&producer, "h2-restart", &format!(r#"{{"missed": {n}}}"#)).await);
-        insert(&producer, "someone-else", "{}").await;
-    }
+    let missed = insert_while_down(&producer, "h2-restart").await;
     let app = TestApp::builder()
         .database(&db_url)
         .address(&address)
