@@ -64,6 +64,13 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub http2_max_concurrent_streams: u32,
 
+    /// How long an HTTP/2 connection may stay open with no stream on it before the server closes
+    /// it (GOAWAY). An open event stream keeps its connection; an HTTP/1.1 connection between
+    /// requests is bounded by --header-timeout instead.
+    #[arg(long, env = "EVENT_PIPER_HTTP2_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
+    pub http2_idle_timeout: Duration,
+
     /// Data directory of the managed PostgreSQL (only without DATABASE_URL). Default:
     /// /var/lib/event-piper when run as root, else $XDG_DATA_HOME/event-piper
     /// (~/.local/share/event-piper).

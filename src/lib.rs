@@ -335,6 +335,7 @@ pub async fn serve_on(
         header_timeout: config.header_timeout,
         max_header_bytes: config.max_header_bytes,
         http2_max_concurrent_streams: config.http2_max_concurrent_streams,
+        http2_idle_timeout: config.http2_idle_timeout,
         // A connection whose streams are all quiet still hears from the service this often.
         http2_keep_alive_interval: config.heartbeat,
         drain: config.drain_period,

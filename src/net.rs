@@ -29,20 +29,33 @@
 //! reset, CVE-2023-44487: a client that resets streams faster than they are served gets a GOAWAY).
 //! Because a parked stream never ends by itself, shutdown waits at most the drain period and
 //! `--write-timeout` for HTTP/2 connections to finish before closing them.
+//!
+//! Idle connections. An HTTP/1.1 connection between requests must send the next head within
+//! `--header-timeout`. An HTTP/2 connection answers pings without ever opening a stream, so it
+//! is counted in streams instead: one that has had none for `--http2-idle-timeout` gets a GOAWAY
+//! and closes, as at shutdown. A stream counts from its request until its response body is
+//! dropped, so an open event stream keeps its connection however quiet it is.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::body::Body;
 use futures::FutureExt;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use hyper::server::conn::{http1, http2};
+use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 
@@ -97,6 +110,8 @@ pub struct ServeSettings {
     pub max_header_bytes: usize,
     /// Most concurrent streams per HTTP/2 connection.
     pub http2_max_concurrent_streams: u32,
+    /// How long an HTTP/2 connection without streams stays open.
+    pub http2_idle_timeout: Duration,
     /// How often an idle HTTP/2 connection is pinged; an answer must come within
     /// `write_timeout`.
     pub http2_keep_alive_interval: Duration,
@@ -131,6 +146,8 @@ struct Server {
     http2: http2::Builder<TokioExecutor>,
     app: Router,
     settings: ServeSettings,
+    /// Cancelled when shutdown starts: HTTP/2 connections send their GOAWAY.
+    stopping: CancellationToken,
     /// Cancelled when shutdown has waited long enough: HTTP/2 connections still open close.
     kill: CancellationToken,
 }
@@ -163,6 +180,7 @@ pub async fn serve_all(
         http2,
         app,
         settings,
+        stopping: CancellationToken::new(),
         kill: CancellationToken::new(),
     });
     let Listeners { plain, tls } = listeners;
@@ -204,6 +222,7 @@ pub async fn serve_all(
     }
     drop(plain);
     drop(tls);
+    server.stopping.cancel();
     let drained = graceful.shutdown();
     tokio::pin!(drained);
     tokio::select! {
@@ -276,17 +295,113 @@ impl Server {
         }
     }
 
-    /// Serves HTTP/2 on `io` until the connection ends, or shutdown gave up waiting for it.
-    async fn serve_http2<I>(&self, io: I, watcher: Watcher)
+    /// Serves HTTP/2 on `io` until the connection ends, or shutdown gave up waiting for it. It
+    /// is closed gracefully (GOAWAY: streams open go on, no new one starts) when shutdown starts
+    /// or when it has had no stream for the idle timeout. `_watcher` is held, not used to close
+    /// the connection (it cannot tell idleness): shutdown waits until it is dropped.
+    async fn serve_http2<I>(&self, io: I, _watcher: Watcher)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let connection = self
-            .http2
-            .serve_connection(TokioIo::new(io), self.service());
-        tokio::select! {
-            result = watcher.watch(connection) => log_end(result),
-            _ = self.kill.cancelled() => {}
+        let open = watch::Sender::new(0);
+        let service = CountedStreams {
+            inner: self.service(),
+            open: open.clone(),
+        };
+        let connection = self.http2.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => return log_end(result),
+                _ = self.stopping.cancelled(), if !closing => {}
+                _ = idle_for(&open, self.settings.http2_idle_timeout), if !closing => {
+                    tracing::debug!("closing an HTTP/2 connection without streams");
+                }
+                _ = self.kill.cancelled() => return,
+            }
+            connection.as_mut().graceful_shutdown();
+            closing = true;
+        }
+    }
+}
+
+/// The router, counting the streams of one HTTP/2 connection in `open`: each from its request
+/// until its response body is dropped (ended, reset by the client, or the connection gone).
+struct CountedStreams {
+    inner: TowerToHyperService<Router>,
+    open: watch::Sender<usize>,
+}
+
+impl Service<hyper::Request<hyper::body::Incoming>> for CountedStreams {
+    type Response = hyper::Response<CountedBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        let stream = OpenStream::new(&self.open);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| CountedBody {
+                body,
+                _stream: stream,
+            }))
+        })
+    }
+}
+
+/// One stream counted in its connection's `open`, for as long as this lives.
+struct OpenStream(watch::Sender<usize>);
+
+impl OpenStream {
+    fn new(open: &watch::Sender<usize>) -> OpenStream {
+        open.send_modify(|count| *count += 1);
+        OpenStream(open.clone())
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count -= 1);
+    }
+}
+
+/// A response body that keeps its stream counted until it is dropped.
+struct CountedBody {
+    body: Body,
+    _stream: OpenStream,
+}
+
+impl HttpBody for CountedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Completes once `open` has counted no stream for `timeout` in a row.
+async fn idle_for(open: &watch::Sender<usize>, timeout: Duration) {
+    let mut count = open.subscribe();
+    loop {
+        // The sender lives as long as the caller, so neither wait can fail.
+        let _ = count.wait_for(|open| *open == 0).await;
+        let busy = count.wait_for(|open| *open > 0);
+        if tokio::time::timeout(timeout, busy).await.is_err() {
+            return;
         }
     }
 }

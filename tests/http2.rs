@@ -1,8 +1,8 @@
 //! HTTP/2: over TLS (ALPN `h2`, and `http/1.1` through the same port), h2c with prior knowledge
 //! on the plain port, many streams on one connection, the concurrent-stream limit, a client that
 //! resets streams as fast as it can, a stream whose client withholds its window, a certificate
-//! rotated under open streams, and graceful shutdown. Real server, real PostgreSQL, certificates
-//! made by the test (`common::tls`).
+//! rotated under open streams, graceful shutdown, and the idle timeout of a connection without
+//! streams. Real server, real PostgreSQL, certificates made by the test (`common::tls`).
 
 mod common;
 
@@ -515,4 +515,46 @@ async fn graceful_shutdown_ends_http2_streams() {
         .expect("shutdown returned")
         .unwrap()
         .expect("clean shutdown");
+}
+
+#[tokio::test]
+async fn a_connection_without_streams_is_closed_and_an_open_stream_keeps_its_own() {
+    let idle = Duration::from_millis(300);
+    let app = TestApp::builder().http2_idle_timeout(idle).start().await;
+    let producer = app.producer().await;
+    let builder = h2::client::Builder::new();
+
+    // A connection whose only request has ended gets a GOAWAY once it has been idle long enough.
+    let quiet = H2Connection::open(&app.address(), &builder).await;
+    let mut health = quiet.stream("/health", true).await;
+    assert!(health.ends().await, "the health response ended");
+    tokio::time::timeout(PATIENCE, quiet.driver)
+        .await
+        .expect("the server closed the idle connection")
+        .expect("the connection task")
+        .expect("a clean close");
+
+    // An open event stream keeps its connection, however long it stays quiet: the connection
+    // still takes new streams (after a GOAWAY, the open stream would go on but a new one fail).
+    let busy = H2Connection::open(&app.address(), &builder).await;
+    let mut stream = busy
+        .stream("/events?consumer=h2-idle", true)
+        .await
+        .live()
+        .await;
+    tokio::time::sleep(idle * 4).await;
+    let mut health = busy.stream("/health", true).await;
+    assert!(health.ends().await, "the health response ended");
+    let id = insert(&producer, "h2-idle", "{}").await;
+    assert_eq!(stream.next_id().await, id);
+    assert!(!busy.driver.is_finished(), "the connection is still open");
+
+    // Once the client drops (resets) its last stream, the connection is idle and closed too.
+    drop(stream);
+    tokio::time::timeout(PATIENCE, busy.driver)
+        .await
+        .expect("the server closed the connection after its last stream")
+        .expect("the connection task")
+        .expect("a clean close");
+    app.stop().await.expect("clean shutdown");
 }

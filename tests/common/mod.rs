@@ -155,6 +155,12 @@ impl TestAppBuilder {
         self
     }
 
+    /// `--http2-idle-timeout`: how long an HTTP/2 connection without streams stays open.
+    pub fn http2_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.config.http2_idle_timeout = timeout;
+        self
+    }
+
     /// `--http2-max-concurrent-streams`: streams per HTTP/2 connection.
     pub fn http2_max_concurrent_streams(mut self, streams: u32) -> Self {
         self.config.http2_max_concurrent_streams = streams;
