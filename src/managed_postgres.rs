@@ -263,7 +263,7 @@ impl ManagedPostgres {
         RunAs::chown(self.run_as, &data_dir)?;
         fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700))
             .map_err(io_error(format!("chmod {}", data_dir.display())))?;
-        let mut backup = Command::new(self.bin_dir.join("pg_basebackup"));
+        let mut backup = Command::new(self.client_binary("pg_basebackup"));
         backup
             .arg("--pgdata")
             .arg(&data_dir)
@@ -283,6 +283,20 @@ impl ManagedPostgres {
         };
         standby.start_server()?;
         Ok(standby)
+    }
+
+    /// A binary of the same installation as our `pg_ctl`: beside it, or beside what it links to
+    /// (a PATH directory may hold links to only the server's binaries).
+    fn client_binary(&self, name: &str) -> PathBuf {
+        let beside = self.bin_dir.join(name);
+        if beside.is_file() {
+            return beside;
+        }
+        fs::canonicalize(self.bin_dir.join("pg_ctl"))
+            .ok()
+            .and_then(|pg_ctl| Some(pg_ctl.parent()?.join(name)))
+            .filter(|path| path.is_file())
+            .unwrap_or(beside)
     }
 
     /// A database restart: fast shutdown, then start on the same port.
