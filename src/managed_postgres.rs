@@ -269,8 +269,18 @@ impl ManagedPostgres {
             .arg(&data_dir)
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--username", SUPERUSER, "--write-recovery-conf"])
-            .args(["--wal-method", "stream", "--checkpoint", "fast", "--no-sync"]);
-        run(RunAs::apply(self.run_as, &mut backup), "pg_basebackup")?;
+            .args([
+                "--wal-method",
+                "stream",
+                "--checkpoint",
+                "fast",
+                "--no-sync",
+            ]);
+        if let Err(error) = run(RunAs::apply(self.run_as, &mut backup), "pg_basebackup") {
+            // Nothing watches the directory yet: leave nothing behind.
+            let _ = fs::remove_dir_all(&data_dir);
+            return Err(error);
+        }
         // The primary's log would be copied too; the standby writes its own.
         let _ = fs::remove_file(data_dir.join("server.log"));
         let watchdog = spawn_watchdog(&self.bin_dir, &data_dir, self.run_as, OnStop::Remove)?;

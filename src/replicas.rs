@@ -129,7 +129,6 @@ impl Replicas {
         }
     }
 
-
     /// The hub publishes `cursor`, read at `lsn`. Called before the cursor is published, so that
     /// every published id has a mark.
     pub fn record(&self, cursor: EventId, lsn: Lsn) {
@@ -159,7 +158,12 @@ impl Replicas {
 
     /// Runs `read` on a replica that has replayed far enough for `need`, or else on `primary`.
     /// A replica that fails is skipped for a while and the read made on the primary.
-    pub async fn read<T, F, Fut>(&self, primary: &Store, need: Need, read: F) -> Result<T, StoreError>
+    pub async fn read<T, F, Fut>(
+        &self,
+        primary: &Store,
+        need: Need,
+        read: F,
+    ) -> Result<T, StoreError>
     where
         F: Fn(Store) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
