@@ -134,17 +134,29 @@ enum Woken {
     Shutdown,
 }
 
+/// Where the hub's output goes, in the order it is told: the recent tail, the replicas (the
+/// LSN of each cursor), the published cursor, then the router.
+pub struct Outputs {
+    pub router: Arc<Router>,
+    pub recent: Arc<Recent>,
+    pub replicas: Replicas,
+    pub published: watch::Sender<Published>,
+}
+
 impl Hub {
     pub fn new(
         store: Store,
-        router: Arc<Router>,
-        recent: Arc<Recent>,
-        published: watch::Sender<Published>,
-        replicas: Replicas,
+        outputs: Outputs,
         batch_size: u32,
         timing: Timing,
         metrics: Metrics,
     ) -> Hub {
+        let Outputs {
+            router,
+            recent,
+            replicas,
+            published,
+        } = outputs;
         Hub {
             store,
             router,

@@ -238,10 +238,12 @@ pub async fn serve_on(
     let recent = Arc::new(recent::Recent::new(config.recent_bytes));
     let hub = hub::Hub::new(
         store.clone(),
-        Arc::clone(&router),
-        Arc::clone(&recent),
-        published_tx,
-        replicas.clone(),
+        hub::Outputs {
+            router: Arc::clone(&router),
+            recent: Arc::clone(&recent),
+            replicas: replicas.clone(),
+            published: published_tx,
+        },
         config.batch_size,
         config.hub_timing(),
         metrics.clone(),
