@@ -369,3 +369,22 @@ async fn a_replica_killed_mid_replay_leaves_the_stream_to_the_primary_exactly() 
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_bad_replica_url_stops_the_start_with_the_reason() {
+    let database = fresh_database().await;
+    let mut config = <event_piper::Config as clap::Parser>::try_parse_from([
+        "event-piper",
+        "--replica-url",
+        "postgres://u:secret@127.0.0.1:notaport/x",
+    ])
+    .unwrap();
+    config.database_url = Some(database.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let error = event_piper::serve_on(config, database, listener, None, async {})
+        .await
+        .expect_err("a replica URL that does not parse is refused");
+    let text = error.to_string();
+    assert!(text.contains("--replica-url"), "{text}");
+    assert!(!text.contains("secret"), "the password is masked: {text}");
+}
