@@ -34,6 +34,25 @@ pub struct Config {
     #[serde(serialize_with = "masked_url")]
     pub database_url: Option<String>,
 
+    /// Hot standbys of the database (postgres:// URLs, repeatable or comma-separated) that
+    /// serve replay pages, history searches and webhook catch-ups. A read waits for a replica
+    /// to replay what it must see (at most --replica-max-wait), else reads on the primary; so
+    /// does a read that fails there. The hub, the doorbell, LISTEN and writes stay on the
+    /// primary.
+    #[arg(
+        long = "replica-url",
+        env = "EVENT_PIPER_REPLICA_URLS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(serialize_with = "masked_urls")]
+    pub replica_urls: Vec<String>,
+
+    /// How long a read waits for a lagging replica before it reads on the primary.
+    #[arg(long, env = "EVENT_PIPER_REPLICA_MAX_WAIT", default_value = "200ms", value_parser = parse_duration)]
+    #[serde(serialize_with = "millis")]
+    pub replica_max_wait: Duration,
+
     /// Address the HTTP server listens on.
     #[arg(long, env = "EVENT_PIPER_LISTEN", default_value = "127.0.0.1:4000")]
     pub listen: SocketAddr,
@@ -391,6 +410,11 @@ fn masked_url<S: Serializer>(url: &Option<String>, serializer: S) -> Result<S::O
     url.as_deref().map(mask_password).serialize(serializer)
 }
 
+/// Every replica URL with its password masked.
+fn masked_urls<S: Serializer>(urls: &[String], serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_seq(urls.iter().map(|url| mask_password(url)))
+}
+
 /// A secret is dumped as `***` when set, so the dump still tells whether it is.
 fn masked_secret<S: Serializer>(secret: &Option<String>, serializer: S) -> Result<S::Ok, S::Error> {
     secret.as_ref().map(|_| "***").serialize(serializer)
@@ -398,7 +422,7 @@ fn masked_secret<S: Serializer>(secret: &Option<String>, serializer: S) -> Resul
 
 /// Replaces the password of a `postgres://user:password@host/db` URL (or a `password=` setting)
 /// with `***`.
-fn mask_password(url: &str) -> String {
+pub fn mask_password(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
         if let Some((credentials, host)) = rest.rsplit_once('@')
             && let Some((user, _)) = credentials.split_once(':')
@@ -501,6 +525,26 @@ mod tests {
 
     /// Every argument of the command line is in the dump and nothing else is, so a new flag
     /// cannot be left out of `--dump-config` (nor a dump key outlive its flag).
+    #[test]
+    fn replica_urls_repeat_or_split_on_commas_and_are_masked_in_the_dump() {
+        let config = Config::parse_from([
+            "event-piper",
+            "--replica-url",
+            "postgres://u:secret@r1/x,postgres://u@r2/x",
+            "--replica-url",
+            "postgres://r3/x",
+            "--replica-max-wait",
+            "50ms",
+        ]);
+        assert_eq!(config.replica_urls.len(), 3);
+        assert_eq!(config.replica_max_wait, Duration::from_millis(50));
+        let dump = config.to_json();
+        assert_eq!(dump["replica_urls"][0], "postgres://u:***@r1/x");
+        assert_eq!(dump["replica_urls"][2], "postgres://r3/x");
+        assert_eq!(dump["replica_max_wait"], "50ms");
+        assert!(Config::try_parse_from(["event-piper", "--replica-max-wait", "soon"]).is_err());
+    }
+
     #[test]
     fn dump_has_every_flag() {
         use clap::CommandFactory;

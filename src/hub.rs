@@ -43,6 +43,7 @@ use crate::bell::Bell;
 use crate::event::EventId;
 use crate::metrics::Metrics;
 use crate::recent::Recent;
+use crate::replicas::{Lsn, Replicas};
 use crate::router::Router;
 use crate::sse::Frame;
 use crate::store::{Store, StoreError};
@@ -82,6 +83,8 @@ pub struct Hub {
     /// The tail of what it published, for followers resuming a little behind.
     recent: Arc<Recent>,
     published: watch::Sender<Published>,
+    /// Told the WAL position of every cursor before it is published, for reads on replicas.
+    replicas: Replicas,
     batch_size: i64,
     timing: Timing,
     /// Every id at or below it is published or known never to commit.
@@ -131,21 +134,35 @@ enum Woken {
     Shutdown,
 }
 
+/// Where the hub's output goes, in the order it is told: the recent tail, the replicas (the
+/// LSN of each cursor), the published cursor, then the router.
+pub struct Outputs {
+    pub router: Arc<Router>,
+    pub recent: Arc<Recent>,
+    pub replicas: Replicas,
+    pub published: watch::Sender<Published>,
+}
+
 impl Hub {
     pub fn new(
         store: Store,
-        router: Arc<Router>,
-        recent: Arc<Recent>,
-        published: watch::Sender<Published>,
+        outputs: Outputs,
         batch_size: u32,
         timing: Timing,
         metrics: Metrics,
     ) -> Hub {
+        let Outputs {
+            router,
+            recent,
+            replicas,
+            published,
+        } = outputs;
         Hub {
             store,
             router,
             recent,
             published,
+            replicas,
             batch_size: i64::from(batch_size),
             timing,
             cursor: EventId::default(),
@@ -160,7 +177,7 @@ impl Hub {
     /// Runs until `shutdown` is cancelled. `doorbell` is rung by the listener.
     pub async fn run(mut self, mut bell: Bell, doorbell: Arc<Notify>, shutdown: CancellationToken) {
         let mut retry = Backoff::new(Duration::from_millis(100), MAX_RETRY);
-        let start = loop {
+        let (start, start_lsn) = loop {
             let attempt = tokio::select! {
                 attempt = self.starting_point() => attempt,
                 _ = shutdown.cancelled() => return,
@@ -183,6 +200,7 @@ impl Hub {
             _ = self.warm(start) => {}
             _ = shutdown.cancelled() => return,
         }
+        self.replicas.record(start, start_lsn);
         self.published.send_replace(Some(start));
         tracing::info!(published = %start, "hub ready");
 
@@ -293,8 +311,9 @@ impl Hub {
 
     /// The id to start publishing after: the current maximum, once every transaction that might
     /// still hold a lower id has ended (a lower id committing later would otherwise be missed
-    /// by live streams and by replays bounded by it).
-    async fn starting_point(&self) -> Result<EventId, StoreError> {
+    /// by live streams and by replays bounded by it). With the WAL position once they have: a
+    /// replica that has replayed it sees every event up to the start.
+    async fn starting_point(&self) -> Result<(EventId, Lsn), StoreError> {
         let max = self.store.max_id().await?;
         let mut holders = self.store.in_flight_holders().await?;
         while !holders.is_empty() {
@@ -302,7 +321,7 @@ impl Hub {
             let current = self.store.in_flight_holders().await?;
             holders.retain(|holder, _| current.contains_key(holder));
         }
-        Ok(max)
+        Ok((max, self.store.insert_lsn().await?))
     }
 
     /// Starts the recent tail with the events just below the starting point, so that the clients
@@ -341,7 +360,7 @@ impl Hub {
     async fn catch_up(&mut self) -> Result<Pass, StoreError> {
         let mut published = 0;
         loop {
-            let rows = self.store.read_after(self.cursor, self.batch_size).await?;
+            let (rows, lsn) = self.store.read_tail(self.cursor, self.batch_size).await?;
             let full = rows.len() as i64 == self.batch_size;
             let Some(highest_seen) = rows.last().map(|row| row.id) else {
                 self.pending = None;
@@ -370,7 +389,9 @@ impl Hub {
                 // subscribes meanwhile and reads the cursor replays these (from the tail or the
                 // table) and drops the duplicates it then also receives live. Routing first
                 // would lose them.
+                // The LSN too, before the cursor: a replica read bounded by it must find it.
                 self.recent.append(&batch, self.cursor);
+                self.replicas.record(self.cursor, lsn);
                 self.published.send_replace(Some(self.cursor));
                 self.router.route(&batch);
             }

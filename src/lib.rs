@@ -27,6 +27,7 @@ pub mod publish;
 pub mod publisher;
 pub mod recent;
 pub mod replay_reads;
+pub mod replicas;
 pub mod retention;
 pub mod router;
 pub mod selection;
@@ -206,6 +207,7 @@ pub async fn serve_on(
         );
     }
     let metrics = metrics::Metrics::new();
+    let replicas = replicas_of(&config, &metrics)?;
     // Every task ends when `stop` is cancelled; `tasks` is waited for before returning.
     let stop = CancellationToken::new();
     // Cancelled first, on the shutdown signal: streams end and the server stops accepting; the
@@ -236,9 +238,12 @@ pub async fn serve_on(
     let recent = Arc::new(recent::Recent::new(config.recent_bytes));
     let hub = hub::Hub::new(
         store.clone(),
-        Arc::clone(&router),
-        Arc::clone(&recent),
-        published_tx,
+        hub::Outputs {
+            router: Arc::clone(&router),
+            recent: Arc::clone(&recent),
+            replicas: replicas.clone(),
+            published: published_tx,
+        },
         config.batch_size,
         config.hub_timing(),
         metrics.clone(),
@@ -262,6 +267,7 @@ pub async fn serve_on(
         store: store.clone(),
         reads: replay_reads::ReplayReads::start(
             store.clone(),
+            replicas.clone(),
             // Half the pool: the hub, publishing and webhooks keep the rest.
             config.pool_size / 2,
             metrics.replay_statements.clone(),
@@ -311,6 +317,7 @@ pub async fn serve_on(
         http::AppState {
             streams,
             store,
+            replicas,
             publisher,
             metrics,
             auth,
@@ -378,6 +385,30 @@ pub async fn serve_on(
 
 /// Applies the schema, retrying for at most `patience`: it gives up on locks after a moment (so as
 /// not to stall producers behind it) and tries again.
+/// The replicas of `--replica-url`, with their URLs checked (a bad one stops the start with the
+/// reason). Their pools connect lazily: a replica that is down at start is only skipped.
+fn replicas_of(config: &Config, metrics: &metrics::Metrics) -> Result<replicas::Replicas, Error> {
+    let mut parsed = Vec::new();
+    for url in config.replica_urls.iter().map(|url| url.trim()) {
+        if url.is_empty() {
+            continue;
+        }
+        let name = config::mask_password(url);
+        let mut pg_config = tokio_postgres::Config::from_str(url)
+            .map_err(|e| StoreError::Url(format!("--replica-url {name}: {e}")))?;
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("event-piper-replica-reads");
+        }
+        parsed.push((pg_config, name));
+    }
+    Ok(replicas::Replicas::new(
+        parsed,
+        config.pool_size,
+        config.replica_max_wait,
+        metrics.replica_reads.clone(),
+    )?)
+}
+
 async fn apply_schema(store: &Store, patience: std::time::Duration) -> Result<(), Error> {
     let deadline = tokio::time::Instant::now() + patience;
     loop {

@@ -238,6 +238,77 @@ impl ManagedPostgres {
         run(RunAs::apply(self.run_as, &mut pg_ctl), "pg_ctl stop")
     }
 
+    /// Stops the server the way a crash would (immediate shutdown: no checkpoint, sessions cut).
+    /// For fault tests.
+    pub fn kill_server(&self) -> Result<()> {
+        let mut pg_ctl = Command::new(self.bin_dir.join("pg_ctl"));
+        pg_ctl
+            .arg("--pgdata")
+            .arg(&self.data_dir)
+            .args(["--mode", "immediate", "--wait", "stop"]);
+        run(RunAs::apply(self.run_as, &mut pg_ctl), "pg_ctl stop")
+    }
+
+    /// A hot standby of this cluster in `data_dir` (which must not exist or be empty): a base
+    /// backup with `pg_basebackup -R` (it streams from this server as the superuser, which
+    /// initdb's `trust` lines in pg_hba.conf allow for replication too), started on a port of
+    /// its own, as the same user. Removed when stopped, like a cluster started with
+    /// [`OnStop::Remove`].
+    pub fn start_standby(&self, data_dir: &Path) -> Result<ManagedPostgres> {
+        fs::create_dir_all(data_dir)
+            .map_err(io_error(format!("creating {}", data_dir.display())))?;
+        let data_dir = data_dir
+            .canonicalize()
+            .map_err(io_error(format!("resolving {}", data_dir.display())))?;
+        RunAs::chown(self.run_as, &data_dir)?;
+        fs::set_permissions(&data_dir, fs::Permissions::from_mode(0o700))
+            .map_err(io_error(format!("chmod {}", data_dir.display())))?;
+        let mut backup = Command::new(self.client_binary("pg_basebackup"));
+        backup
+            .arg("--pgdata")
+            .arg(&data_dir)
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--username", SUPERUSER, "--write-recovery-conf"])
+            .args([
+                "--wal-method",
+                "stream",
+                "--checkpoint",
+                "fast",
+                "--no-sync",
+            ]);
+        if let Err(error) = run(RunAs::apply(self.run_as, &mut backup), "pg_basebackup") {
+            // Nothing watches the directory yet: leave nothing behind.
+            let _ = fs::remove_dir_all(&data_dir);
+            return Err(error);
+        }
+        // The primary's log would be copied too; the standby writes its own.
+        let _ = fs::remove_file(data_dir.join("server.log"));
+        let watchdog = spawn_watchdog(&self.bin_dir, &data_dir, self.run_as, OnStop::Remove)?;
+        let standby = ManagedPostgres {
+            data_dir,
+            bin_dir: self.bin_dir.clone(),
+            run_as: self.run_as,
+            port: crate::net::free_loopback_port().map_err(io_error("finding a free port"))?,
+            watchdog,
+        };
+        standby.start_server()?;
+        Ok(standby)
+    }
+
+    /// A binary of the same installation as our `pg_ctl`: beside it, or beside what it links to
+    /// (a PATH directory may hold links to only the server's binaries).
+    fn client_binary(&self, name: &str) -> PathBuf {
+        let beside = self.bin_dir.join(name);
+        if beside.is_file() {
+            return beside;
+        }
+        fs::canonicalize(self.bin_dir.join("pg_ctl"))
+            .ok()
+            .and_then(|pg_ctl| Some(pg_ctl.parent()?.join(name)))
+            .filter(|path| path.is_file())
+            .unwrap_or(beside)
+    }
+
     /// A database restart: fast shutdown, then start on the same port.
     pub fn restart(&self) -> Result<()> {
         self.stop_server()?;

@@ -35,10 +35,36 @@ pub struct Metrics {
     pub oldest_unresolved_age: Gauge,
     pub streams_replaying: Gauge,
     pub streams_live: Gauge,
+    pub replica_reads: ReplicaCounters,
     consumers: Gauge,
     pool_size: Gauge,
     pool_available: Gauge,
     pool_waiting: Gauge,
+}
+
+/// Where the reads that may go to a replica went ([`crate::replicas`]).
+#[derive(Clone)]
+pub struct ReplicaCounters {
+    /// Served by a replica.
+    pub by_replica: Counter,
+    /// Served by the primary: no replica configured, or one could not serve it.
+    pub by_primary: Counter,
+    /// A replica had not replayed far enough within `--replica-max-wait`.
+    pub lag: Counter,
+    /// A replica failed.
+    pub error: Counter,
+}
+
+impl ReplicaCounters {
+    /// Counters that count nowhere, for code that runs without an exporter.
+    pub fn noop() -> ReplicaCounters {
+        ReplicaCounters {
+            by_replica: Counter::noop(),
+            by_primary: Counter::noop(),
+            lag: Counter::noop(),
+            error: Counter::noop(),
+        }
+    }
 }
 
 /// The gauges that are read at scrape time from the router and the query pool rather than
@@ -89,6 +115,12 @@ impl Metrics {
             oldest_unresolved_age: gauge!("event_piper_oldest_unresolved_id_age_seconds"),
             streams_replaying: gauge!("event_piper_streams", "state" => "replaying"),
             streams_live: gauge!("event_piper_streams", "state" => "live"),
+            replica_reads: ReplicaCounters {
+                by_replica: counter!("event_piper_replica_reads_total", "served_by" => "replica"),
+                by_primary: counter!("event_piper_replica_reads_total", "served_by" => "primary"),
+                lag: counter!("event_piper_replica_fallbacks_total", "reason" => "lag"),
+                error: counter!("event_piper_replica_fallbacks_total", "reason" => "error"),
+            },
             consumers: gauge!("event_piper_consumers"),
             pool_size: gauge!("event_piper_pool_connections"),
             pool_available: gauge!("event_piper_pool_connections_idle"),
@@ -245,6 +277,18 @@ fn describe() {
         Unit::Seconds,
         "When the receiver last acknowledged a batch, in seconds since the Unix epoch, by \
          subscription (its age: time() minus this)."
+    );
+    describe_counter!(
+        "event_piper_replica_reads_total",
+        Unit::Count,
+        "Replay pages, history searches and webhook catch-up reads, by the server that served \
+         them: a replica, or the primary (none configured, or the replica lagged or failed)."
+    );
+    describe_counter!(
+        "event_piper_replica_fallbacks_total",
+        Unit::Count,
+        "Reads a replica could not serve and the primary did, by reason: it had not replayed \
+         far enough within --replica-max-wait (lag), or it failed (error)."
     );
     describe_gauge!(
         "event_piper_pool_waiting",

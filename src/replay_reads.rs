@@ -19,6 +19,11 @@
 //! needs no second statement to learn whether it was truncated.
 //!
 //! Selections with topics or a type filter are read alone ([`Store::read_selection`]).
+//!
+//! Every read goes through [`Replicas`]: on a replica that has replayed past the point where the
+//! hub published the end of its range, else on the primary. A merged read's rows and retention's
+//! `deleted_upto` come from one snapshot of whichever server answered, so a truncation notice
+//! agrees with the rows it comes with.
 
 use std::sync::Arc;
 
@@ -26,6 +31,7 @@ use metrics::Counter;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::event::{ConsumerId, EventId, EventRow};
+use crate::replicas::{Need, Replicas};
 use crate::selection::Reader;
 use crate::store::{Lane, Page, Store, StoreError};
 
@@ -44,6 +50,7 @@ pub struct Read {
 #[derive(Clone)]
 pub struct ReplayReads {
     store: Store,
+    replicas: Replicas,
     /// Unbounded, yet bounded by the followers: each waits for its page before it asks again.
     queue: mpsc::UnboundedSender<Request>,
     /// Statements that read replay pages, merged or alone.
@@ -59,16 +66,23 @@ struct Request {
 
 impl ReplayReads {
     /// Starts the task that merges reads; it ends when the last clone is dropped.
-    pub fn start(store: Store, in_flight: usize, statements: Counter) -> ReplayReads {
+    pub fn start(
+        store: Store,
+        replicas: Replicas,
+        in_flight: usize,
+        statements: Counter,
+    ) -> ReplayReads {
         let (queue, requests) = mpsc::unbounded_channel();
         tokio::spawn(merge(
             store.clone(),
+            replicas.clone(),
             requests,
             in_flight.max(1),
             statements.clone(),
         ));
         ReplayReads {
             store,
+            replicas,
             queue,
             statements,
         }
@@ -104,9 +118,12 @@ impl ReplayReads {
             // The task is gone (the runtime is shutting down): read alone.
         }
         self.statements.increment(1);
+        let types = reader.types.as_ref();
         let page = self
-            .store
-            .read_selection(selection, range, limit, reader.types.as_ref())
+            .replicas
+            .read(&self.store, Need::UpTo(range.1), |store| async move {
+                store.read_selection(selection, range, limit, types).await
+            })
             .await?;
         Ok(Read {
             page,
@@ -118,6 +135,7 @@ impl ReplayReads {
 /// The task: takes what has queued, up to [`MAX_REQUESTS`], whenever a statement may start.
 async fn merge(
     store: Store,
+    replicas: Replicas,
     mut requests: mpsc::UnboundedReceiver<Request>,
     in_flight: usize,
     statements: Counter,
@@ -143,16 +161,16 @@ async fn merge(
             continue;
         }
         statements.increment(1);
-        let store = store.clone();
+        let (store, replicas) = (store.clone(), replicas.clone());
         tokio::spawn(async move {
-            answer(&store, batch).await;
+            answer(&store, &replicas, batch).await;
             drop(permit);
         });
     }
 }
 
 /// Reads one batch and answers each of its requests.
-async fn answer(store: &Store, batch: Vec<Request>) {
+async fn answer(store: &Store, replicas: &Replicas, batch: Vec<Request>) {
     let asks: Vec<Ask> = batch
         .iter()
         .map(|request| Ask {
@@ -162,7 +180,19 @@ async fn answer(store: &Store, batch: Vec<Request>) {
         })
         .collect();
     let plan = Plan::new(&asks);
-    match store.read_lanes(&plan.lanes).await {
+    // One snapshot serves every lane: it must reach the furthest end asked for.
+    let upto = batch
+        .iter()
+        .map(|request| request.range.1)
+        .max()
+        .unwrap_or_default();
+    let lanes = &plan.lanes;
+    let read = replicas
+        .read(store, Need::UpTo(upto), |store| async move {
+            store.read_lanes(lanes).await
+        })
+        .await;
+    match read {
         Ok((lanes, deleted_upto)) => {
             let pages: Vec<_> = (0..asks.len())
                 .map(|at| plan.page(&asks, &lanes, at))

@@ -211,19 +211,53 @@ impl Store {
         Ok(())
     }
 
-    /// All events after `after`, in id order, at most `limit`.
-    pub async fn read_after(&self, after: EventId, limit: i64) -> Result<Vec<EventRow>> {
+    /// The hub's read: all events after `after`, in id order, at most `limit`, and the WAL insert
+    /// position after the statement's snapshot was taken, at or past the commit record of every row it sees
+    /// ([`crate::replicas`]).
+    pub async fn read_tail(&self, after: EventId, limit: i64) -> Result<(Vec<EventRow>, i64)> {
         let client = self.pool.get().await?;
+        // The function is volatile, so it runs per row, each time after the snapshot: the last
+        // row's value is the highest.
         let statement = client
             .prepare_cached(&format!(
-                "SELECT {COLUMNS} FROM events WHERE id > $1 ORDER BY id LIMIT $2"
+                "SELECT {COLUMNS}, (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8 \
+                 FROM events WHERE id > $1 ORDER BY id LIMIT $2"
             ))
             .await?;
         let rows = client.query(&statement, &[&after.0, &limit]).await?;
-        rows.iter()
-            .map(event_row)
-            .collect::<std::result::Result<_, _>>()
-            .map_err(Into::into)
+        let mut lsn = 0;
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            events.push(event_row(row)?);
+            lsn = lsn.max(row.try_get::<_, i64>(8)?);
+        }
+        Ok((events, lsn))
+    }
+
+    /// The WAL insert position now: at or past the commit record of every transaction that has
+    /// ended (visibly) before this statement.
+    pub async fn insert_lsn(&self) -> Result<i64> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one(
+                "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
+                &[],
+            )
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// On a standby, how far it has replayed the primary's WAL. Refuses a server that is not in
+    /// recovery: it is not a replica of anything the hub's LSNs mean.
+    pub async fn replay_lsn(&self) -> Result<i64> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::int8")
+            .await?;
+        let row = client.query_one(&statement, &[]).await?;
+        row.try_get::<_, Option<i64>>(0)?.ok_or_else(|| {
+            StoreError::Unexpected("the replica is not a standby (not in recovery)".into())
+        })
     }
 
     /// The last `limit` events at or below `upto`, in id order (the recent tail's start).

@@ -10,7 +10,8 @@
 //!
 //! Seeded: a failure prints its seed; `EVENT_PIPER_FAULT_SEED=N` replays the same decisions (the
 //! interleaving itself still depends on timing). `EVENT_PIPER_FAULT_SECS=N` sets how long load
-//! and faults run (default 30): raise it for a soak.
+//! and faults run (default 30): raise it for a soak. `EVENT_PIPER_FAULT_REPLICA=1` adds a hot
+//! standby (`pg_basebackup -R` of this binary's cluster) that the first instance reads from.
 //!
 //! This binary has its own PostgreSQL cluster (it restarts it), separate from the other tests.
 
@@ -126,13 +127,46 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
     println!("fault suite: seed {seed} (EVENT_PIPER_FAULT_SEED={seed} to replay), {seconds} s");
 
     let db_url = common::fresh_database().await;
+    // `EVENT_PIPER_FAULT_REPLICA=1`: a hot standby of the cluster serves the first instance's
+    // reads (replays, lag recoveries, webhook catch-ups), which has no recent tail so that they
+    // all read the table; the primary's restart and the killed connections go on around it.
+    let standby = match std::env::var("EVENT_PIPER_FAULT_REPLICA").as_deref() {
+        Ok("1") => Some(
+            tokio::task::spawn_blocking(|| {
+                let dir = std::env::temp_dir()
+                    .join(format!("event-piper-fault-standby-{}", std::process::id()));
+                common::cluster()
+                    .start_standby(&dir)
+                    .expect("starting a standby")
+            })
+            .await
+            .unwrap(),
+        ),
+        _ => None,
+    };
+    let replica_url = standby
+        .as_ref()
+        .map(|standby| standby.url(db_url.rsplit('/').next().unwrap_or_default()));
+    println!(
+        "fault suite: {}",
+        match &replica_url {
+            Some(_) => "the first instance reads from a standby",
+            None => "no replica (EVENT_PIPER_FAULT_REPLICA=1 to add one)",
+        }
+    );
     // A small live channel so that the slow consumer falls behind it and recovers from the
     // table; small batches so that the hub reads in many steps. No safety read within the run:
     // a hub that slept through a ring it needed would stall its streams and fail the run. The
     // two hubs fall asleep after different idle times, so that one wakes while the other sleeps.
-    let instance = |idle_after| {
+    let instance = |idle_after, replica: Option<String>| {
         TestApp::builder()
             .database(&db_url)
+            .with(move |config| {
+                if let Some(url) = replica {
+                    config.replica_urls = vec![url];
+                    config.recent_bytes = 0;
+                }
+            })
             .channel_capacity(32)
             .batch_size(100)
             .heartbeat(Duration::from_secs(1))
@@ -144,8 +178,8 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
     };
     // Shared with the consumers, which switch instances on every reconnect.
     let instances: Arc<[TestApp]> = Arc::new([
-        instance(Duration::from_millis(5)).await,
-        instance(Duration::from_millis(200)).await,
+        instance(Duration::from_millis(5), replica_url.clone()).await,
+        instance(Duration::from_millis(200), None).await,
     ]);
     let counters = Arc::new(Counters::default());
     let losses = LeaseLosses::default();
@@ -293,6 +327,10 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
             .collect();
         webhook_counts.push(hook.finish(&want, &losses, seed).await);
     }
+    let replica_reads = match &standby {
+        Some(_) => instances[0].metrics().await,
+        None => String::new(),
+    };
     drop(instances);
 
     println!(
@@ -326,6 +364,18 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
     );
     for counts in webhook_counts {
         println!("{counts}");
+    }
+    if let Some(standby) = standby {
+        for line in replica_reads
+            .lines()
+            .filter(|line| line.starts_with("event_piper_replica_"))
+        {
+            // Process-wide counters: both in-process instances count there.
+            println!("replica: {line}");
+        }
+        tokio::task::spawn_blocking(move || standby.stop())
+            .await
+            .unwrap();
     }
 }
 

@@ -8,6 +8,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::event::EventId;
+use crate::replicas::Need;
 
 use super::request::{EventsQuery, Follows, Reading, parse_last_event_id};
 use super::{ApiError, AppState};
@@ -94,9 +95,14 @@ pub(super) async fn history(
         limit,
         newest,
     };
+    // On a replica that has replayed at least what the hub has published: the search sees
+    // every event a stream has been sent.
+    let search = &search;
     let page = state
-        .store
-        .history(&search)
+        .replicas
+        .read(&state.store, Need::Published, |store| async move {
+            store.history(search).await
+        })
         .await
         .map_err(|error| ApiError::from_store(&error, state.streams.retry_after()))?;
     // A full page may have more after it: the same search, after its last id.

@@ -15,6 +15,7 @@ use tower_http::trace::TraceLayer;
 use crate::auth::{Auth, AuthError, Claims};
 use crate::metrics::Metrics;
 use crate::publisher::Publisher;
+use crate::replicas::Replicas;
 use crate::store::Store;
 use crate::stream::Streams;
 
@@ -40,6 +41,8 @@ const PAGE: &str = include_str!("../../static/index.html");
 pub struct AppState {
     pub streams: Arc<Streams>,
     pub store: Store,
+    /// Where history searches are read (a replica, or `store`).
+    pub replicas: Replicas,
     pub publisher: Publisher,
     pub metrics: Metrics,
     /// None: authentication is off.
