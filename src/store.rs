@@ -216,21 +216,24 @@ impl Store {
     /// ([`crate::replicas`]).
     pub async fn read_tail(&self, after: EventId, limit: i64) -> Result<(Vec<EventRow>, i64)> {
         let client = self.pool.get().await?;
-        // The function is volatile, so it runs per row, each time after the snapshot: the last
-        // row's value is the highest.
+        // An uncorrelated subquery is an InitPlan: PostgreSQL runs it once, when the first row is
+        // formed, so after the snapshot was taken. Called per row, the function would take the
+        // WAL insert position's spinlock once per row, beside the producers that advance it.
         let statement = client
             .prepare_cached(&format!(
-                "SELECT {COLUMNS}, (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8 \
+                "SELECT {COLUMNS}, (SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8) \
                  FROM events WHERE id > $1 ORDER BY id LIMIT $2"
             ))
             .await?;
         let rows = client.query(&statement, &[&after.0, &limit]).await?;
-        let mut lsn = 0;
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            events.push(event_row(row)?);
-            lsn = lsn.max(row.try_get::<_, i64>(8)?);
-        }
+        let lsn = match rows.first() {
+            Some(row) => row.try_get(8)?,
+            None => 0,
+        };
+        let events = rows
+            .iter()
+            .map(event_row)
+            .collect::<std::result::Result<_, _>>()?;
         Ok((events, lsn))
     }
 
