@@ -52,6 +52,8 @@ struct Phase {
     statements: Vec<u64>,
     /// Backends per instance at the phase's end.
     connections: Vec<i64>,
+    /// Those backends by application name, summed over instances: which of them is which.
+    kinds: String,
 }
 
 impl Phase {
@@ -122,6 +124,10 @@ pub async fn run(bench: &mut Bench) -> Result<Vec<Table>> {
                     .map(|c| c.to_string())
                     .collect::<Vec<_>>()
                     .join(" / "),
+            );
+            table.info(
+                format!("{label}: those connections by application_name, all instances"),
+                phase.kinds.clone(),
             );
         }
         table.info(
@@ -318,6 +324,7 @@ async fn measure_with(
         seconds: started.elapsed().as_secs_f64(),
         statements: delta(&before, &after),
         connections: connections(&monitor, instances).await?,
+        kinds: kinds(&monitor).await?,
     };
 
     // Busy: paced producers.
@@ -370,6 +377,7 @@ async fn measure_with(
         seconds: started.elapsed().as_secs_f64(),
         statements: delta(&before, &after),
         connections: connections(&monitor, instances).await?,
+        kinds: kinds(&monitor).await?,
     };
     let top = busiest(&monitor, busy.seconds).await?;
     // Everything written to WAL over the phase, the producers' inserts above all: what a
@@ -450,6 +458,23 @@ async fn connections(monitor: &Client, instances: usize) -> Result<Vec<i64>> {
         )
         .await?;
     by_instance(rows, instances, |n: i64| n)
+}
+
+/// The instances' backends by `application_name` ("event-piper 4 · ..."), all instances together.
+async fn kinds(monitor: &Client) -> Result<String> {
+    let rows = monitor
+        .query(
+            "SELECT application_name, count(*) FROM pg_stat_activity \
+             WHERE usename LIKE 'bench\\_instance\\_%' GROUP BY 1 ORDER BY 1",
+            &[],
+        )
+        .await?;
+    let mut parts = Vec::with_capacity(rows.len());
+    for row in rows {
+        let (name, n): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+        parts.push(format!("{name} {n}"));
+    }
+    Ok(parts.join(" · "))
 }
 
 fn by_instance<T: Default + Clone>(
