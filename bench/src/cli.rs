@@ -133,6 +133,14 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub storm_runs: usize,
 
+    /// Instances scenario: service instances started on one database.
+    #[arg(long, default_value_t = 4)]
+    pub instances: usize,
+
+    /// Instances scenario: streams per instance, one run for each count.
+    #[arg(long, value_delimiter = ',', default_value = "10,1000")]
+    pub instance_streams: Vec<usize>,
+
     /// Pin the producers and the PostgreSQL the bench starts to CPU 0, and the service and the
     /// consumers to CPU 1 (`taskset` for the service): a saturated primary whose core the
     /// service does not share, so that what the service's reads cost producers shows up as lost
@@ -206,6 +214,8 @@ pub enum Scenario {
     Topics,
     /// Issue 18: reconnect storms, against Nchan.
     Storm,
+    /// Issue 20: several service instances on one database, cost per instance.
+    Instances,
     All,
 }
 
@@ -228,6 +238,7 @@ impl Scenario {
                 Publish,
                 Webhooks,
                 Storm,
+                Instances,
                 Dbcost,
             ],
             one => vec![one],

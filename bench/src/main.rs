@@ -18,6 +18,8 @@
 //! subscription: events/s from a backlog and from live producers at several batch sizes, latency
 //! beside an SSE stream of the same events, and the statements per delivered batch. `storm`
 //! (issue 18): every stream reconnecting at once with `Last-Event-ID`, against Nchan as the peer.
+//! `instances` (issue 20): several service instances on one database, the statements/s and
+//! connections each costs PostgreSQL, idle and at a paced rate, for few and for many streams.
 //!
 //! ```text
 //! cargo build --release

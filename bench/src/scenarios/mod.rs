@@ -6,6 +6,7 @@ mod connections;
 mod dbcost;
 mod fanout;
 mod filter;
+mod instances;
 mod latency;
 mod live;
 mod producers;
@@ -52,6 +53,7 @@ pub async fn run(scenario: Scenario, bench: &mut Bench) -> Result<Vec<Table>> {
         Scenario::Webhooks => webhooks::run(bench).await,
         Scenario::Topics => topics::run(bench).await,
         Scenario::Storm => storm::run(bench).await,
+        Scenario::Instances => instances::run(bench).await,
         Scenario::All => unreachable!("expanded by the caller"),
     }
 }
