@@ -10,8 +10,9 @@
 //!
 //! Seeded: a failure prints its seed; `EVENT_PIPER_FAULT_SEED=N` replays the same decisions (the
 //! interleaving itself still depends on timing). `EVENT_PIPER_FAULT_SECS=N` sets how long load
-//! and faults run (default 30): raise it for a soak. `EVENT_PIPER_FAULT_REPLICA=1` adds a hot
-//! standby (`pg_basebackup -R` of this binary's cluster) that the first instance reads from.
+//! and faults run (default 30): raise it for a soak. A hot standby (`pg_basebackup -R` of this
+//! binary's cluster) is part of the run, read from by the first instance;
+//! `EVENT_PIPER_FAULT_REPLICA=0` leaves it out.
 //!
 //! This binary has its own PostgreSQL cluster (it restarts it), separate from the other tests.
 
@@ -127,11 +128,12 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
     println!("fault suite: seed {seed} (EVENT_PIPER_FAULT_SEED={seed} to replay), {seconds} s");
 
     let db_url = common::fresh_database().await;
-    // `EVENT_PIPER_FAULT_REPLICA=1`: a hot standby of the cluster serves the first instance's
+    // A hot standby of the cluster (unless `EVENT_PIPER_FAULT_REPLICA=0`) serves the first instance's
     // reads (replays, lag recoveries, webhook catch-ups), which has no recent tail so that they
     // all read the table; the primary's restart and the killed connections go on around it.
     let standby = match std::env::var("EVENT_PIPER_FAULT_REPLICA").as_deref() {
-        Ok("1") => Some(
+        Ok("0") => None,
+        _ => Some(
             tokio::task::spawn_blocking(|| {
                 let dir = std::env::temp_dir()
                     .join(format!("event-piper-fault-standby-{}", std::process::id()));
@@ -142,7 +144,6 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
             .await
             .unwrap(),
         ),
-        _ => None,
     };
     let replica_url = standby
         .as_ref()
@@ -151,7 +152,7 @@ async fn delivery_is_exactly_once_and_in_order_under_faults() {
         "fault suite: {}",
         match &replica_url {
             Some(_) => "the first instance reads from a standby",
-            None => "no replica (EVENT_PIPER_FAULT_REPLICA=1 to add one)",
+            None => "no replica (EVENT_PIPER_FAULT_REPLICA=0)",
         }
     );
     // A small live channel so that the slow consumer falls behind it and recovers from the
