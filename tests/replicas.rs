@@ -58,6 +58,45 @@ async fn app_with_replica(database: &str, replica: &ManagedPostgres, batch: u32)
         .await
 }
 
+/// What every test here starts with: a fresh database, a standby of it, an instance reading
+/// from the standby ([`app_with_replica`]), a producer on the primary, a client on the standby.
+struct Setup {
+    replica: ManagedPostgres,
+    app: TestApp,
+    producer: tokio_postgres::Client,
+    standby: tokio_postgres::Client,
+}
+
+impl Setup {
+    async fn start(batch: u32) -> Setup {
+        let database = fresh_database().await;
+        let replica = standby().await;
+        let app = app_with_replica(&database, &replica, batch).await;
+        let producer = app.producer().await;
+        let standby = connect(&replica.url(database_of(&database))).await;
+        Setup {
+            replica,
+            app,
+            producer,
+            standby,
+        }
+    }
+
+    /// Waits until the hub has published `id` and the standby has replayed all written so far.
+    async fn published_and_replayed(&self, id: i64) {
+        published(&self.app, id).await;
+        caught_up(&self.producer, &self.standby).await;
+    }
+
+    async fn stop(self) {
+        let Setup { replica, app, .. } = self;
+        app.stop().await.unwrap();
+        tokio::task::spawn_blocking(move || replica.stop())
+            .await
+            .unwrap();
+    }
+}
+
 /// A counter from /metrics, by its full name with labels.
 async fn counter(app: &TestApp, name: &str) -> f64 {
     let text = app.metrics().await;
@@ -166,39 +205,37 @@ async fn fill(producer: &tokio_postgres::Client, consumers: usize, rounds: usize
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replay_storm_is_served_by_the_replica_and_not_the_primary() {
     let _one = COUNTERS.lock().await;
-    let database = fresh_database().await;
-    let replica = standby().await;
-    let app = app_with_replica(&database, &replica, 25).await;
-    let producer = app.producer().await;
-    fill(&producer, 20, 10, 10).await;
-    let last = insert(&producer, "c-0", "{}").await;
-    published(&app, last).await;
-    let standby_client = connect(&replica.url(database_of(&database))).await;
-    caught_up(&producer, &standby_client).await;
+    let setup = Setup::start(25).await;
+    let (app, producer) = (&setup.app, &setup.producer);
+    fill(producer, 20, 10, 10).await;
+    setup
+        .published_and_replayed(insert(producer, "c-0", "{}").await)
+        .await;
 
     let (replica_before, primary_before) = (
-        counter(&app, BY_REPLICA).await,
-        counter(&app, BY_PRIMARY).await,
+        counter(app, BY_REPLICA).await,
+        counter(app, BY_PRIMARY).await,
     );
     let mut expected = Vec::new();
     for n in 0..20 {
-        expected.push(ids_for(&producer, &format!("c-{n}")).await);
+        expected.push(ids_for(producer, &format!("c-{n}")).await);
     }
     let storm = (0..20).map(|n| {
-        let (app, expected) = (&app, &expected[n]);
+        let (app, expected) = (app, &expected[n]);
         async move { replay_exactly(app, &format!("c-{n}"), expected).await }
     });
     let mut streams = join_all(storm).await;
 
-    let served_by_replica = counter(&app, BY_REPLICA).await - replica_before;
-    let served_by_primary = counter(&app, BY_PRIMARY).await - primary_before;
+    let served_by_replica = counter(app, BY_REPLICA).await - replica_before;
+    let served_by_primary = counter(app, BY_PRIMARY).await - primary_before;
     assert_eq!(served_by_primary, 0.0, "no replay read on the primary");
     assert!(
         served_by_replica > 0.0,
         "the replica served the replays ({served_by_replica})"
     );
     // And the replica really was asked: the service's connections are there.
-    let connections: i64 = standby_client
+    let connections: i64 = setup
+        .standby
         .query_one(
             "SELECT count(*) FROM pg_stat_activity \
              WHERE application_name = 'event-piper-replica-reads'",
@@ -210,7 +247,7 @@ async fn a_replay_storm_is_served_by_the_replica_and_not_the_primary() {
     assert!(connections > 0, "the service is connected to the replica");
 
     // Live goes on from the primary's hub: the next event reaches every stream once.
-    let next = insert(&producer, "c-3", "{}").await;
+    let next = insert(producer, "c-3", "{}").await;
     let broadcast: i64 = producer
         .query_one(
             "INSERT INTO events (type, payload) VALUES ('everyone', '{}') RETURNING id",
@@ -229,22 +266,16 @@ async fn a_replay_storm_is_served_by_the_replica_and_not_the_primary() {
         }
     }
     drop(streams);
-    app.stop().await.unwrap();
-    tokio::task::spawn_blocking(move || replica.stop())
-        .await
-        .unwrap();
+    setup.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_replica_delays_replays_or_leaves_them_to_the_primary_exactly() {
     let _one = COUNTERS.lock().await;
-    let database = fresh_database().await;
-    let replica = standby().await;
-    let app = app_with_replica(&database, &replica, 10).await;
-    let producer = app.producer().await;
-    fill(&producer, 3, 10, 10).await;
-    let standby_client = connect(&replica.url(database_of(&database))).await;
-    caught_up(&producer, &standby_client).await;
+    let setup = Setup::start(10).await;
+    let (app, producer, standby_client) = (&setup.app, &setup.producer, &setup.standby);
+    fill(producer, 3, 10, 10).await;
+    caught_up(producer, standby_client).await;
 
     standby_client
         .batch_execute("SELECT pg_wal_replay_pause()")
@@ -268,21 +299,21 @@ async fn a_paused_replica_delays_replays_or_leaves_them_to_the_primary_exactly()
         .await
         .expect("the standby paused");
     // Written while the standby replays nothing: only the primary has these.
-    fill(&producer, 3, 5, 10).await;
-    let last = insert(&producer, "c-1", "{}").await;
-    published(&app, last).await;
+    fill(producer, 3, 5, 10).await;
+    let last = insert(producer, "c-1", "{}").await;
+    published(app, last).await;
 
-    let lag_before = counter(&app, LAG).await;
-    let mut expected = ids_for(&producer, "c-1").await;
+    let lag_before = counter(app, LAG).await;
+    let mut expected = ids_for(producer, "c-1").await;
     let mut stream = app.consume("c-1", Some(0)).await;
-    let (got, sentinel) = read_through_sentinel(&producer, &mut stream, "c-1").await;
+    let (got, sentinel) = read_through_sentinel(producer, &mut stream, "c-1").await;
     expected.push(sentinel);
     assert_eq!(
         got, expected,
         "every event once, in order, then the live one"
     );
     assert!(
-        counter(&app, LAG).await > lag_before,
+        counter(app, LAG).await > lag_before,
         "the replica was found behind and the primary read instead"
     );
     drop(stream);
@@ -291,18 +322,18 @@ async fn a_paused_replica_delays_replays_or_leaves_them_to_the_primary_exactly()
         .batch_execute("SELECT pg_wal_replay_resume()")
         .await
         .unwrap();
-    caught_up(&producer, &standby_client).await;
-    let replica_before = counter(&app, BY_REPLICA).await;
-    let mut expected = ids_for(&producer, "c-1").await;
+    caught_up(producer, standby_client).await;
+    let replica_before = counter(app, BY_REPLICA).await;
+    let mut expected = ids_for(producer, "c-1").await;
     let mut stream = app.consume("c-1", Some(0)).await;
-    let (got, sentinel) = read_through_sentinel(&producer, &mut stream, "c-1").await;
+    let (got, sentinel) = read_through_sentinel(producer, &mut stream, "c-1").await;
     expected.push(sentinel);
     assert_eq!(
         got, expected,
         "every event once, in order, then the live one"
     );
     assert!(
-        counter(&app, BY_REPLICA).await > replica_before,
+        counter(app, BY_REPLICA).await > replica_before,
         "the resumed replica serves again"
     );
 
@@ -321,53 +352,43 @@ async fn a_paused_replica_delays_replays_or_leaves_them_to_the_primary_exactly()
         .collect();
     assert_eq!(ids.last(), Some(&sentinel));
     drop(stream);
-    app.stop().await.unwrap();
-    tokio::task::spawn_blocking(move || replica.stop())
-        .await
-        .unwrap();
+    setup.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_killed_mid_replay_leaves_the_stream_to_the_primary_exactly() {
     let _one = COUNTERS.lock().await;
-    let database = fresh_database().await;
-    let replica = standby().await;
-    let app = app_with_replica(&database, &replica, 100).await;
-    let producer = app.producer().await;
+    let setup = Setup::start(100).await;
+    let (app, producer) = (&setup.app, &setup.producer);
     // 20 MB for one consumer: far more than socket buffers hold, so the replay is still reading
     // pages when the standby dies.
-    fill(&producer, 1, 10_000, 2_000).await;
-    let last = insert(&producer, "c-0", "{}").await;
-    published(&app, last).await;
-    let standby_client = connect(&replica.url(database_of(&database))).await;
-    caught_up(&producer, &standby_client).await;
-    drop(standby_client);
+    fill(producer, 1, 10_000, 2_000).await;
+    setup
+        .published_and_replayed(insert(producer, "c-0", "{}").await)
+        .await;
 
     let (replica_before, error_before) =
-        (counter(&app, BY_REPLICA).await, counter(&app, ERROR).await);
-    let expected = ids_for(&producer, "c-0").await;
+        (counter(app, BY_REPLICA).await, counter(app, ERROR).await);
+    let expected = ids_for(producer, "c-0").await;
     let mut stream = app.consume("c-0", Some(0)).await;
     let mut got = stream.ids(500).await;
     assert!(
-        counter(&app, BY_REPLICA).await > replica_before,
+        counter(app, BY_REPLICA).await > replica_before,
         "the replay started on the replica"
     );
-    tokio::task::block_in_place(|| replica.kill_server()).expect("killing the standby");
-    let (rest, sentinel) = read_through_sentinel(&producer, &mut stream, "c-0").await;
+    tokio::task::block_in_place(|| setup.replica.kill_server()).expect("killing the standby");
+    let (rest, sentinel) = read_through_sentinel(producer, &mut stream, "c-0").await;
     got.extend(rest);
     let mut expected = expected;
     expected.push(sentinel);
     assert_eq!(got.len(), expected.len(), "every event once");
     assert!(got == expected, "every event once, in order");
     assert!(
-        counter(&app, ERROR).await > error_before,
+        counter(app, ERROR).await > error_before,
         "a read failed on the dead replica and went to the primary"
     );
     drop(stream);
-    app.stop().await.unwrap();
-    tokio::task::spawn_blocking(move || replica.stop())
-        .await
-        .unwrap();
+    setup.stop().await;
 }
 
 #[tokio::test]
