@@ -184,6 +184,24 @@ async fn read_through_sentinel(
     }
 }
 
+/// Replays `consumer` from the start through a live sentinel ([`read_through_sentinel`]) and
+/// checks it got every event of its own once, in order, then the sentinel.
+async fn replay_through_sentinel(
+    app: &TestApp,
+    producer: &tokio_postgres::Client,
+    consumer: &str,
+) -> (common::SseClient, i64) {
+    let mut expected = ids_for(producer, consumer).await;
+    let mut stream = app.consume(consumer, Some(0)).await;
+    let (got, sentinel) = read_through_sentinel(producer, &mut stream, consumer).await;
+    expected.push(sentinel);
+    assert_eq!(
+        got, expected,
+        "every event once, in order, then the live one"
+    );
+    (stream, sentinel)
+}
+
 async fn fill(producer: &tokio_postgres::Client, consumers: usize, rounds: usize, bytes: i32) {
     for _ in 0..rounds {
         producer
@@ -304,14 +322,7 @@ async fn a_paused_replica_delays_replays_or_leaves_them_to_the_primary_exactly()
     published(app, last).await;
 
     let lag_before = counter(app, LAG).await;
-    let mut expected = ids_for(producer, "c-1").await;
-    let mut stream = app.consume("c-1", Some(0)).await;
-    let (got, sentinel) = read_through_sentinel(producer, &mut stream, "c-1").await;
-    expected.push(sentinel);
-    assert_eq!(
-        got, expected,
-        "every event once, in order, then the live one"
-    );
+    let (stream, _) = replay_through_sentinel(app, producer, "c-1").await;
     assert!(
         counter(app, LAG).await > lag_before,
         "the replica was found behind and the primary read instead"
@@ -324,14 +335,7 @@ async fn a_paused_replica_delays_replays_or_leaves_them_to_the_primary_exactly()
         .unwrap();
     caught_up(producer, standby_client).await;
     let replica_before = counter(app, BY_REPLICA).await;
-    let mut expected = ids_for(producer, "c-1").await;
-    let mut stream = app.consume("c-1", Some(0)).await;
-    let (got, sentinel) = read_through_sentinel(producer, &mut stream, "c-1").await;
-    expected.push(sentinel);
-    assert_eq!(
-        got, expected,
-        "every event once, in order, then the live one"
-    );
+    let (stream, sentinel) = replay_through_sentinel(app, producer, "c-1").await;
     assert!(
         counter(app, BY_REPLICA).await > replica_before,
         "the resumed replica serves again"

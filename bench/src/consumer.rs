@@ -53,6 +53,19 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Waits up to `timeout` until `expected` frames have arrived or a connection failed; the
+    /// time since `since` if they all arrived, None otherwise.
+    pub async fn drained(
+        &self,
+        expected: u64,
+        timeout: Duration,
+        since: Instant,
+    ) -> Option<Duration> {
+        let all = || self.frames.load(Ordering::Relaxed) >= expected;
+        wait_until(timeout, || all() || self.failed.load(Ordering::Relaxed) > 0).await;
+        all().then(|| since.elapsed())
+    }
+
     pub fn new(ledger: Arc<Ledger>, measure_latency: bool) -> Arc<Shared> {
         Arc::new(Shared {
             ledger,

@@ -364,13 +364,7 @@ async fn measure_with(
         .iter()
         .map(|spec| produced.rows_for(spec.index, None))
         .sum();
-    let arrived = consumer::wait_until(DRAIN_TIMEOUT, || {
-        shared.frames.load(Ordering::Relaxed) >= expected
-            || shared.failed.load(Ordering::Relaxed) > 0
-    })
-    .await;
-    let drain =
-        (arrived && shared.frames.load(Ordering::Relaxed) >= expected).then(|| stopped.elapsed());
+    let drain = shared.drained(expected, DRAIN_TIMEOUT, stopped).await;
     // The phase ends when delivery does: the statements that delivered the last events count.
     let after = calls(&monitor, instances).await?;
     let busy = Phase {

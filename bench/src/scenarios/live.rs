@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::{Bench, CpuMeter};
-use crate::consumer::{self, ConnSpec, Shared};
+use crate::consumer::{ConnSpec, Shared};
 use crate::database;
 use crate::fleet::{Fleet, Settled};
 use crate::latency::{Summary, ms};
@@ -178,13 +178,9 @@ where
             produced.rows_for(spec.index, kind)
         })
         .sum();
-    let arrived = consumer::wait_until(DRAIN_TIMEOUT, || {
-        shared.frames.load(Ordering::Relaxed) >= expected_frames
-            || shared.failed.load(Ordering::Relaxed) > 0
-    })
-    .await;
-    let drain = (arrived && shared.frames.load(Ordering::Relaxed) >= expected_frames)
-        .then(|| stopped.elapsed());
+    let drain = shared
+        .drained(expected_frames, DRAIN_TIMEOUT, stopped)
+        .await;
     let (service_cores, cpu) = (cpu.service_cores(), cpu.describe());
     drop(progress);
     let settled = fleet.close().await;

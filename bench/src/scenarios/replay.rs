@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::{Bench, CpuMeter, names};
-use crate::consumer::{self, ConnSpec, Shared};
+use crate::consumer::{ConnSpec, Shared};
 use crate::fleet::Fleet;
 use crate::ledger::Ledger;
 use crate::procfs::{self, Memory};
@@ -156,11 +156,7 @@ async fn replay(
         1,
         Instant::now() + READ_TIMEOUT,
     );
-    consumer::wait_until(READ_TIMEOUT, || {
-        shared.frames.load(Ordering::Relaxed) >= expected
-            || shared.failed.load(Ordering::Relaxed) > 0
-    })
-    .await;
+    shared.drained(expected, READ_TIMEOUT, Instant::now()).await;
     let cpu = cpu.describe();
     drop(progress);
     stop.store(true, Ordering::Relaxed);

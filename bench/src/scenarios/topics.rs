@@ -389,13 +389,7 @@ async fn live(
         .iter()
         .map(|spec| rows_for(&produced, spec.owner, spec.kind))
         .sum();
-    let arrived = consumer::wait_until(DRAIN_TIMEOUT, || {
-        shared.frames.load(Ordering::Relaxed) >= expected
-            || shared.failed.load(Ordering::Relaxed) > 0
-    })
-    .await;
-    let drain =
-        (arrived && shared.frames.load(Ordering::Relaxed) >= expected).then(|| stopped.elapsed());
+    let drain = shared.drained(expected, DRAIN_TIMEOUT, stopped).await;
     let (service_cpu, wall) = (
         procfs::cpu(service.pid).saturating_sub(service_from),
         started.elapsed(),
