@@ -122,10 +122,11 @@ INSERT INTO event_piper_retention DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- subscriber; the first is canonical, the others alternates. `private` events reach a topic's
 -- streams only with a token that grants one of their topics. `update_id` and `retry` are what a
 -- Mercure publisher asked for as the SSE id and retry. All four are NULL for an event addressed
--- as before, and no index below holds it but the two it always had. It still pays for the three
--- topic indexes: PostgreSQL opens every index and evaluates each partial index's predicate for
--- every row it inserts, about 1 µs each (BENCHMARKS.md, "What topics cost a producer that does
--- not use them").
+-- as before, and no index holds it but the two it always had. It still pays for the one topic
+-- index on `events`: PostgreSQL opens every index and evaluates each partial index's predicate
+-- for every row it inserts, about 1 µs each (BENCHMARKS.md, "What topics cost a producer that
+-- does not use them"). So `events` has only the index most topic events need, by canonical topic;
+-- alternates and publishers' ids are indexed by the service, in tables of its own (below).
 DO $topics$
 BEGIN
     -- Each statement here locks `events`, so it runs only when the catalog says it is needed.
@@ -145,20 +146,58 @@ BEGIN
         DROP INDEX events_broadcast_id_idx;
     END IF;
     -- A topic's replay reads its events by canonical topic in id order, one keyset read per
-    -- topic; each alternate topic is one GIN entry. An event with one topic costs one entry.
+    -- topic. An event with one topic costs one entry.
     IF to_regclass('events_topic_id_idx') IS NULL THEN
         CREATE INDEX events_topic_id_idx ON events ((topics[1]), id) WHERE topics IS NOT NULL;
     END IF;
-    IF to_regclass('events_alternate_topics_idx') IS NULL THEN
-        CREATE INDEX events_alternate_topics_idx ON events USING gin ((topics[2:]))
-            WHERE cardinality(topics) > 1;
-    END IF;
-    -- A Mercure subscriber resumes from a publisher's id.
-    IF to_regclass('events_update_id_idx') IS NULL THEN
-        CREATE INDEX events_update_id_idx ON events (update_id, id) WHERE update_id IS NOT NULL;
-    END IF;
 END
 $topics$;
+
+-- The keys a replay looks up that `events` does not index: each alternate topic of an event
+-- with several (`event_piper_alternates`), and a Mercure publisher's id (`event_piper_update_ids`).
+-- The service writes them, not the producer: the hub writes the keys of the events it reads
+-- before it publishes them, so every event up to a published id has its keys here, and a replay,
+-- which never reads past what its instance published, finds all of them. Producers that write
+-- alternates or ids with SQL need do nothing else. `event_piper_keyed.upto` is how far every
+-- event's keys are in (the hubs move it on now and then); an instance starting after producers
+-- wrote while none ran adds the keys of the events after it first, with one bounded scan.
+DO $keys$
+BEGIN
+    IF to_regclass('event_piper_keyed') IS NOT NULL THEN
+        RETURN;
+    END IF;
+    CREATE TABLE event_piper_alternates (
+        topic    text   NOT NULL,
+        event_id bigint NOT NULL,
+        PRIMARY KEY (topic, event_id)
+    );
+    CREATE TABLE event_piper_update_ids (
+        update_id text   NOT NULL,
+        event_id  bigint NOT NULL,
+        PRIMARY KEY (update_id, event_id)
+    );
+    -- Retention deletes keys by event, as it deletes events.
+    CREATE INDEX event_piper_alternates_event_id_idx ON event_piper_alternates (event_id);
+    CREATE INDEX event_piper_update_ids_event_id_idx ON event_piper_update_ids (event_id);
+    CREATE TABLE event_piper_keyed (
+        only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        upto     bigint  NOT NULL
+    );
+    -- The keys of the events already there, once. SHARE mode waits for the producers in flight
+    -- and holds new ones back until this transaction ends, so every id up to the maximum is
+    -- final, and the keys of all of them are in when the mark is set there. On a table of an
+    -- earlier version the two partial indexes that held these keys are dropped.
+    LOCK TABLE events IN SHARE MODE;
+    INSERT INTO event_piper_alternates (topic, event_id)
+        SELECT alternate, id FROM events, unnest(topics[2:]) AS alternate
+        WHERE cardinality(topics) > 1
+        ON CONFLICT DO NOTHING;
+    INSERT INTO event_piper_update_ids (update_id, event_id)
+        SELECT update_id, id FROM events WHERE update_id IS NOT NULL;
+    INSERT INTO event_piper_keyed (upto) SELECT coalesce(max(id), 0) FROM events;
+    DROP INDEX IF EXISTS events_alternate_topics_idx, events_update_id_idx;
+END
+$keys$;
 CREATE INDEX IF NOT EXISTS events_subscriber_id_idx ON events (subscriber, id);
 
 -- Webhook subscriptions (README, "Webhooks"): the server remembers each one's position, so a

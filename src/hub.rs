@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::bell::Bell;
 use crate::event::EventId;
+use crate::keys::{self, Keys};
 use crate::metrics::Metrics;
 use crate::recent::Recent;
 use crate::replicas::{Lsn, Replicas};
@@ -62,6 +63,9 @@ const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 const WARM_PAGE: i64 = 10_000;
 /// A gap held open this long is logged with the pids of the transactions holding it.
 const SLOW_GAP: Duration = Duration::from_secs(5);
+/// How often a hub that publishes records how far every event's keys are in: what an instance
+/// starting next scans again at most, beside what was written while none ran.
+const MARK_KEYED_EVERY: Duration = Duration::from_secs(10);
 
 /// When the hub reads.
 #[derive(Debug, Clone, Copy)]
@@ -97,6 +101,8 @@ pub struct Hub {
     stuck_at: Option<EventId>,
     /// Whether a failure to arm the bell has been logged since it last worked.
     arm_failure_logged: bool,
+    /// When the hub last recorded how far every event's keys are in ([`crate::keys`]).
+    keyed_at: Instant,
     metrics: Metrics,
 }
 
@@ -170,6 +176,7 @@ impl Hub {
             pending: None,
             stuck_at: None,
             arm_failure_logged: false,
+            keyed_at: Instant::now(),
             metrics,
         }
     }
@@ -311,8 +318,9 @@ impl Hub {
 
     /// The id to start publishing after: the current maximum, once every transaction that might
     /// still hold a lower id has ended (a lower id committing later would otherwise be missed
-    /// by live streams and by replays bounded by it). With the WAL position once they have: a
-    /// replica that has replayed it sees every event up to the start.
+    /// by live streams and by replays bounded by it), and once the keys of every event up to it
+    /// are in ([`crate::keys`]). With the WAL position after that: a replica that has replayed
+    /// it sees every event up to the start, and their keys.
     async fn starting_point(&self) -> Result<(EventId, Lsn), StoreError> {
         let max = self.store.max_id().await?;
         let mut holders = self.store.in_flight_holders().await?;
@@ -321,7 +329,20 @@ impl Hub {
             let current = self.store.in_flight_holders().await?;
             holders.retain(|holder, _| current.contains_key(holder));
         }
+        keys::catch_up(&self.store, max).await?;
         Ok((max, self.store.insert_lsn().await?))
+    }
+
+    /// Records, every [`MARK_KEYED_EVERY`], that every event up to the cursor has its keys in. A
+    /// failure only leaves more for the next start to scan.
+    async fn mark_keyed(&mut self) {
+        if self.keyed_at.elapsed() < MARK_KEYED_EVERY {
+            return;
+        }
+        self.keyed_at = Instant::now();
+        if let Err(error) = self.store.mark_keyed(self.cursor).await {
+            tracing::warn!(%error, "cannot record how far the keys of events are in");
+        }
     }
 
     /// Starts the recent tail with the events just below the starting point, so that the clients
@@ -370,18 +391,37 @@ impl Hub {
                 });
             };
 
-            let mut batch = Vec::with_capacity(rows.len());
+            // The gap-free prefix of the rows, up to `upto`.
+            let mut upto = self.cursor;
+            let mut ready = Vec::with_capacity(rows.len());
             let mut blocked = false;
             for row in rows {
                 // Every id between the cursor and this one must be known dead to move past it.
-                if row.id.0 - 1 > self.cursor.max(self.dead_upto).0 {
+                if row.id.0 - 1 > upto.max(self.dead_upto).0 {
                     blocked = true;
                     break;
                 }
-                self.cursor = row.id;
-                batch.push(Frame::from_row(row));
+                upto = row.id;
+                ready.push(row);
             }
-            if !batch.is_empty() {
+            if !ready.is_empty() {
+                // The keys first: a replay bounded by the new cursor looks them up. Should this
+                // fail, nothing is published and the same rows are read again.
+                let keys = Keys::of(&ready);
+                let lsn = if keys.is_empty() {
+                    lsn
+                } else {
+                    self.store.write_keys(&keys).await?;
+                    // A replica must have replayed the keys' commit too, which the read's
+                    // position does not cover.
+                    if self.replicas.configured() {
+                        self.store.insert_lsn().await?
+                    } else {
+                        lsn
+                    }
+                };
+                self.cursor = upto;
+                let batch: Vec<Frame> = ready.into_iter().map(Frame::from_row).collect();
                 published += batch.len();
                 self.metrics.events_published.increment(batch.len() as u64);
                 self.metrics.hub_batch_size.record(batch.len() as f64);
@@ -394,6 +434,7 @@ impl Hub {
                 self.replicas.record(self.cursor, lsn);
                 self.published.send_replace(Some(self.cursor));
                 self.router.route(&batch);
+                self.mark_keyed().await;
             }
 
             if !blocked {

@@ -19,6 +19,7 @@ pub mod filter;
 pub mod follower;
 pub mod http;
 pub mod hub;
+pub mod keys;
 pub mod listener;
 pub mod managed_postgres;
 pub mod metrics;

@@ -129,6 +129,11 @@ impl Replicas {
         }
     }
 
+    /// Whether any replica is configured: else no read waits for an LSN.
+    pub fn configured(&self) -> bool {
+        !self.inner.replicas.is_empty()
+    }
+
     /// The hub publishes `cursor`, read at `lsn`. Called before the cursor is published, so that
     /// every published id has a mark.
     pub fn record(&self, cursor: EventId, lsn: Lsn) {

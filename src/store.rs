@@ -12,6 +12,7 @@ use tokio_postgres::NoTls;
 use crate::backoff::Backoff;
 use crate::event::{ConsumerId, EventId, EventRow, NewEvent};
 use crate::filter::TypeFilter;
+use crate::keys::Keys;
 use crate::selection::Selection;
 
 pub mod subscriptions;
@@ -250,6 +251,71 @@ impl Store {
         Ok(row.try_get(0)?)
     }
 
+    /// Writes alternate topics and publishers' ids ([`crate::keys`]), in one statement. A key
+    /// already there (another instance wrote it, or a topic repeated) is left as it is.
+    pub async fn write_keys(&self, keys: &Keys) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "WITH alternates AS ( \
+                   INSERT INTO event_piper_alternates (topic, event_id) \
+                   SELECT * FROM unnest($1::text[], $2::int8[]) ON CONFLICT DO NOTHING) \
+                 INSERT INTO event_piper_update_ids (update_id, event_id) \
+                 SELECT * FROM unnest($3::text[], $4::int8[]) ON CONFLICT DO NOTHING",
+            )
+            .await?;
+        client
+            .execute(
+                &statement,
+                &[
+                    &keys.alternate_topics,
+                    &keys.alternate_events,
+                    &keys.update_ids,
+                    &keys.update_id_events,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The keys of the events in `(after, upto]`: a scan of that range of the primary key.
+    pub async fn read_keys(&self, (after, upto): (EventId, EventId)) -> Result<Keys> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached(
+                "SELECT id, topics, update_id FROM events \
+                 WHERE id > $1 AND id <= $2 AND (cardinality(topics) > 1 OR update_id IS NOT NULL)",
+            )
+            .await?;
+        let mut keys = Keys::default();
+        for row in client.query(&statement, &[&after.0, &upto.0]).await? {
+            let topics: Option<Vec<String>> = row.try_get(1)?;
+            keys.add(EventId(row.try_get(0)?), topics.as_deref(), row.try_get(2)?);
+        }
+        Ok(keys)
+    }
+
+    /// How far every event's keys are in.
+    pub async fn keyed_upto(&self) -> Result<EventId> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("SELECT coalesce(max(upto), 0) FROM event_piper_keyed")
+            .await?;
+        Ok(EventId(
+            client.query_one(&statement, &[]).await?.try_get(0)?,
+        ))
+    }
+
+    /// Records that every event up to `upto` has its keys in (never moving the mark back).
+    pub async fn mark_keyed(&self, upto: EventId) -> Result<()> {
+        let client = self.pool.get().await?;
+        let statement = client
+            .prepare_cached("UPDATE event_piper_keyed SET upto = $1 WHERE upto < $1")
+            .await?;
+        client.execute(&statement, &[&upto.0]).await?;
+        Ok(())
+    }
+
     /// On a standby, how far it has replayed the primary's WAL. Refuses a server that is not in
     /// recovery: it is not a replica of anything the hub's LSNs mean.
     pub async fn replay_lsn(&self) -> Result<i64> {
@@ -285,7 +351,8 @@ impl Store {
     /// index, and the page merges them, so a page costs its own size however long the history:
     /// - the consumer's events (`subscriber`, id) and the broadcasts (their partial index);
     /// - each exact topic's events by canonical topic (`topics[1]`, id), one read per topic;
-    /// - events whose alternate topics include one of them (GIN on `topics[2:]`);
+    /// - events whose alternate topics include one of them, by topic from the keys the hub
+    ///   wrote ([`crate::keys`]): complete up to any published id, so up to `upto`;
     /// - for `*` and URL patterns, which no index serves, every event with topics in a range of
     ///   at most `limit * SCAN_IDS_PER_ROW` ids, matched here.
     ///
@@ -308,8 +375,8 @@ impl Store {
         let topics: Vec<&str> = selection.exact_topics().collect();
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             vec![&after.0, &upto.0, &limit, &exact_types, &like_types];
-        let filters = "id > $1 AND id <= $2 \
-             AND ($4::text[] IS NULL OR type = ANY($4) OR type LIKE ANY($5))";
+        let type_filter = "($4::text[] IS NULL OR type = ANY($4) OR type LIKE ANY($5))";
+        let filters = format!("id > $1 AND id <= $2 AND {type_filter}");
         let mut parts = Vec::new();
         if let Some(consumer) = &consumer {
             params.push(consumer);
@@ -332,13 +399,13 @@ impl Store {
                    WHERE topics IS NOT NULL AND topics[1] = selected.topic AND {filters} \
                    ORDER BY id LIMIT $3) canonical)"
             ));
-            // `id + 0`: with the bare id, PostgreSQL (a generic plan above all) walks the
-            // primary key through the whole range, filtering out every other event in it,
-            // instead of asking the GIN index for the few that carry these alternates.
-            let unindexed = filters.replace("id > $1 AND id <= $2", "id + 0 > $1 AND id + 0 <= $2");
             parts.push(format!(
-                "(SELECT {COLUMNS} FROM events WHERE cardinality(topics) > 1 \
-                 AND topics[2:] && ${at}::text[] AND {unindexed} ORDER BY id + 0 LIMIT $3)"
+                "(SELECT alternate.* FROM unnest(${at}::text[]) AS selected(topic) \
+                 CROSS JOIN LATERAL (SELECT {COLUMNS} FROM event_piper_alternates \
+                   JOIN events ON events.id = event_piper_alternates.event_id \
+                   WHERE event_piper_alternates.topic = selected.topic \
+                     AND event_id > $1 AND event_id <= $2 AND {type_filter} \
+                   ORDER BY event_id LIMIT $3) alternate)"
             ));
         }
         if selection.scans() {
@@ -620,12 +687,14 @@ impl Store {
     }
 
     /// Deletes every event up to `upto` (what [`Store::expiring`] found) and records that they
-    /// are gone, in one statement. Returns how many were deleted.
+    /// are gone, with their keys ([`crate::keys`]), in one statement. Returns how many were deleted.
     pub async fn expire(&self, upto: EventId) -> Result<i64> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "WITH gone AS (DELETE FROM events WHERE id <= $1 RETURNING id) \
+                "WITH gone AS (DELETE FROM events WHERE id <= $1 RETURNING id), \
+                   alternates AS (DELETE FROM event_piper_alternates WHERE event_id <= $1), \
+                   update_ids AS (DELETE FROM event_piper_update_ids WHERE event_id <= $1) \
                  UPDATE event_piper_retention \
                  SET deleted_upto = greatest(deleted_upto, coalesce((SELECT max(id) FROM gone), 0)) \
                  RETURNING (SELECT count(*) FROM gone)",
@@ -635,13 +704,26 @@ impl Store {
     }
 
     /// The first event a Mercure publisher gave this id (the draft resolves a reused id to the
-    /// earliest update that carries it).
-    pub async fn find_update_id(&self, update_id: &str) -> Result<Option<EventId>> {
+    /// earliest update that carries it). Up to `published` the hub has written every event's
+    /// publisher's id into its own table ([`crate::keys`]); after it (an event committed but not
+    /// read yet, for a client that resumes with the id its publish just returned), the table's
+    /// tail is scanned.
+    pub async fn find_update_id(
+        &self,
+        update_id: &str,
+        published: EventId,
+    ) -> Result<Option<EventId>> {
         let client = self.pool.get().await?;
         let statement = client
-            .prepare_cached("SELECT min(id) FROM events WHERE update_id = $1")
+            .prepare_cached(
+                "SELECT least( \
+                   (SELECT min(event_id) FROM event_piper_update_ids WHERE update_id = $1), \
+                   (SELECT min(id) FROM events WHERE id > $2 AND update_id = $1))",
+            )
             .await?;
-        let row = client.query_one(&statement, &[&update_id]).await?;
+        let row = client
+            .query_one(&statement, &[&update_id, &published.0])
+            .await?;
         Ok(row.try_get::<_, Option<i64>>(0)?.map(EventId))
     }
 
