@@ -94,7 +94,7 @@ fn pattern(pattern: &str) -> Value {
 
 /// Inserts an event over SQL, as a producer would; returns its id.
 async fn add_event(
-    producer: &tokio_postgres::Client,
+    producer: &impl tokio_postgres::GenericClient,
     event_type: &str,
     subscriber: Option<&str>,
     topics: Option<&[&str]>,
@@ -114,7 +114,7 @@ async fn add_event(
 }
 
 /// Inserts a topic-only event over SQL (type `message`); returns its id.
-async fn add(producer: &tokio_postgres::Client, topics: &[&str], private: bool) -> i64 {
+async fn add(producer: &impl tokio_postgres::GenericClient, topics: &[&str], private: bool) -> i64 {
     add_event(
         producer,
         "message",
@@ -1418,4 +1418,165 @@ async fn the_hub_says_a_subscription_without_a_matcher_lacks_one() {
         .get_with(HUB, &[("Authorization", &format!("Bearer {token}"))])
         .await;
     assert_refused(response, 400, "missing topic matcher").await;
+}
+
+/// Inserts an event over SQL with a Mercure publisher's id (type `message`); returns its id.
+async fn add_with_update_id(
+    producer: &impl tokio_postgres::GenericClient,
+    topics: &[&str],
+    update_id: &str,
+) -> i64 {
+    producer
+        .query_one(
+            "insert into events (type, topics, update_id) values ('message', $1, $2) returning id",
+            &[&topics, &update_id],
+        )
+        .await
+        .expect("insert")
+        .get(0)
+}
+
+/// Replays from the table only: no recent tail to serve them from memory.
+fn table_only(config: &mut event_piper::config::Config) {
+    config.recent_bytes = 0;
+}
+
+/// The publishers' ids the service has indexed, in event order.
+async fn indexed_update_ids(producer: &tokio_postgres::Client) -> Vec<String> {
+    producer
+        .query(
+            "select update_id from event_piper_update_ids order by event_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Alternate topics and publishers' ids are looked up in tables the service keeps for them
+/// (`src/keys.rs`), not through indexes on `events`. Each way a key can come to be is found by a
+/// replay from the table: written while the service ran, written while no instance ran (the next
+/// one adds those keys before it publishes anything), and a publisher's id of an event committed
+/// but not published yet, because an id in flight before it holds the hub back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alternates_and_publishers_ids_are_found_however_they_were_written() {
+    let app = TestApp::builder().with(table_only).start().await;
+    let url = app.db_url.clone();
+    let producer = app.producer().await;
+    let room_path = format!("/events?{}", query(&[("topic", ROOM)]));
+    let mut room = app.stream(&room_path, &[]).await;
+    let live = add(&producer, &[ELSEWHERE, ROOM], false).await;
+    let live_urn = add_with_update_id(&producer, &[ELSEWHERE, ROOM], "urn:live").await;
+    assert_eq!(room.ids(2).await, vec![live, live_urn]);
+    drop(room);
+    let mut replayed = app.stream(&room_path, &[("Last-Event-ID", "0")]).await;
+    assert_eq!(ids_through(&mut replayed, live_urn).await, vec![live, live_urn]);
+    drop(replayed);
+    app.stop().await.unwrap();
+
+    // No instance runs.
+    let down = add(&producer, &[ELSEWHERE, ROOM], false).await;
+    let down_urn = add_with_update_id(&producer, &[ELSEWHERE], "urn:down").await;
+    let app = TestApp::builder()
+        .database(&url)
+        .with(table_only)
+        .start()
+        .await;
+    let mut resumed = app.stream(&room_path, &[("Last-Event-ID", "0")]).await;
+    assert_eq!(
+        ids_through(&mut resumed, down).await,
+        vec![live, live_urn, down]
+    );
+    let mut after_live = hub_stream(
+        &app,
+        &[("topic", ELSEWHERE)],
+        &[("Last-Event-ID", "urn:live")],
+    )
+    .await;
+    assert_eq!(after_live.resumed_from(), Some("urn:live"));
+    assert_eq!(
+        after_live.ids_through("urn:down").await,
+        vec![hash(down), "urn:down".to_owned()]
+    );
+
+    // An id in flight holds the hub back; the event after it, committed, has a publisher's id.
+    let mut holder = common::connect(&url).await;
+    let in_flight = holder.transaction().await.unwrap();
+    let held = add(&in_flight, &[ELSEWHERE], false).await;
+    let late = add_with_update_id(&producer, &[ELSEWHERE], "urn:late").await;
+    assert!(late > held);
+    let mut after_late = hub_stream(
+        &app,
+        &[("topic", ELSEWHERE)],
+        &[("Last-Event-ID", "urn:late")],
+    )
+    .await;
+    assert_eq!(after_late.resumed_from(), Some("urn:late"));
+    in_flight.commit().await.unwrap();
+    let marker = add(&producer, &[ELSEWHERE], false).await;
+    // Resumed after `late`: the held event, below it, is not sent again.
+    assert_eq!(after_late.next().await.id, hash(marker));
+    assert_eq!(
+        after_live.ids_through(&hash(marker)).await,
+        vec![hash(held), "urn:late".to_owned(), hash(marker)]
+    );
+    assert_eq!(
+        indexed_update_ids(&producer).await,
+        ["urn:live", "urn:down", "urn:late"]
+    );
+}
+
+/// A table of the version before: the alternates and publishers' ids had partial indexes on
+/// `events` (the schema of then, verbatim). The first start moves the keys of the events there
+/// into the service's tables, drops those indexes, and a replay finds the events by them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_with_the_topic_indexes_of_earlier_versions_is_upgraded() {
+    let url = common::fresh_database().await;
+    let producer = common::connect(&url).await;
+    producer
+        .batch_execute(include_str!("fixtures/schema-with-topic-indexes.sql"))
+        .await
+        .unwrap();
+    let plain = add(&producer, &[ROOM], false).await;
+    let alternate = add(&producer, &[ELSEWHERE, ROOM, ROOM], false).await;
+    let urn = add_with_update_id(&producer, &[ELSEWHERE], "urn:old").await;
+
+    let app = TestApp::builder()
+        .database(&url)
+        .with(table_only)
+        .start()
+        .await;
+    let left: i64 = producer
+        .query_one(
+            "select count(*) from pg_class \
+             where relname in ('events_alternate_topics_idx', 'events_update_id_idx')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the old indexes are dropped");
+    let mut resumed = app
+        .stream(
+            &format!("/events?{}", query(&[("topic", ROOM)])),
+            &[("Last-Event-ID", "0")],
+        )
+        .await;
+    assert_eq!(
+        ids_through(&mut resumed, alternate).await,
+        vec![plain, alternate]
+    );
+    let mut after_old = hub_stream(
+        &app,
+        &[("topic", ELSEWHERE)],
+        &[("Last-Event-ID", "urn:old")],
+    )
+    .await;
+    assert_eq!(after_old.resumed_from(), Some("urn:old"));
+    let marker = add(&producer, &[ELSEWHERE], false).await;
+    assert_eq!(after_old.next().await.id, hash(marker));
+    assert_eq!(indexed_update_ids(&producer).await, ["urn:old"]);
+    assert!(urn > alternate);
 }
