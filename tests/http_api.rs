@@ -282,10 +282,12 @@ async fn retention_deletes_old_events_and_tells_resuming_clients() {
     let producer = app.producer().await;
     producer
         .batch_execute(
-            "insert into events (type, timestamp, subscriber, payload) \
-             select 'old', now() - interval '2 days', 'toto', '{}' from generate_series(1, 3); \
-             insert into events (type, subscriber, payload) \
-             select 'new', 'toto', '{}' from generate_series(1, 2);",
+            "insert into events (type, timestamp, subscriber, payload, topics, update_id) \
+             select 'old', now() - interval '2 days', 'toto', '{}', array['/t', '/alt'], \
+               'urn:old' || n from generate_series(1, 3) n; \
+             insert into events (type, subscriber, payload, topics, update_id) \
+             select 'new', 'toto', '{}', array['/t', '/alt'], 'urn:new' || n \
+             from generate_series(1, 2) n;",
         )
         .await
         .unwrap();
@@ -312,6 +314,17 @@ async fn retention_deletes_old_events_and_tells_resuming_clients() {
     tokio::time::timeout(common::PATIENCE, deleted)
         .await
         .expect("retention deleted the old events");
+    // With their keys (src/keys.rs), in the same statement.
+    let keys: Vec<i64> = producer
+        .query_one(
+            "select (select count(*) from event_piper_alternates), \
+                    (select count(*) from event_piper_update_ids)",
+            &[],
+        )
+        .await
+        .map(|row| vec![row.get(0), row.get(1)])
+        .unwrap();
+    assert_eq!(keys, [2, 2]);
 
     let mut resumed = app.consume("toto", Some(1)).await;
     assert_eq!(resumed.ids(2).await, vec![4, 5]);

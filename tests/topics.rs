@@ -1472,7 +1472,10 @@ async fn alternates_and_publishers_ids_are_found_however_they_were_written() {
     assert_eq!(room.ids(2).await, vec![live, live_urn]);
     drop(room);
     let mut replayed = app.stream(&room_path, &[("Last-Event-ID", "0")]).await;
-    assert_eq!(ids_through(&mut replayed, live_urn).await, vec![live, live_urn]);
+    assert_eq!(
+        ids_through(&mut replayed, live_urn).await,
+        vec![live, live_urn]
+    );
     drop(replayed);
     app.stop().await.unwrap();
 
