@@ -1481,7 +1481,7 @@ async fn alternates_and_publishers_ids_are_found_however_they_were_written() {
 
     // No instance runs.
     let down = add(&producer, &[ELSEWHERE, ROOM], false).await;
-    let down_urn = add_with_update_id(&producer, &[ELSEWHERE], "urn:down").await;
+    add_with_update_id(&producer, &[ELSEWHERE], "urn:down").await;
     let app = TestApp::builder()
         .database(&url)
         .with(table_only)
