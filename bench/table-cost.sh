@@ -5,12 +5,14 @@
 #
 # Each variant lives in its own schema of one scratch database; the `events` ones are made by
 # postgresql/schema.sql itself. Rounds interleave the variants, and every run starts from empty
-# tables after a CHECKPOINT, so no variant inherits another's bloat or dirty pages. One client
-# (no contention): a run reports pgbench's transactions/s and the INSERT's mean execution time
-# from pg_stat_statements, which the server must load (shared_preload_libraries).
+# tables after a CHECKPOINT, so no variant inherits another's bloat or dirty pages. One client by
+# default (no contention; CLIENTS sets more): a run reports pgbench's transactions/s and the
+# INSERT's mean execution time from pg_stat_statements, which the server must load
+# (shared_preload_libraries).
 #
 # Usage: PGHOST=... PGPORT=... PGUSER=... bench/table-cost.sh [scratch database, default table_cost]
-# Environment: ROUNDS (default 6), INSERTS per run (default 40000), CPU to pin pgbench to (taskset;
+# Environment: ROUNDS (default 6), INSERTS per client and run (default 40000), CLIENTS (concurrent
+# pgbench connections, default 1: 64 shows what contention adds), CPU to pin pgbench to (taskset;
 # default none), VARIANTS (default all, below).
 set -euo pipefail
 
@@ -67,7 +69,7 @@ for round in $(seq 1 "${ROUNDS:-6}"); do
               VALUES ('order.created', 'c' || (random() * 7)::int, '{\"n\": 1}');" >"$script"
         psql_db -c "TRUNCATE $(printf '%s.events,' $variants | sed 's/,$//')" \
                 -c "CHECKPOINT" -c "SELECT pg_stat_statements_reset()" >/dev/null
-        tps=$("${pin[@]}" pgbench -n -M prepared -c 1 -t "${INSERTS:-40000}" -f "$script" "$db" \
+        tps=$("${pin[@]}" pgbench -n -M prepared -c "${CLIENTS:-1}" -t "${INSERTS:-40000}" -f "$script" "$db" \
               2>/dev/null | sed -n 's/^tps = \([0-9]*\).*/\1/p')
         exec_us=$(psql_db -c "SELECT round(mean_exec_time::numeric * 1000, 2)
                               FROM pg_stat_statements WHERE query LIKE 'INSERT INTO $variant.%'")
