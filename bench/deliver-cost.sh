@@ -1,0 +1,74 @@
+#!/bin/bash
+# What delivering costs producers on a saturated primary (issue 19), with pgbench as the producers:
+# single-row INSERTs from CLIENTS connections, pgbench and PostgreSQL on CPU 0, by turns into
+#   plain     a plain table (bigserial id, the columns and indexes of `events`),
+#   stopped   `events` with no service running,
+#   streamed  `events` with the release service on CPU 1 streaming every event to 8 consumers
+#             (curl, on CPU 1 too).
+# pgbench's own rate is steadier than the bench's `producers` scenario at 8 clients, so the three
+# can be told apart there (BENCHMARKS.md, "The hub's reads on a saturated primary").
+#
+# Usage: PGHOST=... PGPORT=... PGUSER=... bench/deliver-cost.sh [scratch database, default deliver_cost]
+# The PostgreSQL server must already be pinned to CPU 0 (taskset -pc 0 on the postmaster and its
+# children). Environment: CLIENTS (default "8 64"), ROUNDS (default 3), SECS per run (default 10),
+# SERVICE_ARGS (extra flags for the service), PORT the service listens on (default 4011).
+set -euo pipefail
+
+db=${1:-deliver_cost}
+here=$(dirname "$0")
+service=$here/../target/release/event-piper
+port=${PORT:-4011}
+[ -x "$service" ] || { echo "build it first: cargo build --release" >&2; exit 1; }
+psql -qAtX -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
+psql -qAtX -v ON_ERROR_STOP=1 -d "$db" -f "$here/../postgresql/schema.sql" >/dev/null 2>&1
+psql -qAtX -v ON_ERROR_STOP=1 -d "$db" >/dev/null <<'SQL'
+CREATE TABLE plain_events (
+    id         bigserial   PRIMARY KEY,
+    type       text        NOT NULL,
+    timestamp  timestamptz NOT NULL DEFAULT now(),
+    subscriber text,
+    payload    jsonb       NOT NULL DEFAULT '{}'
+);
+CREATE INDEX ON plain_events (subscriber, id);
+CREATE INDEX ON plain_events (id) WHERE subscriber IS NULL;
+SQL
+# libpq's environment, as a URL the service takes (a socket directory goes in as the host).
+url="postgres://${PGUSER:-postgres}@$(printf %s "${PGHOST:-localhost}" | sed 's|/|%2F|g'):${PGPORT:-5432}/$db"
+
+scripts=$(mktemp -d)
+trap 'rm -rf "$scripts"; kill $(jobs -p) 2>/dev/null || true' EXIT
+for table in plain_events events; do
+    echo "INSERT INTO $table (type, subscriber, payload)
+          VALUES ('order.created', 'c' || (random() * 7)::int, '{\"n\": 1}');" >"$scripts/$table.sql"
+done
+
+for clients in ${CLIENTS:-8 64}; do
+    for round in $(seq 1 "${ROUNDS:-3}"); do
+        for phase in plain stopped streamed; do
+            table=events
+            [ "$phase" = plain ] && table=plain_events
+            psql -qAtX -d "$db" -c "VACUUM plain_events" -c "VACUUM events" -c "CHECKPOINT" >/dev/null
+            if [ "$phase" = streamed ]; then
+                # shellcheck disable=SC2086 # SERVICE_ARGS is a list of flags
+                taskset -c 1 "$service" --database-url "$url" --listen "127.0.0.1:$port" \
+                    ${SERVICE_ARGS:-} >"$scripts/service.log" 2>&1 &
+                svc=$!
+                for _ in $(seq 1 120); do curl -sf "127.0.0.1:$port/ready" >/dev/null && break; sleep 0.5; done
+                consumers=()
+                for consumer in 0 1 2 3 4 5 6 7; do
+                    taskset -c 1 curl -sN "127.0.0.1:$port/events" -H "X-Consumer-Id: c$consumer" >/dev/null &
+                    consumers+=($!)
+                done
+                sleep 1
+            fi
+            tps=$(taskset -c 0 pgbench -n -M prepared -c "$clients" -j 1 -T "${SECS:-10}" \
+                  -f "$scripts/$table.sql" "$db" 2>/dev/null | sed -n 's/^tps = \([0-9]*\).*/\1/p')
+            if [ "$phase" = streamed ]; then
+                kill "${consumers[@]}" 2>/dev/null || true
+                kill -INT "$svc"
+                wait "$svc" || true
+            fi
+            echo "clients $clients  round $round  $phase  tps $tps"
+        done
+    done
+done
