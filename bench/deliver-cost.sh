@@ -21,17 +21,7 @@ port=${PORT:-4011}
 [ -x "$service" ] || { echo "build it first: cargo build --release" >&2; exit 1; }
 psql -qAtX -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
 psql -qAtX -v ON_ERROR_STOP=1 -d "$db" -f "$here/../postgresql/schema.sql" >/dev/null 2>&1
-psql -qAtX -v ON_ERROR_STOP=1 -d "$db" >/dev/null <<'SQL'
-CREATE TABLE plain_events (
-    id         bigserial   PRIMARY KEY,
-    type       text        NOT NULL,
-    timestamp  timestamptz NOT NULL DEFAULT now(),
-    subscriber text,
-    payload    jsonb       NOT NULL DEFAULT '{}'
-);
-CREATE INDEX ON plain_events (subscriber, id);
-CREATE INDEX ON plain_events (id) WHERE subscriber IS NULL;
-SQL
+psql -qAtX -v ON_ERROR_STOP=1 -d "$db" -f "$here/plain-table.sql" >/dev/null
 # libpq's environment, as a URL the service takes (a socket directory goes in as the host).
 url="postgres://${PGUSER:-postgres}@$(printf %s "${PGHOST:-localhost}" | sed 's|/|%2F|g'):${PGPORT:-5432}/$db"
 

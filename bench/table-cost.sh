@@ -27,20 +27,13 @@ psql_db() { psql -qAtX -v ON_ERROR_STOP=1 -d "$db" "$@"; }
 psql -qAtX -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
 psql_db -c "CREATE EXTENSION pg_stat_statements" >/dev/null
 
-# plain: the columns and indexes an application's own table would have (bench/src/scenarios/
-# producers.rs, PLAIN_SCHEMA). plain_lock: the same, plus the doorbell's per-row shared advisory
-# lock in a column default, on another key.
+# plain: the columns and indexes an application's own table would have (bench/plain-table.sql,
+# the bench's peer everywhere), as plain.events. plain_lock: the same, plus the doorbell's per-row
+# shared advisory lock in a column default, on another key.
+psql_db -c "CREATE SCHEMA plain" >/dev/null
+psql_db -c "SET search_path = plain" -f "$(dirname "$0")/plain-table.sql" \
+        -c "ALTER TABLE plain.plain_events RENAME TO events" >/dev/null
 psql_db >/dev/null <<'SQL'
-CREATE SCHEMA plain;
-CREATE TABLE plain.events (
-    id         bigserial   PRIMARY KEY,
-    type       text        NOT NULL,
-    timestamp  timestamptz NOT NULL DEFAULT now(),
-    subscriber text,
-    payload    jsonb       NOT NULL DEFAULT '{}'
-);
-CREATE INDEX ON plain.events (subscriber, id);
-CREATE INDEX ON plain.events (id) WHERE subscriber IS NULL;
 CREATE SCHEMA plain_lock;
 CREATE TABLE plain_lock.events (LIKE plain.events INCLUDING ALL);
 CREATE SEQUENCE plain_lock.events_id_seq OWNED BY plain_lock.events.id;

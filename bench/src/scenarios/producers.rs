@@ -52,19 +52,9 @@ use crate::service::{Launch, Service};
 /// The plain table, beside `events` in the same database.
 const PLAIN: &str = "plain_events";
 
-/// What an application's table would be without event-piper: the columns and indexes of
-/// postgresql/schema.sql's `events`, an ordinary `bigserial` id, no trigger.
-const PLAIN_SCHEMA: &str = "
-    CREATE TABLE plain_events (
-        id         bigserial   PRIMARY KEY,
-        type       text        NOT NULL,
-        timestamp  timestamptz NOT NULL DEFAULT now(),
-        subscriber text,
-        payload    jsonb       NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX plain_events_subscriber_id_idx ON plain_events (subscriber, id);
-    CREATE INDEX plain_events_broadcast_id_idx ON plain_events (id) WHERE subscriber IS NULL;
-";
+/// What an application's table would be without event-piper (the file says what it holds); the
+/// shell benchmarks beside the crate create the same table from it.
+const PLAIN_SCHEMA: &str = include_str!("../../plain-table.sql");
 
 /// Consumers the events are spread over, one stream each: every event is read by one stream.
 const CONSUMERS: usize = 8;
