@@ -6,17 +6,20 @@
 #   streamed  `events` with the release service on CPU 1 streaming every event to 8 consumers
 #             (curl, on CPU 1 too).
 # pgbench's own rate is steadier than the bench's `producers` scenario at 8 clients, so the three
-# can be told apart there (BENCHMARKS.md, "The hub's reads on a saturated primary").
+# can be told apart there (BENCHMARKS.md, "The hub's reads on a saturated primary"). A streamed run
+# also reports the CPU time the service's own database backends used during it, as a share of the
+# run: what its reads took from the producers' core, whatever the noise in their rate.
 #
 # Usage: PGHOST=... PGPORT=... PGUSER=... bench/deliver-cost.sh [scratch database, default deliver_cost]
 # The PostgreSQL server must already be pinned to CPU 0 (taskset -pc 0 on the postmaster and its
 # children). Environment: CLIENTS (default "8 64"), ROUNDS (default 3), SECS per run (default 10),
-# SERVICE_ARGS (extra flags for the service), PORT the service listens on (default 4011).
+# PHASES (default "plain stopped streamed"), SERVICE (the binary, default the release build),
+# SERVICE_ARGS (extra flags for it), PORT the service listens on (default 4011).
 set -euo pipefail
 
 db=${1:-deliver_cost}
 here=$(dirname "$0")
-service=$here/../target/release/event-piper
+service=${SERVICE:-$here/../target/release/event-piper}
 port=${PORT:-4011}
 [ -x "$service" ] || { echo "build it first: cargo build --release" >&2; exit 1; }
 psql -qAtX -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
@@ -27,6 +30,14 @@ url="postgres://${PGUSER:-postgres}@$(printf %s "${PGHOST:-localhost}" | sed 's|
 
 scripts=$(mktemp -d)
 trap 'rm -rf "$scripts"; kill $(jobs -p) 2>/dev/null || true' EXIT
+# CPU ticks (user + system, from /proc) of each of the service's backends: "pid ticks" lines.
+service_ticks() {
+    local pid
+    for pid in $(psql -qAtX -d "$db" -c \
+        "SELECT pid FROM pg_stat_activity WHERE datname = '$db' AND application_name = 'event-piper'"); do
+        [ -r "/proc/$pid/stat" ] && echo "$pid $(awk '{print $14 + $15}' "/proc/$pid/stat")"
+    done
+}
 for table in plain_events events; do
     echo "INSERT INTO $table (type, subscriber, payload)
           VALUES ('order.created', 'c' || (random() * 7)::int, '{\"n\": 1}');" >"$scripts/$table.sql"
@@ -34,7 +45,7 @@ done
 
 for clients in ${CLIENTS:-8 64}; do
     for round in $(seq 1 "${ROUNDS:-3}"); do
-        for phase in plain stopped streamed; do
+        for phase in ${PHASES:-plain stopped streamed}; do
             table=events
             [ "$phase" = plain ] && table=plain_events
             psql -qAtX -d "$db" -c "VACUUM plain_events" -c "VACUUM events" -c "CHECKPOINT" >/dev/null
@@ -51,14 +62,22 @@ for clients in ${CLIENTS:-8 64}; do
                 done
                 sleep 1
             fi
+            [ "$phase" = streamed ] && service_ticks >"$scripts/ticks.before"
             tps=$(taskset -c 0 pgbench -n -M prepared -c "$clients" -j 1 -T "${SECS:-10}" \
                   -f "$scripts/$table.sql" "$db" 2>/dev/null | sed -n 's/^tps = \([0-9]*\).*/\1/p')
+            share=
             if [ "$phase" = streamed ]; then
+                # A backend the service opened during the run counts from zero.
+                share=$(service_ticks | awk -v secs="${SECS:-10}" -v hz="$(getconf CLK_TCK)" '
+                    NR == FNR { before[$1] = $2; next }
+                    { used += $2 - before[$1] }
+                    END { printf "  service %.1f %% of the core", 100 * used / (secs * hz) }
+                ' "$scripts/ticks.before" -)
                 kill "${consumers[@]}" 2>/dev/null || true
                 kill -INT "$svc"
                 wait "$svc" || true
             fi
-            echo "clients $clients  round $round  $phase  tps $tps"
+            echo "clients $clients  round $round  $phase  tps $tps$share"
         done
     done
 done

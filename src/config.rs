@@ -106,8 +106,8 @@ pub struct Config {
     #[arg(long, env = "EVENT_PIPER_SKIP_SCHEMA")]
     pub skip_schema: bool,
 
-    /// Maximum number of pooled query connections (replays, batch reads). The notification
-    /// connection and the doorbell's come on top of these.
+    /// Maximum number of pooled query connections (replays, history, publishing). The hub's
+    /// reads, the notification connection and the doorbell's come on top of these.
     #[arg(long, env = "EVENT_PIPER_POOL_SIZE", default_value_t = 8)]
     pub pool_size: usize,
 

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::NoTls;
 
 use crate::backoff::Backoff;
@@ -136,29 +136,59 @@ pub fn harden(pg_config: &mut tokio_postgres::Config) {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// The hub's own connection for its tail read ([`Store::read_tail`]), which keeps one
+    /// generic plan.
+    tail: Pool,
 }
 
 impl Store {
-    /// Builds the pool. Connections are opened lazily, on first use.
+    /// Builds the pools. Connections are opened lazily, on first use.
     pub fn new(mut pg_config: tokio_postgres::Config, pool_size: usize) -> Result<Store> {
         if pg_config.get_application_name().is_none() {
             pg_config.application_name("event-piper");
         }
         harden(&mut pg_config);
-        let manager = Manager::from_config(
-            pg_config,
-            NoTls,
-            ManagerConfig {
-                // Fast: a broken connection shows up as a failed query, which every caller
-                // already handles; a test query per checkout would double the round trips.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
+        let manager = |pg_config| {
+            Manager::from_config(
+                pg_config,
+                NoTls,
+                ManagerConfig {
+                    // Fast: a broken connection shows up as a failed query, which every caller
+                    // already handles; a test query per checkout would double the round trips.
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            )
+        };
+        let pool = Pool::builder(manager(pg_config.clone()))
             .max_size(pool_size.max(1))
             .build()
             .map_err(|e| StoreError::Url(e.to_string()))?;
-        Ok(Store { pool })
+        // The tail read runs hundreds of times a second under load, always with an id near the
+        // end of the table. With parameters, PostgreSQL plans such a statement anew on every
+        // run whenever the last plans it made for those values look cheaper than the generic one,
+        // which for this statement is always: planning (with a probe of the index's end) then
+        // cost more than running it, 40 % of what the hub's reads took of a saturated database
+        // core (BENCHMARKS.md, "The hub's reads on a saturated primary"). So this connection
+        // keeps one generic plan, and that plan must be the primary key's range scan whatever
+        // the table's statistics said when it was made: on a table still empty, a sequential
+        // scan looks cheaper, and it would stay the plan while the table grows. Set by
+        // statements, not a startup option, which connection poolers refuse.
+        let tail = Pool::builder(manager(pg_config))
+            .max_size(1)
+            .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+                Box::pin(async move {
+                    client
+                        .batch_execute(
+                            "SET plan_cache_mode = force_generic_plan; \
+                             SET enable_seqscan = off; SET enable_bitmapscan = off",
+                        )
+                        .await
+                        .map_err(HookError::Backend)
+                })
+            }))
+            .build()
+            .map_err(|e| StoreError::Url(e.to_string()))?;
+        Ok(Store { pool, tail })
     }
 
     /// The pool's size, idle connections and waiting callers, for metrics.
@@ -216,7 +246,7 @@ impl Store {
     /// position after the statement's snapshot was taken, at or past the commit record of every row it sees
     /// ([`crate::replicas`]).
     pub async fn read_tail(&self, after: EventId, limit: i64) -> Result<(Vec<EventRow>, i64)> {
-        let client = self.pool.get().await?;
+        let client = self.tail.get().await?;
         // An uncorrelated subquery is an InitPlan: PostgreSQL runs it once, when the first row is
         // formed, so after the snapshot was taken. Called per row, the function would take the
         // WAL insert position's spinlock once per row, beside the producers that advance it.
