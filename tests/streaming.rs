@@ -591,3 +591,55 @@ async fn a_type_filter_applies_to_replay_and_live_alike() {
         assert!(body.contains(reason), "{body}");
     }
 }
+
+/// The hub's reads stay a range scan of the primary key when the service starts on a table that
+/// was vacuumed while empty. They keep one generic plan (src/store.rs, `Store::new`), and the one
+/// PostgreSQL would make from such a table's statistics scans the whole table and sorts it, on
+/// every read, for as long as the plan lives. Seen through the table's scan counters, which a busy
+/// backend reports about once a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hubs_reads_scan_the_primary_key_of_a_table_that_started_empty() {
+    let url = common::fresh_database().await;
+    let setup = common::connect(&url).await;
+    setup
+        .batch_execute(event_piper::store::SCHEMA)
+        .await
+        .unwrap();
+    setup.batch_execute("VACUUM events").await.unwrap();
+    let app = TestApp::builder().database(&url).start().await;
+    let producer = app.producer().await;
+    let mut stream = app.consume("c", None).await;
+
+    // Three seconds of events, read as they come: hundreds of reads.
+    for _ in 0..150 {
+        let id = insert(&producer, "c", "{}").await;
+        assert_eq!(stream.next().await.id, id);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let scans = async {
+        loop {
+            let row = setup
+                .query_one(
+                    "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables \
+                     WHERE relname = 'events'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let (sequential, index): (i64, i64) = (row.get(0), row.get(1));
+            if sequential + index >= 100 {
+                return (sequential, index);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (sequential, index) = tokio::time::timeout(PATIENCE, scans)
+        .await
+        .expect("the hub's reads never showed in the table's scan counters");
+    // Start-up statements on the empty table may scan it; the reads must not.
+    assert!(
+        sequential * 10 < index,
+        "{sequential} sequential scans of `events` against {index} index scans"
+    );
+}
