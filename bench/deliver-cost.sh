@@ -34,7 +34,7 @@ trap 'rm -rf "$scripts"; kill $(jobs -p) 2>/dev/null || true' EXIT
 service_ticks() {
     local pid
     for pid in $(psql -qAtX -d "$db" -c \
-        "SELECT pid FROM pg_stat_activity WHERE datname = '$db' AND application_name = 'event-piper'"); do
+        "SELECT pid FROM pg_stat_activity WHERE datname = '$db' AND application_name LIKE 'event-piper%'"); do
         [ -r "/proc/$pid/stat" ] && echo "$pid $(awk '{print $14 + $15}' "/proc/$pid/stat")"
     done
 }
