@@ -1,4 +1,5 @@
-//! The events table, read and written through a small connection pool (deadpool-postgres).
+//! The events table, read and written through a small connection pool (deadpool-postgres), and
+//! through one connection of the hub's own for its reads of the tail.
 //!
 //! Every query the service runs lives here, as a prepared statement with bound parameters; those
 //! on the webhook subscriptions live in [`subscriptions`].
@@ -164,15 +165,15 @@ impl Store {
             .build()
             .map_err(|e| StoreError::Url(e.to_string()))?;
         // The tail read runs hundreds of times a second under load, always with an id near the
-        // end of the table. With parameters, PostgreSQL plans such a statement anew on every
-        // run whenever the last plans it made for those values look cheaper than the generic one,
-        // which for this statement is always: planning (with a probe of the index's end) then
-        // cost more than running it, 40 % of what the hub's reads took of a saturated database
-        // core (BENCHMARKS.md, "The hub's reads on a saturated primary"). So this connection
-        // keeps one generic plan, and that plan must be the primary key's range scan whatever
-        // the table's statistics said when it was made: on a table still empty, a sequential
-        // scan looks cheaper, and it would stay the plan while the table grows. Set by
-        // statements, not a startup option, which connection poolers refuse.
+        // end of the table. PostgreSQL plans a prepared statement anew on each run for as long as
+        // the plans it made for the values given look cheaper than the generic plan, which for
+        // this statement is forever; planning (with a probe of the index's end) then took more of
+        // a saturated database core than the read itself (BENCHMARKS.md, "The hub's reads on a
+        // saturated primary"). So this connection keeps one generic plan, and forbids the scans
+        // that would make that plan anything but the primary key's range scan: on a table
+        // vacuumed while empty a sequential scan and a sort look cheaper, and would stay the plan
+        // while the table grows. Set by statements: as a startup option (`options=-c ...`),
+        // PgBouncer refuses parameters it does not track (pgbouncer/pgbouncer#878).
         let tail = Pool::builder(manager(pg_config))
             .max_size(1)
             .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
