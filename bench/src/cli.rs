@@ -100,6 +100,13 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e")]
     pub producer_shapes: Vec<ProducerShape>,
 
+    /// Rounds of the producers scenario's four phases (plain, stopped, streamed, plain) for each
+    /// producer count of shapes a and b. With more than one, each round is shown and the target
+    /// is checked on the medians: on a shared machine one round's phases can differ by more
+    /// than the cost measured.
+    #[arg(long, default_value_t = 1)]
+    pub producer_rounds: usize,
+
     /// Publishing connections of the publish scenario's as-fast-as-they-go phase.
     #[arg(long, value_delimiter = ',', default_value = "16,64")]
     pub publish_connections: Vec<usize>,

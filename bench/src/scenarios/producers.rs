@@ -14,6 +14,9 @@
 //!   the service stopped: what the table itself costs, apart from what delivering adds. Every
 //!   phase starts after a VACUUM of both tables and a CHECKPOINT.
 //!   `--pin-cores` puts PostgreSQL and the producers on one CPU and the service on the other.
+//!   With the bench's own PostgreSQL, the streamed phase also reports the CPU of the service's
+//!   database connections: what its statements take from that CPU, steady where commit rates
+//!   are not.
 //!   Latency is timed from the INSERT being sent, so it includes the producer's own commit.
 //! - 7c: a multi-row `INSERT ... SELECT generate_series` and a `COPY` into `events` beside
 //!   single-row producers: nothing lost or repeated.
@@ -27,6 +30,7 @@
 //!
 //! `--producer-shapes` picks which of them run.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -43,6 +47,7 @@ use crate::database;
 use crate::delivery::DeliverySummary;
 use crate::latency::{Summary, ms, new_histogram};
 use crate::ledger::Ledger;
+use crate::procfs;
 use crate::producer::{self, Bulk, Produced, Stamp, Targets};
 use crate::progress::Progress;
 use crate::receiver::{Received, Receiver};
@@ -127,15 +132,33 @@ async fn measure(
              synchronous_commit = {setting}; a plain table vs events with the service streaming \
              every event to {CONSUMERS} consumers"
         ));
+        let rounds = bench.args.producer_rounds.max(1);
         for &producers in &bench.args.producer_connections {
-            let before = plain(bench, service, url, producers, synchronous_commit).await?;
-            service.terminate().await?;
-            let alone = flood(bench, None, url, producers, synchronous_commit, "events").await;
-            *service = Service::start(launch, url, "producers").await?;
-            let alone = alone?;
-            let events = events(bench, service, url, producers, synchronous_commit).await?;
-            let after = plain(bench, service, url, producers, synchronous_commit).await?;
-            flood_rows(&mut table, producers, [&before, &after], &alone, &events);
+            let mut ratios = Vec::new();
+            for round in 1..=rounds {
+                let label = match rounds {
+                    1 => producers_label(producers),
+                    _ => format!("{}, round {round}", producers_label(producers)),
+                };
+                let before = plain(bench, service, url, producers, synchronous_commit).await?;
+                service.terminate().await?;
+                let alone = flood(bench, None, url, producers, synchronous_commit, "events").await;
+                *service = Service::start(launch, url, "producers").await?;
+                let alone = alone?;
+                let (events, backends) =
+                    events(bench, service, url, producers, synchronous_commit).await?;
+                let after = plain(bench, service, url, producers, synchronous_commit).await?;
+                let phases = Phases {
+                    plain: [&before, &after],
+                    alone: &alone,
+                    events: &events,
+                    backends,
+                };
+                ratios.push(flood_rows(&mut table, &label, &phases, rounds == 1));
+            }
+            if rounds > 1 {
+                median_rows(&mut table, &producers_label(producers), &ratios);
+            }
         }
         table.note(
             "Plain: `plain_events` (bigserial id, the columns and indexes of `events`, no \
@@ -159,6 +182,60 @@ async fn measure(
 struct PlainRun {
     produced: Produced,
     cpu: String,
+}
+
+/// The CPU time of the service's own PostgreSQL backends (its connections name themselves
+/// `event-piper...`), read from /proc. With PostgreSQL pinned to one core beside the producers,
+/// that is what the service's statements take from them, steady where their commit rate is not.
+struct ServiceBackends {
+    started: Instant,
+    before: HashMap<u32, Duration>,
+}
+
+impl ServiceBackends {
+    /// None when PostgreSQL is not the bench's own (its backends are not ours to read) or the
+    /// question fails: the row is then left out.
+    async fn start(bench: &Bench, url: &str) -> Option<ServiceBackends> {
+        bench.db.postmaster_pid()?;
+        let before = Self::pids(url)
+            .await
+            .ok()?
+            .into_iter()
+            .map(|pid| (pid, procfs::cpu(pid)))
+            .collect();
+        Some(ServiceBackends {
+            started: Instant::now(),
+            before,
+        })
+    }
+
+    /// Cores used since `start`; a backend the service opened meanwhile counts from zero.
+    async fn cores(&self, url: &str) -> Option<f64> {
+        let pids = Self::pids(url).await.ok()?;
+        let used: Duration = pids
+            .into_iter()
+            .map(|pid| {
+                let before = self.before.get(&pid).copied().unwrap_or_default();
+                procfs::cpu(pid).saturating_sub(before)
+            })
+            .sum();
+        Some(used.as_secs_f64() / self.started.elapsed().as_secs_f64().max(1e-9))
+    }
+
+    async fn pids(url: &str) -> Result<Vec<u32>> {
+        let client = database::connect(url).await?;
+        let rows = client
+            .query(
+                "SELECT pid FROM pg_stat_activity \
+                 WHERE datname = current_database() AND application_name LIKE 'event-piper%'",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| row.get::<_, i32>(0).unsigned_abs())
+            .collect())
+    }
 }
 
 /// Before a phase: vacuums both tables and checkpoints, so that the autovacuum and checkpoint a
@@ -240,99 +317,184 @@ async fn flood(
     Ok(PlainRun { produced, cpu })
 }
 
-/// The same producers against `events`, every event streamed and checked.
+/// The same producers against `events`, every event streamed and checked; and the cores the
+/// service's database connections used meanwhile ([`ServiceBackends`]).
 async fn events(
     bench: &Bench,
     service: &Service,
     url: &str,
     producers: usize,
     synchronous_commit: bool,
-) -> Result<Outcome> {
+) -> Result<(Outcome, Option<f64>)> {
     settle(url).await;
+    let backends = ServiceBackends::start(bench, url).await;
     let label = format!("events {producers} sync {}", on_off(synchronous_commit));
     let mut plan = Plan::one_connection_each(label, "prod", CONSUMERS, 0.0);
     plan.stamp = Stamp::Sent;
     let (url_owned, duration) = (url.to_owned(), bench.args.duration);
-    live::run_with(bench, service, url, plan, move |targets| async move {
+    let outcome = live::run_with(bench, service, url, plan, move |targets| async move {
         let sinks =
             producer::walkthrough_sinks(&url_owned, producers, "events", synchronous_commit)
                 .await?;
         producer::flood_with(sinks, duration, targets).await
     })
-    .await
+    .await?;
+    let cores = match backends {
+        Some(backends) => backends.cores(url).await,
+        None => None,
+    };
+    Ok((outcome, cores))
+}
+
+/// "1 producer", "8 producers".
+fn producers_label(producers: usize) -> String {
+    format!(
+        "{producers} producer{}",
+        if producers == 1 { "" } else { "s" }
+    )
 }
 
 /// The rows every producers shape shares: commits/s of plain, `what`, plain again; the ratio to
-/// the faster plain phase (checked against 0.90); the commit round trips. Returns the label of
-/// the rows and that plain phase.
+/// the faster plain phase (checked against 0.90 when `checked`, else only shown); the commit
+/// round trips. Returns the ratio and that plain phase.
 fn against_plain<'a>(
     table: &mut Table,
-    producers: usize,
+    label: &str,
     plain: [&'a PlainRun; 2],
     produced: &Produced,
     what: &str,
-) -> (String, &'a PlainRun) {
-    let label = format!(
-        "{producers} producer{}",
-        if producers == 1 { "" } else { "s" }
-    );
+    checked: bool,
+) -> (f64, &'a PlainRun) {
     let higher = if plain[0].produced.rate() >= plain[1].produced.rate() {
         plain[0]
     } else {
         plain[1]
     };
     let ratio = produced.rate() / higher.produced.rate().max(1e-9);
-    table
-        .info(
-            format!("{label}: commits/s, plain before · {what} · plain after"),
-            format!(
-                "{} · {} · {}",
-                count(plain[0].produced.rate()),
-                count(produced.rate()),
-                count(plain[1].produced.rate())
-            ),
-        )
-        .check(
-            format!("{label}: events / plain"),
-            format!("{ratio:.2}"),
-            ">= 0.90",
-            ratio >= 0.90,
-        )
-        .info(
-            format!("{label}: commit round trip p50 / p99, plain · events"),
-            format!(
-                "{} / {} · {} / {}",
-                ms(higher.produced.commit.p50),
-                ms(higher.produced.commit.p99),
-                ms(produced.commit.p50),
-                ms(produced.commit.p99)
-            ),
-        );
-    (label, higher)
+    table.info(
+        format!("{label}: commits/s, plain before · {what} · plain after"),
+        format!(
+            "{} · {} · {}",
+            count(plain[0].produced.rate()),
+            count(produced.rate()),
+            count(plain[1].produced.rate())
+        ),
+    );
+    let metric = format!("{label}: events / plain");
+    if checked {
+        table.check(metric, format!("{ratio:.2}"), ">= 0.90", ratio >= 0.90);
+    } else {
+        table.info(metric, format!("{ratio:.2}"));
+    }
+    table.info(
+        format!("{label}: commit round trip p50 / p99, plain · events"),
+        format!(
+            "{} / {} · {} / {}",
+            ms(higher.produced.commit.p50),
+            ms(higher.produced.commit.p99),
+            ms(produced.commit.p50),
+            ms(produced.commit.p99)
+        ),
+    );
+    (ratio, higher)
 }
 
-fn flood_rows(
-    table: &mut Table,
-    producers: usize,
-    plain: [&PlainRun; 2],
-    alone: &PlainRun,
-    events: &Outcome,
-) {
-    let (label, higher) = against_plain(table, producers, plain, &events.produced, "events");
-    let rate = |produced: &Produced| produced.rate();
+/// One round of shapes a and b: plain, `events` with the service stopped, streamed, plain.
+struct Phases<'a> {
+    plain: [&'a PlainRun; 2],
+    alone: &'a PlainRun,
+    events: &'a Outcome,
+    /// Cores the service's database connections used while streaming ([`ServiceBackends`]).
+    backends: Option<f64>,
+}
+
+/// What one round came to: streamed / plain, stopped / plain, streamed / stopped, and the
+/// service's database connections' cores.
+struct Ratios {
+    streamed: f64,
+    stopped: f64,
+    streamed_stopped: f64,
+    backends: Option<f64>,
+}
+
+fn flood_rows(table: &mut Table, label: &str, phases: &Phases, checked: bool) -> Ratios {
+    let events = phases.events;
+    let (streamed, higher) = against_plain(
+        table,
+        label,
+        phases.plain,
+        &events.produced,
+        "events",
+        checked,
+    );
+    let rate = |produced: &Produced| produced.rate().max(1e-9);
+    let alone = &phases.alone.produced;
+    let ratios = Ratios {
+        streamed,
+        stopped: alone.rate() / rate(&higher.produced),
+        streamed_stopped: events.produced.rate() / rate(alone),
+        backends: phases.backends,
+    };
     table.info(
         format!(
             "{label}: events with the service stopped: commits/s · / plain · streamed / stopped"
         ),
         format!(
             "{} · {:.2} · {:.2}",
-            count(rate(&alone.produced)),
-            rate(&alone.produced) / rate(&higher.produced).max(1e-9),
-            rate(&events.produced) / rate(&alone.produced).max(1e-9)
+            count(alone.rate()),
+            ratios.stopped,
+            ratios.streamed_stopped
         ),
     );
-    live::describe_sent(table, &label, events, "INSERT", None);
+    live::describe_sent(table, label, events, "INSERT", None);
     table.info(format!("{label}: CPU, plain"), higher.cpu.clone());
+    if let Some(cores) = ratios.backends {
+        table.info(
+            format!("{label}: the service's database connections, streamed"),
+            format!("{cores:.3} cores"),
+        );
+    }
+    ratios
+}
+
+/// The median of each ratio over the rounds of one producer count, checked against 0.90; on a
+/// shared machine one round's phases can differ by more than the effect measured.
+fn median_rows(table: &mut Table, label: &str, rounds: &[Ratios]) {
+    let median = |value: fn(&Ratios) -> Option<f64>| {
+        let mut values: Vec<f64> = rounds.iter().filter_map(value).collect();
+        values.sort_by(f64::total_cmp);
+        match values.len() {
+            0 => None,
+            n if n % 2 == 1 => Some(values[n / 2]),
+            n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+        }
+    };
+    let n = rounds.len();
+    let streamed = median(|r| Some(r.streamed)).unwrap_or_default();
+    let each: Vec<String> = rounds
+        .iter()
+        .map(|r| format!("{:.2}", r.streamed))
+        .collect();
+    table.check(
+        format!("{label}: events / plain, median of {n} rounds"),
+        format!("{streamed:.2} ({})", each.join(" · ")),
+        ">= 0.90",
+        streamed >= 0.90,
+    );
+    table.info(
+        format!("{label}: medians of {n} rounds: stopped / plain · streamed / stopped"),
+        format!(
+            "{:.2} · {:.2}",
+            median(|r| Some(r.stopped)).unwrap_or_default(),
+            median(|r| Some(r.streamed_stopped)).unwrap_or_default()
+        ),
+    );
+    if let Some(cores) = median(|r| r.backends) {
+        table.info(
+            format!("{label}: the service's database connections, streamed, median"),
+            format!("{cores:.3} cores"),
+        );
+    }
 }
 
 /// Multi-row statements and COPY beside single-row producers, synchronous_commit on.
@@ -694,7 +856,8 @@ async fn subscription_updates(client: &tokio_postgres::Client) -> Result<i64> {
 
 fn hook_rows(table: &mut Table, producers: usize, plain: [&PlainRun; 2], hooked: &Hooked) {
     let produced = &hooked.produced;
-    let (label, higher) = against_plain(table, producers, plain, produced, "events with webhooks");
+    let label = producers_label(producers);
+    let (_, higher) = against_plain(table, &label, plain, produced, "events with webhooks", true);
     let delivery = hooked.delivery();
     let (bad_signatures, malformed) = hooked.received.iter().fold((0, 0), |(b, m), got| {
         (b + got.bad_signatures, m + got.malformed)
