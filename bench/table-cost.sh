@@ -13,46 +13,21 @@
 # Usage: PGHOST=... PGPORT=... PGUSER=... bench/table-cost.sh [scratch database, default table_cost]
 # Environment: ROUNDS (default 6), INSERTS per client and run (default 40000), CLIENTS (concurrent
 # pgbench connections, default 1: 64 shows what contention adds), CPU to pin pgbench to (taskset;
-# default none), VARIANTS (default all, below).
+# default none), VARIANTS (default all of bench/table-variants.sh, which says what each is).
 set -euo pipefail
 
 db=${1:-table_cost}
-schema_sql=$(dirname "$0")/../postgresql/schema.sql
-before_sql=$(dirname "$0")/../tests/fixtures/schema-with-topic-indexes.sql
-variants=${VARIANTS:-plain plain_lock events events_before events_no_bell events_no_topic_indexes}
+variants=${VARIANTS:-plain plain_lock events events_before events_no_bell events_no_topic_indexes events_bare}
 pin=()
 [ -n "${CPU:-}" ] && pin=(taskset -c "$CPU")
 psql_db() { psql -qAtX -v ON_ERROR_STOP=1 -d "$db" "$@"; }
+# shellcheck source=bench/table-variants.sh
+. "$(dirname "$0")/table-variants.sh"
 
 psql -qAtX -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
 psql_db -c "CREATE EXTENSION pg_stat_statements" >/dev/null
 
-# plain: the columns and indexes an application's own table would have (bench/plain-table.sql,
-# the bench's peer everywhere), as plain.events. plain_lock: the same, plus the doorbell's per-row
-# shared advisory lock in a column default, on another key.
-psql_db -c "CREATE SCHEMA plain" >/dev/null
-psql_db -c "SET search_path = plain" -f "$(dirname "$0")/plain-table.sql" \
-        -c "ALTER TABLE plain.plain_events RENAME TO events" >/dev/null
-psql_db >/dev/null <<'SQL'
-CREATE SCHEMA plain_lock;
-CREATE TABLE plain_lock.events (LIKE plain.events INCLUDING ALL);
-CREATE SEQUENCE plain_lock.events_id_seq OWNED BY plain_lock.events.id;
-ALTER TABLE plain_lock.events ALTER COLUMN id SET DEFAULT nextval('plain_lock.events_id_seq');
-ALTER TABLE plain_lock.events ADD COLUMN bell boolean DEFAULT
-    (CASE WHEN pg_try_advisory_xact_lock_shared(42) THEN NULL::boolean ELSE NULL::boolean END);
-SQL
-
-# events: event-piper's schema as it is. events_before: the schema before alternates and publishers'
-# ids moved out of `events` (three topic indexes; the test fixture, verbatim). events_no_bell:
-# without the doorbell's column default. events_no_topic_indexes: without the topic index.
-for schema in events events_no_bell events_no_topic_indexes; do
-    psql_db -c "CREATE SCHEMA $schema" >/dev/null
-    psql_db -c "SET search_path = $schema" -f "$schema_sql" >/dev/null
-done
-psql_db -c "CREATE SCHEMA events_before" >/dev/null
-psql_db -c "SET search_path = events_before" -f "$before_sql" >/dev/null
-psql_db -c "ALTER TABLE events_no_bell.events ALTER COLUMN event_piper_bell DROP DEFAULT" \
-        -c "DROP INDEX events_no_topic_indexes.events_topic_id_idx" >/dev/null
+create_variants
 
 script=$(mktemp)
 trap 'rm -f "$script"' EXIT
