@@ -58,6 +58,18 @@ pub async fn run(scenario: Scenario, bench: &mut Bench) -> Result<Vec<Table>> {
     }
 }
 
+/// The median of `values` (NaN when there are none): what repeated runs on a shared machine are
+/// summed up by.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
 /// Consumer names `prefix-0`, `prefix-1`, ...
 fn names(prefix: &str, count: usize) -> Arc<[Arc<str>]> {
     (0..count)

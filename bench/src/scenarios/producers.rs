@@ -40,7 +40,7 @@ use serde_json::json;
 
 use super::live::{self, Outcome, Plan};
 use super::webhooks;
-use super::{Bench, CpuMeter, names};
+use super::{Bench, CpuMeter, median, names};
 use crate::cli::ProducerShape;
 use crate::consumer;
 use crate::database;
@@ -460,17 +460,9 @@ fn flood_rows(table: &mut Table, label: &str, phases: &Phases, checked: bool) ->
 /// The median of each ratio over the rounds of one producer count, checked against 0.90; on a
 /// shared machine one round's phases can differ by more than the effect measured.
 fn median_rows(table: &mut Table, label: &str, rounds: &[Ratios]) {
-    let median = |value: fn(&Ratios) -> Option<f64>| {
-        let mut values: Vec<f64> = rounds.iter().filter_map(value).collect();
-        values.sort_by(f64::total_cmp);
-        match values.len() {
-            0 => None,
-            n if n % 2 == 1 => Some(values[n / 2]),
-            n => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
-        }
-    };
+    let of = |value: fn(&Ratios) -> f64| median(&rounds.iter().map(value).collect::<Vec<_>>());
     let n = rounds.len();
-    let streamed = median(|r| Some(r.streamed)).unwrap_or_default();
+    let streamed = of(|r| r.streamed);
     let each: Vec<String> = rounds
         .iter()
         .map(|r| format!("{:.2}", r.streamed))
@@ -485,14 +477,15 @@ fn median_rows(table: &mut Table, label: &str, rounds: &[Ratios]) {
         format!("{label}: medians of {n} rounds: stopped / plain · streamed / stopped"),
         format!(
             "{:.2} · {:.2}",
-            median(|r| Some(r.stopped)).unwrap_or_default(),
-            median(|r| Some(r.streamed_stopped)).unwrap_or_default()
+            of(|r| r.stopped),
+            of(|r| r.streamed_stopped)
         ),
     );
-    if let Some(cores) = median(|r| r.backends) {
+    let backends: Vec<f64> = rounds.iter().filter_map(|r| r.backends).collect();
+    if !backends.is_empty() {
         table.info(
             format!("{label}: the service's database connections, streamed, median"),
-            format!("{cores:.3} cores"),
+            format!("{:.3} cores", median(&backends)),
         );
     }
 }

@@ -32,7 +32,7 @@ use anyhow::{Context, Result, bail};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use super::{Bench, names};
+use super::{Bench, median, names};
 use crate::consumer;
 use crate::database;
 use crate::nchan::{self, Found, Nginx};
@@ -320,16 +320,6 @@ fn describe(table: &mut Table, system: System, storms: &[&Storm]) -> Option<f64>
 
 fn ms(duration: Duration) -> f64 {
     duration.as_secs_f64() * 1000.0
-}
-
-fn median(values: &[f64]) -> f64 {
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => sorted[n / 2],
-        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
-    }
 }
 
 /// The check summed over streams.
