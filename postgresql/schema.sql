@@ -122,11 +122,11 @@ INSERT INTO event_piper_retention DEFAULT VALUES ON CONFLICT DO NOTHING;
 -- subscriber; the first is canonical, the others alternates. `private` events reach a topic's
 -- streams only with a token that grants one of their topics. `update_id` and `retry` are what a
 -- Mercure publisher asked for as the SSE id and retry. All four are NULL for an event addressed
--- as before, and no index holds it but the two it always had. It still pays for the one topic
--- index on `events`: PostgreSQL opens every index and evaluates each partial index's predicate
--- for every row it inserts, about 1 µs each (BENCHMARKS.md, "What topics cost a producer that
--- does not use them"). So `events` has only the index most topic events need, by canonical topic;
--- alternates and publishers' ids are indexed by the service, in tables of its own (below).
+-- as before, and no index holds it but the two it always had. Topics and publishers' ids are
+-- indexed by the service, in tables of its own (below), not on `events`: PostgreSQL opens every
+-- index of a table and evaluates each partial index's predicate for every row it inserts, about
+-- 1 µs each (BENCHMARKS.md, "What topics cost a producer that does not use them"), and the
+-- producers that do not use topics are most of them.
 DO $topics$
 BEGIN
     -- Each statement here locks `events`, so it runs only when the catalog says it is needed.
@@ -145,28 +145,26 @@ BEGIN
     IF to_regclass('events_broadcast_id_idx') IS NOT NULL THEN
         DROP INDEX events_broadcast_id_idx;
     END IF;
-    -- A topic's replay reads its events by canonical topic in id order, one keyset read per
-    -- topic. An event with one topic costs one entry.
-    IF to_regclass('events_topic_id_idx') IS NULL THEN
-        CREATE INDEX events_topic_id_idx ON events ((topics[1]), id) WHERE topics IS NOT NULL;
-    END IF;
 END
 $topics$;
 
--- The keys a replay looks up that `events` does not index: each alternate topic of an event
--- with several (`event_piper_alternates`), and a Mercure publisher's id (`event_piper_update_ids`).
--- The service writes them, not the producer: the hub writes the keys of the events it reads
--- before it publishes them, so every event up to a published id has its keys here, and a replay,
--- which never reads past what its instance published, finds all of them. Producers that write
--- alternates or ids with SQL need do nothing else. `event_piper_keyed.upto` is how far every
--- event's keys are in (the hubs move it on now and then); an instance starting after producers
--- wrote while none ran adds the keys of the events after it first, with one bounded scan.
+-- The keys a replay looks up that `events` does not index: each topic of an event
+-- (`event_piper_topics`), and a Mercure publisher's id (`event_piper_update_ids`). The service
+-- writes them, not the producer: the hub writes the keys of the events it reads before it
+-- publishes them, so every event up to a published id has its keys here, and a replay, which
+-- never reads past what its instance published, finds all of them. Producers that write topics or
+-- ids with SQL need do nothing else, and `events` keeps the indexes an application's own table
+-- would have: an index on `events`, even a partial one that a row does not enter, costs every
+-- insert the opening of the index and the test of its predicate. `event_piper_keyed.upto` is how
+-- far every event's keys are in (the hubs move it on now and then); an instance starting after
+-- producers wrote while none ran adds the keys of the events after it first, with one bounded
+-- scan.
 DO $keys$
 BEGIN
     IF to_regclass('event_piper_keyed') IS NOT NULL THEN
         RETURN;
     END IF;
-    CREATE TABLE event_piper_alternates (
+    CREATE TABLE event_piper_topics (
         topic    text   NOT NULL,
         event_id bigint NOT NULL,
         PRIMARY KEY (topic, event_id)
@@ -177,7 +175,7 @@ BEGIN
         PRIMARY KEY (update_id, event_id)
     );
     -- Retention deletes keys by event, as it deletes events.
-    CREATE INDEX event_piper_alternates_event_id_idx ON event_piper_alternates (event_id);
+    CREATE INDEX event_piper_topics_event_id_idx ON event_piper_topics (event_id);
     CREATE INDEX event_piper_update_ids_event_id_idx ON event_piper_update_ids (event_id);
     CREATE TABLE event_piper_keyed (
         only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -186,18 +184,41 @@ BEGIN
     -- The keys of the events already there, once. SHARE mode waits for the producers in flight
     -- and holds new ones back until this transaction ends, so every id up to the maximum is
     -- final, and the keys of all of them are in when the mark is set there. On a table of an
-    -- earlier version the two partial indexes that held these keys are dropped.
+    -- earlier version the partial indexes that held these keys are dropped.
     LOCK TABLE events IN SHARE MODE;
-    INSERT INTO event_piper_alternates (topic, event_id)
-        SELECT alternate, id FROM events, unnest(topics[2:]) AS alternate
-        WHERE cardinality(topics) > 1
+    INSERT INTO event_piper_topics (topic, event_id)
+        SELECT topic, id FROM events, unnest(topics) AS topic WHERE topics IS NOT NULL
         ON CONFLICT DO NOTHING;
     INSERT INTO event_piper_update_ids (update_id, event_id)
         SELECT update_id, id FROM events WHERE update_id IS NOT NULL;
     INSERT INTO event_piper_keyed (upto) SELECT coalesce(max(id), 0) FROM events;
-    DROP INDEX IF EXISTS events_alternate_topics_idx, events_update_id_idx;
+    DROP INDEX IF EXISTS events_topic_id_idx, events_alternate_topics_idx, events_update_id_idx;
 END
 $keys$;
+
+-- A table of the version before, where `events` indexed each event's first topic and the service
+-- only the others, in `event_piper_alternates`: every topic of every event goes into
+-- `event_piper_topics` once, with the same SHARE lock, and the two go away.
+DO $canonical$
+BEGIN
+    IF to_regclass('event_piper_alternates') IS NULL THEN
+        RETURN;
+    END IF;
+    CREATE TABLE event_piper_topics (
+        topic    text   NOT NULL,
+        event_id bigint NOT NULL,
+        PRIMARY KEY (topic, event_id)
+    );
+    CREATE INDEX event_piper_topics_event_id_idx ON event_piper_topics (event_id);
+    LOCK TABLE events IN SHARE MODE;
+    INSERT INTO event_piper_topics (topic, event_id)
+        SELECT topic, id FROM events, unnest(topics) AS topic WHERE topics IS NOT NULL
+        ON CONFLICT DO NOTHING;
+    UPDATE event_piper_keyed SET upto = greatest(upto, (SELECT coalesce(max(id), 0) FROM events));
+    DROP TABLE event_piper_alternates;
+    DROP INDEX IF EXISTS events_topic_id_idx;
+END
+$canonical$;
 CREATE INDEX IF NOT EXISTS events_subscriber_id_idx ON events (subscriber, id);
 
 -- Webhook subscriptions (README, "Webhooks"): the server remembers each one's position, so a

@@ -1,12 +1,12 @@
-//! The keys the service indexes for producers: alternate topics and Mercure publishers' ids.
+//! The keys the service indexes for producers: topics and Mercure publishers' ids.
 //!
-//! A replay of a topic finds the events whose canonical topic it is through an index on `events`,
-//! and the events that carry it as an alternate, or a Mercure resume finds a publisher's id, in
-//! two tables of the service's own (`postgresql/schema.sql`). Indexing those keys on `events`
-//! would cost every producer's insert two more partial indexes, also for the events that have
-//! neither, which are nearly all of them. So the hub writes them instead, for every batch it
-//! reads, before it publishes the batch: every event up to a published id has its keys in, and a
-//! lookup bounded by a published id (every replay is) finds all of them.
+//! A replay of a topic finds the events that carry it, and a Mercure resume finds a publisher's
+//! id, in two tables of the service's own (`postgresql/schema.sql`). Indexing those keys on
+//! `events` would cost every producer's insert more partial indexes, also for the events that
+//! have neither, which are nearly all of them (BENCHMARKS.md, "The table's own cost"). So the hub
+//! writes them instead, for every batch it reads, before it publishes the batch: every event up
+//! to a published id has its keys in, and a lookup bounded by a published id (every replay is)
+//! finds all of them.
 //!
 //! Producers can write while no instance runs. `event_piper_keyed` records how far every event's
 //! keys are in; a hub that starts adds the keys of the events after that before it publishes
@@ -22,8 +22,8 @@ const SCAN_IDS: i64 = 100_000;
 /// The keys of some events, as the columns of the two tables they go to.
 #[derive(Debug, Default, PartialEq)]
 pub struct Keys {
-    pub alternate_topics: Vec<String>,
-    pub alternate_events: Vec<i64>,
+    pub topics: Vec<String>,
+    pub topic_events: Vec<i64>,
     pub update_ids: Vec<String>,
     pub update_id_events: Vec<i64>,
 }
@@ -38,11 +38,11 @@ impl Keys {
         keys
     }
 
-    /// Adds one event's keys: its topics after the first, and its publisher's id.
+    /// Adds one event's keys: its topics, and its publisher's id.
     pub fn add(&mut self, id: EventId, topics: Option<&[String]>, update_id: Option<&str>) {
-        for topic in topics.unwrap_or_default().iter().skip(1) {
-            self.alternate_topics.push(topic.clone());
-            self.alternate_events.push(id.0);
+        for topic in topics.unwrap_or_default() {
+            self.topics.push(topic.clone());
+            self.topic_events.push(id.0);
         }
         if let Some(update_id) = update_id {
             self.update_ids.push(update_id.to_owned());
@@ -51,7 +51,7 @@ impl Keys {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.alternate_events.is_empty() && self.update_id_events.is_empty()
+        self.topic_events.is_empty() && self.update_id_events.is_empty()
     }
 }
 
@@ -85,7 +85,7 @@ mod tests {
     }
 
     #[test]
-    fn only_alternates_and_publishers_ids_are_keys() {
+    fn every_topic_and_publishers_id_is_a_key() {
         let rows = [
             row(1, None, None),
             row(2, Some(&["/a"]), None),
@@ -93,10 +93,10 @@ mod tests {
             row(4, None, Some("urn:y")),
         ];
         let keys = Keys::of(&rows);
-        assert_eq!(keys.alternate_topics, ["/b", "/c"]);
-        assert_eq!(keys.alternate_events, [3, 3]);
+        assert_eq!(keys.topics, ["/a", "/a", "/b", "/c"]);
+        assert_eq!(keys.topic_events, [2, 3, 3, 3]);
         assert_eq!(keys.update_ids, ["urn:x", "urn:y"]);
         assert_eq!(keys.update_id_events, [3, 4]);
-        assert!(Keys::of(&rows[..2]).is_empty());
+        assert!(Keys::of(&rows[..1]).is_empty());
     }
 }

@@ -282,14 +282,14 @@ impl Store {
         Ok(row.try_get(0)?)
     }
 
-    /// Writes alternate topics and publishers' ids ([`crate::keys`]), in one statement. A key
-    /// already there (another instance wrote it, or a topic repeated) is left as it is.
+    /// Writes topics and publishers' ids ([`crate::keys`]), in one statement. A key already there
+    /// (another instance wrote it, or a topic repeated) is left as it is.
     pub async fn write_keys(&self, keys: &Keys) -> Result<()> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "WITH alternates AS ( \
-                   INSERT INTO event_piper_alternates (topic, event_id) \
+                "WITH topics AS ( \
+                   INSERT INTO event_piper_topics (topic, event_id) \
                    SELECT * FROM unnest($1::text[], $2::int8[]) ON CONFLICT DO NOTHING) \
                  INSERT INTO event_piper_update_ids (update_id, event_id) \
                  SELECT * FROM unnest($3::text[], $4::int8[]) ON CONFLICT DO NOTHING",
@@ -299,8 +299,8 @@ impl Store {
             .execute(
                 &statement,
                 &[
-                    &keys.alternate_topics,
-                    &keys.alternate_events,
+                    &keys.topics,
+                    &keys.topic_events,
                     &keys.update_ids,
                     &keys.update_id_events,
                 ],
@@ -315,7 +315,7 @@ impl Store {
         let statement = client
             .prepare_cached(
                 "SELECT id, topics, update_id FROM events \
-                 WHERE id > $1 AND id <= $2 AND (cardinality(topics) > 1 OR update_id IS NOT NULL)",
+                 WHERE id > $1 AND id <= $2 AND (topics IS NOT NULL OR update_id IS NOT NULL)",
             )
             .await?;
         let mut keys = Keys::default();
@@ -381,9 +381,8 @@ impl Store {
     /// same filter, as for live frames). Each part of the selection is one keyset read of an
     /// index, and the page merges them, so a page costs its own size however long the history:
     /// - the consumer's events (`subscriber`, id) and the broadcasts (their partial index);
-    /// - each exact topic's events by canonical topic (`topics[1]`, id), one read per topic;
-    /// - events whose alternate topics include one of them, by topic from the keys the hub
-    ///   wrote ([`crate::keys`]): complete up to any published id, so up to `upto`;
+    /// - each exact topic's events, by topic from the keys the hub wrote ([`crate::keys`]),
+    ///   one read per topic: complete up to any published id, so up to `upto`;
     /// - for `*` and URL patterns, which no index serves, every event with topics in a range of
     ///   at most `limit * SCAN_IDS_PER_ROW` ids, matched here.
     ///
@@ -425,18 +424,12 @@ impl Store {
             params.push(&topics);
             let at = params.len();
             parts.push(format!(
-                "(SELECT canonical.* FROM unnest(${at}::text[]) AS selected(topic) \
-                 CROSS JOIN LATERAL (SELECT {COLUMNS} FROM events \
-                   WHERE topics IS NOT NULL AND topics[1] = selected.topic AND {filters} \
-                   ORDER BY id LIMIT $3) canonical)"
-            ));
-            parts.push(format!(
-                "(SELECT alternate.* FROM unnest(${at}::text[]) AS selected(topic) \
-                 CROSS JOIN LATERAL (SELECT {COLUMNS} FROM event_piper_alternates \
-                   JOIN events ON events.id = event_piper_alternates.event_id \
-                   WHERE event_piper_alternates.topic = selected.topic \
+                "(SELECT keyed.* FROM unnest(${at}::text[]) AS selected(topic) \
+                 CROSS JOIN LATERAL (SELECT {COLUMNS} FROM event_piper_topics \
+                   JOIN events ON events.id = event_piper_topics.event_id \
+                   WHERE event_piper_topics.topic = selected.topic \
                      AND event_id > $1 AND event_id <= $2 AND {type_filter} \
-                   ORDER BY event_id LIMIT $3) alternate)"
+                   ORDER BY event_id LIMIT $3) keyed)"
             ));
         }
         if selection.scans() {
@@ -724,7 +717,7 @@ impl Store {
         let statement = client
             .prepare_cached(
                 "WITH gone AS (DELETE FROM events WHERE id <= $1 RETURNING id), \
-                   alternates AS (DELETE FROM event_piper_alternates WHERE event_id <= $1), \
+                   topics AS (DELETE FROM event_piper_topics WHERE event_id <= $1), \
                    update_ids AS (DELETE FROM event_piper_update_ids WHERE event_id <= $1) \
                  UPDATE event_piper_retention \
                  SET deleted_upto = greatest(deleted_upto, coalesce((SELECT max(id) FROM gone), 0)) \

@@ -317,14 +317,14 @@ async fn retention_deletes_old_events_and_tells_resuming_clients() {
     // With their keys (src/keys.rs), in the same statement.
     let keys: Vec<i64> = producer
         .query_one(
-            "select (select count(*) from event_piper_alternates), \
+            "select (select count(*) from event_piper_topics), \
                     (select count(*) from event_piper_update_ids)",
             &[],
         )
         .await
         .map(|row| vec![row.get(0), row.get(1)])
         .unwrap();
-    assert_eq!(keys, [2, 2]);
+    assert_eq!(keys, [4, 2]);
 
     let mut resumed = app.consume("toto", Some(1)).await;
     assert_eq!(resumed.ids(2).await, vec![4, 5]);

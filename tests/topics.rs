@@ -1531,7 +1531,7 @@ async fn alternates_and_publishers_ids_are_found_however_they_were_written() {
     );
 }
 
-/// A table of the version before: the alternates and publishers' ids had partial indexes on
+/// A table of two versions before: the alternates and publishers' ids had partial indexes on
 /// `events` (the schema of then, verbatim). The first start moves the keys of the events there
 /// into the service's tables, drops those indexes, and a replay finds the events by them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1554,7 +1554,8 @@ async fn a_table_with_the_topic_indexes_of_earlier_versions_is_upgraded() {
     let left: i64 = producer
         .query_one(
             "select count(*) from pg_class \
-             where relname in ('events_alternate_topics_idx', 'events_update_id_idx')",
+             where relname in ('events_alternate_topics_idx', 'events_update_id_idx', \
+                               'events_topic_id_idx')",
             &[],
         )
         .await
@@ -1582,4 +1583,73 @@ async fn a_table_with_the_topic_indexes_of_earlier_versions_is_upgraded() {
     assert_eq!(after_old.next().await.id, hash(marker));
     assert_eq!(indexed_update_ids(&producer).await, ["urn:old"]);
     assert!(urn > alternate);
+}
+
+/// A table of the version before: `events` indexed each event's first topic, and the service the
+/// others in `event_piper_alternates` (the schema of then, verbatim), up to the mark its hubs had
+/// moved past every event. The first start puts every topic into the service's table, drops the
+/// old table and the index, and a replay finds the events by either topic, without writing any
+/// key again (the mark was already past them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_with_the_canonical_topic_index_of_the_version_before_is_upgraded() {
+    let url = common::fresh_database().await;
+    let producer = common::connect(&url).await;
+    producer
+        .batch_execute(include_str!("fixtures/schema-with-canonical-topic-index.sql"))
+        .await
+        .unwrap();
+    let canonical = add(&producer, &[ROOM], false).await;
+    let alternate = add(&producer, &[ELSEWHERE, ROOM, ROOM], false).await;
+    // What a hub of that version wrote for them.
+    producer
+        .execute(
+            "insert into event_piper_alternates (topic, event_id) values ($1, $2)",
+            &[&ROOM, &alternate],
+        )
+        .await
+        .unwrap();
+    producer
+        .execute("update event_piper_keyed set upto = $1", &[&alternate])
+        .await
+        .unwrap();
+
+    let app = TestApp::builder()
+        .database(&url)
+        .with(table_only)
+        .start()
+        .await;
+    let left: i64 = producer
+        .query_one(
+            "select count(*) from pg_class \
+             where relname in ('events_topic_id_idx', 'event_piper_alternates')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "the old index and table are dropped");
+    let indexes: Vec<String> = producer
+        .query(
+            "select indexname from pg_indexes where tablename = 'events' order by indexname",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        ["events_broadcasts_idx", "events_pkey", "events_subscriber_id_idx"],
+        "events keeps the indexes a table of its own would have"
+    );
+    for (topic, expected) in [(ROOM, vec![canonical, alternate]), (ELSEWHERE, vec![alternate])] {
+        let mut resumed = app
+            .stream(
+                &format!("/events?{}", query(&[("topic", topic)])),
+                &[("Last-Event-ID", "0")],
+            )
+            .await;
+        assert_eq!(ids_through(&mut resumed, alternate).await, expected);
+    }
 }
