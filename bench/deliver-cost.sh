@@ -14,7 +14,9 @@
 # The PostgreSQL server must already be pinned to CPU 0 (taskset -pc 0 on the postmaster and its
 # children). Environment: CLIENTS (default "8 64"), ROUNDS (default 3), SECS per run (default 10),
 # PHASES (default "plain stopped streamed"), SERVICE (the binary, default the release build),
-# SERVICE_ARGS (extra flags for it), PORT the service listens on (default 4011).
+# SERVICE_ARGS (extra flags for it), PORT the service listens on (default 4011), SCHEMA (the
+# schema file, default postgresql/schema.sql; an older build needs its own), TOPICS=1 to address
+# the events of `events` to one of 8 topics instead of 8 consumers, read by 8 topic streams.
 set -euo pipefail
 
 db=${1:-deliver_cost}
@@ -23,7 +25,7 @@ service=${SERVICE:-$here/../target/release/event-piper}
 port=${PORT:-4011}
 [ -x "$service" ] || { echo "build it first: cargo build --release" >&2; exit 1; }
 psql -qAtX -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
-psql -qAtX -v ON_ERROR_STOP=1 -d "$db" -f "$here/../postgresql/schema.sql" >/dev/null 2>&1
+psql -qAtX -v ON_ERROR_STOP=1 -d "$db" -f "${SCHEMA:-$here/../postgresql/schema.sql}" >/dev/null 2>&1
 psql -qAtX -v ON_ERROR_STOP=1 -d "$db" -f "$here/plain-table.sql" >/dev/null
 # libpq's environment, as a URL the service takes (a socket directory goes in as the host).
 url="postgres://${PGUSER:-postgres}@$(printf %s "${PGHOST:-localhost}" | sed 's|/|%2F|g'):${PGPORT:-5432}/$db"
@@ -38,10 +40,15 @@ service_ticks() {
         [ -r "/proc/$pid/stat" ] && echo "$pid $(awk '{print $14 + $15}' "/proc/$pid/stat")"
     done
 }
-for table in plain_events events; do
-    echo "INSERT INTO $table (type, subscriber, payload)
-          VALUES ('order.created', 'c' || (random() * 7)::int, '{\"n\": 1}');" >"$scripts/$table.sql"
-done
+echo "INSERT INTO plain_events (type, subscriber, payload)
+      VALUES ('order.created', 'c' || (random() * 7)::int, '{\"n\": 1}');" >"$scripts/plain_events.sql"
+if [ -n "${TOPICS:-}" ]; then
+    echo "INSERT INTO events (type, topics, payload)
+          VALUES ('order.created', ARRAY['/t/' || (random() * 7)::int], '{\"n\": 1}');"
+else
+    echo "INSERT INTO events (type, subscriber, payload)
+          VALUES ('order.created', 'c' || (random() * 7)::int, '{\"n\": 1}');"
+fi >"$scripts/events.sql"
 
 for clients in ${CLIENTS:-8 64}; do
     for round in $(seq 1 "${ROUNDS:-3}"); do
@@ -57,7 +64,11 @@ for clients in ${CLIENTS:-8 64}; do
                 for _ in $(seq 1 120); do curl -sf "127.0.0.1:$port/ready" >/dev/null && break; sleep 0.5; done
                 consumers=()
                 for consumer in 0 1 2 3 4 5 6 7; do
-                    taskset -c 1 curl -sN "127.0.0.1:$port/events" -H "X-Consumer-Id: c$consumer" >/dev/null &
+                    if [ -n "${TOPICS:-}" ]; then
+                        taskset -c 1 curl -sN "127.0.0.1:$port/events?topic=/t/$consumer" >/dev/null &
+                    else
+                        taskset -c 1 curl -sN "127.0.0.1:$port/events" -H "X-Consumer-Id: c$consumer" >/dev/null &
+                    fi
                     consumers+=($!)
                 done
                 sleep 1

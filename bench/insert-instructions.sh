@@ -16,7 +16,6 @@ set -euo pipefail
 here=$(dirname "$0")
 pg_bin=${PG_BIN:-$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin | sort -V | tail -n 1)}
 inserts=${INSERTS:-3000}
-variants=${VARIANTS:-plain plain_lock events events_before events_no_bell events_no_topic_indexes events_bare}
 command -v valgrind >/dev/null || { echo "needs valgrind" >&2; exit 1; }
 
 dir=$(mktemp -d)
@@ -33,6 +32,7 @@ db=postgres
 psql_db() { PGOPTIONS='-c client_min_messages=warning' psql -qAtX -v ON_ERROR_STOP=1 -h "$dir" -p 5499 -U postgres -d "$db" "$@"; }
 # shellcheck source=bench/table-variants.sh
 . "$here/table-variants.sh"
+variants=${VARIANTS:-$all_variants}
 create_variants
 "${as_postgres[@]}" "$pg_bin/pg_ctl" -D "$dir/data" -w stop >/dev/null
 

@@ -17,12 +17,12 @@
 set -euo pipefail
 
 db=${1:-table_cost}
-variants=${VARIANTS:-plain plain_lock events events_before events_no_bell events_no_topic_indexes events_bare}
 pin=()
 [ -n "${CPU:-}" ] && pin=(taskset -c "$CPU")
 psql_db() { psql -qAtX -v ON_ERROR_STOP=1 -d "$db" "$@"; }
 # shellcheck source=bench/table-variants.sh
 . "$(dirname "$0")/table-variants.sh"
+variants=${VARIANTS:-$all_variants}
 
 psql -qAtX -d postgres -c "DROP DATABASE IF EXISTS $db" -c "CREATE DATABASE $db" >/dev/null
 psql_db -c "CREATE EXTENSION pg_stat_statements" >/dev/null
