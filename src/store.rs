@@ -711,13 +711,17 @@ impl Store {
     }
 
     /// Deletes every event up to `upto` (what [`Store::expiring`] found) and records that they
-    /// are gone, with their keys ([`crate::keys`]), in one statement. Returns how many were deleted.
+    /// are gone, with their keys ([`crate::keys`]), in one statement: topics by the deleted
+    /// events' own topics, through the keys' primary key. Returns how many were deleted.
     pub async fn expire(&self, upto: EventId) -> Result<i64> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "WITH gone AS (DELETE FROM events WHERE id <= $1 RETURNING id), \
-                   topics AS (DELETE FROM event_piper_topics WHERE event_id <= $1), \
+                "WITH gone AS (DELETE FROM events WHERE id <= $1 RETURNING id, topics), \
+                   topics AS (DELETE FROM event_piper_topics USING \
+                     (SELECT id, unnest(topics) AS topic FROM gone) keyed \
+                     WHERE event_piper_topics.topic = keyed.topic \
+                       AND event_piper_topics.event_id = keyed.id), \
                    update_ids AS (DELETE FROM event_piper_update_ids WHERE event_id <= $1) \
                  UPDATE event_piper_retention \
                  SET deleted_upto = greatest(deleted_upto, coalesce((SELECT max(id) FROM gone), 0)) \
