@@ -148,7 +148,7 @@ BEGIN
 END
 $topics$;
 
--- The keys a replay looks up that `events` does not index: each topic of an event
+-- The keys a replay looks up that `events` does not index: the topics of the events
 -- (`event_piper_topics`), and a Mercure publisher's id (`event_piper_update_ids`). The service
 -- writes them, not the producer: the hub writes the keys of the events it reads before it
 -- publishes them, so every event up to a published id has its keys here, and a replay, which
@@ -156,27 +156,19 @@ $topics$;
 -- ids with SQL need do nothing else, and `events` keeps the indexes an application's own table
 -- would have: an index on `events`, even a partial one that a row does not enter, costs every
 -- insert the opening of the index and the test of its predicate. `event_piper_keyed.upto` is how
--- far every event's keys are in (the hubs move it on now and then); an instance starting after
--- producers wrote while none ran adds the keys of the events after it first, with one bounded
--- scan.
+-- far every event's keys are in; an instance starting after producers wrote while none ran adds
+-- the keys of the events after it first, with bounded scans.
 DO $keys$
 BEGIN
     IF to_regclass('event_piper_keyed') IS NOT NULL THEN
         RETURN;
     END IF;
-    CREATE TABLE event_piper_topics (
-        topic    text   NOT NULL,
-        event_id bigint NOT NULL,
-        PRIMARY KEY (topic, event_id)
-    );
     CREATE TABLE event_piper_update_ids (
         update_id text   NOT NULL,
         event_id  bigint NOT NULL,
         PRIMARY KEY (update_id, event_id)
     );
-    -- Retention deletes publishers' ids by event, as it deletes events. It deletes topics by the
-    -- topics of the events it deletes, through the primary key: the hub writes a key for every
-    -- topic event, and a second index would cost each of those writes.
+    -- Retention deletes keys by event, as it deletes events.
     CREATE INDEX event_piper_update_ids_event_id_idx ON event_piper_update_ids (event_id);
     CREATE TABLE event_piper_keyed (
         only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
@@ -187,38 +179,48 @@ BEGIN
     -- final, and the keys of all of them are in when the mark is set there. On a table of an
     -- earlier version the partial indexes that held these keys are dropped.
     LOCK TABLE events IN SHARE MODE;
-    INSERT INTO event_piper_topics (topic, event_id)
-        SELECT topic, id FROM events, unnest(topics) AS topic WHERE topics IS NOT NULL
-        ON CONFLICT DO NOTHING;
     INSERT INTO event_piper_update_ids (update_id, event_id)
         SELECT update_id, id FROM events WHERE update_id IS NOT NULL;
     INSERT INTO event_piper_keyed (upto) SELECT coalesce(max(id), 0) FROM events;
-    DROP INDEX IF EXISTS events_topic_id_idx, events_alternate_topics_idx, events_update_id_idx;
+    DROP INDEX IF EXISTS events_alternate_topics_idx, events_update_id_idx;
 END
 $keys$;
 
--- A table of the version before, where `events` indexed each event's first topic and the service
--- only the others, in `event_piper_alternates`: every topic of every event goes into
--- `event_piper_topics` once, with the same SHARE lock, and the two go away.
-DO $canonical$
+-- Topics are keyed by stretches of ids, not one row per event: the hub writes one row per topic
+-- for the events of a batch, `ids` the topic's events in (the previous mark, `upto`], ascending.
+-- A write moves the mark, and waits for the one before it to commit (the mark's row lock), so
+-- stretches never overlap, whichever instance writes them, and every topic's stretches end at
+-- marks: the ids of any topic up to a mark are in the stretches that end at or below it
+-- (src/keys.rs). `prev` is the mark a write found, which tells it where its stretch begins.
+-- A table of an earlier version (topics indexed on `events`, or the first topic there and the
+-- others in `event_piper_alternates`) has the topics of its events moved here once, in
+-- stretches of 1,000 ids, with the same SHARE lock, and the old index and table go away.
+DO $topics_keyed$
 BEGIN
-    IF to_regclass('event_piper_alternates') IS NULL THEN
+    IF to_regclass('event_piper_topics') IS NOT NULL THEN
         RETURN;
     END IF;
     CREATE TABLE event_piper_topics (
-        topic    text   NOT NULL,
-        event_id bigint NOT NULL,
-        PRIMARY KEY (topic, event_id)
+        topic text     NOT NULL,
+        upto  bigint   NOT NULL,
+        ids   bigint[] NOT NULL,
+        PRIMARY KEY (topic, upto)
     );
+    -- Retention deletes the stretches that end at or below what it deleted.
+    CREATE INDEX event_piper_topics_upto_idx ON event_piper_topics (upto);
+    ALTER TABLE event_piper_keyed ADD COLUMN IF NOT EXISTS prev bigint NOT NULL DEFAULT 0;
     LOCK TABLE events IN SHARE MODE;
-    INSERT INTO event_piper_topics (topic, event_id)
-        SELECT topic, id FROM events, unnest(topics) AS topic WHERE topics IS NOT NULL
-        ON CONFLICT DO NOTHING;
+    WITH last AS (SELECT coalesce(max(id), 0) AS id FROM events)
+    INSERT INTO event_piper_topics (topic, upto, ids)
+        SELECT topic, least((id - 1) / 1000 * 1000 + 1000, (SELECT id FROM last)),
+               array_agg(DISTINCT id ORDER BY id)
+        FROM events, unnest(topics) AS topic WHERE topics IS NOT NULL
+        GROUP BY 1, 2;
     UPDATE event_piper_keyed SET upto = greatest(upto, (SELECT coalesce(max(id), 0) FROM events));
-    DROP TABLE event_piper_alternates;
+    DROP TABLE IF EXISTS event_piper_alternates;
     DROP INDEX IF EXISTS events_topic_id_idx;
 END
-$canonical$;
+$topics_keyed$;
 CREATE INDEX IF NOT EXISTS events_subscriber_id_idx ON events (subscriber, id);
 
 -- Webhook subscriptions (README, "Webhooks"): the server remembers each one's position, so a

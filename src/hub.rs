@@ -411,7 +411,7 @@ impl Hub {
                 let lsn = if keys.is_empty() {
                     lsn
                 } else {
-                    self.store.write_keys(&keys).await?;
+                    self.store.write_keys(&keys, upto).await?;
                     // A replica must have replayed the keys' commit too, which the read's
                     // position does not cover.
                     if self.replicas.configured() {

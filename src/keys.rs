@@ -3,14 +3,23 @@
 //! A replay of a topic finds the events that carry it, and a Mercure resume finds a publisher's
 //! id, in two tables of the service's own (`postgresql/schema.sql`). Indexing those keys on
 //! `events` would cost every producer's insert more partial indexes, also for the events that
-//! have neither, which are nearly all of them (BENCHMARKS.md, "The table's own cost"). So the hub
-//! writes them instead, for every batch it reads, before it publishes the batch: every event up
-//! to a published id has its keys in, and a lookup bounded by a published id (every replay is)
-//! finds all of them.
+//! have neither, which are nearly all of them (BENCHMARKS.md, "The topic index leaves
+//! `events`"). So the hub writes them instead, for every batch it reads, before it publishes the
+//! batch: every event up to a published id has its keys in, and a lookup bounded by a published
+//! id (every replay is) finds all of them.
 //!
-//! Producers can write while no instance runs. `event_piper_keyed` records how far every event's
-//! keys are in; a hub that starts adds the keys of the events after that before it publishes
-//! anything ([`catch_up`]), and moves the mark on now and then while it runs.
+//! Topics are written as stretches: one row per topic and write, holding the topic's events in
+//! (the mark before the write, the write's end]. Each write moves `event_piper_keyed`'s mark to
+//! its end and waits for the previous write to commit, so stretches never overlap, whichever
+//! instance wrote them, and a write that finds the mark already past its end writes nothing:
+//! another instance keyed those events. A batch of 1,000 events on 8 topics is 8 rows, where one
+//! row per event cost the database more than the producers saved (BENCHMARKS.md). Every
+//! stretch ends at a mark, so the events of any topic up to a mark are in its stretches that end
+//! at or below that mark, which is how a replay bounds what it reads ([`Store::read_selection`]).
+//!
+//! Producers can write while no instance runs. A hub that starts adds the keys of the events
+//! after the mark before it publishes anything ([`catch_up`]), and moves the mark on now and then
+//! while it runs, over events without keys.
 
 use crate::event::{EventId, EventRow};
 use crate::store::{Result, Store};
@@ -19,7 +28,11 @@ use crate::store::{Result, Store};
 /// however long no instance ran.
 const SCAN_IDS: i64 = 100_000;
 
-/// The keys of some events, as the columns of the two tables they go to.
+/// Ids a stretch written at start covers at most, so that a replay never unpacks a long list to
+/// read a page of it. The hub's own stretches are its batches.
+pub const STRETCH_IDS: i64 = 1_000;
+
+/// The keys of some events, as the columns of the two tables they go to, in event order.
 #[derive(Debug, Default, PartialEq)]
 pub struct Keys {
     pub topics: Vec<String>,
@@ -29,7 +42,7 @@ pub struct Keys {
 }
 
 impl Keys {
-    /// The keys of `rows`.
+    /// The keys of `rows`, which are in id order.
     pub fn of(rows: &[EventRow]) -> Keys {
         let mut keys = Keys::default();
         for row in rows {
@@ -38,7 +51,7 @@ impl Keys {
         keys
     }
 
-    /// Adds one event's keys: its topics, and its publisher's id.
+    /// Adds one event's keys (after those of lower ids): its topics, and its publisher's id.
     pub fn add(&mut self, id: EventId, topics: Option<&[String]>, update_id: Option<&str>) {
         for topic in topics.unwrap_or_default() {
             self.topics.push(topic.clone());
@@ -53,6 +66,20 @@ impl Keys {
     pub fn is_empty(&self) -> bool {
         self.topic_events.is_empty() && self.update_id_events.is_empty()
     }
+
+    /// The keys of the events in `(after, upto]`.
+    fn within(&self, after: EventId, upto: EventId) -> Keys {
+        let range = |events: &[i64]| {
+            events.partition_point(|&id| id <= after.0)..events.partition_point(|&id| id <= upto.0)
+        };
+        let (topics, update_ids) = (range(&self.topic_events), range(&self.update_id_events));
+        Keys {
+            topics: self.topics[topics.clone()].to_vec(),
+            topic_events: self.topic_events[topics].to_vec(),
+            update_ids: self.update_ids[update_ids.clone()].to_vec(),
+            update_id_events: self.update_id_events[update_ids].to_vec(),
+        }
+    }
 }
 
 /// Adds the keys of every event after the mark up to `upto`, which must be final (no lower id
@@ -63,9 +90,15 @@ pub async fn catch_up(store: &Store, upto: EventId) -> Result<bool> {
     while from < upto {
         let to = EventId(from.0.saturating_add(SCAN_IDS).min(upto.0));
         let keys = store.read_keys((from, to)).await?;
-        if !keys.is_empty() {
-            store.write_keys(&keys).await?;
-            wrote = true;
+        let mut stretch = from;
+        while stretch < to {
+            let end = EventId(stretch.0.saturating_add(STRETCH_IDS).min(to.0));
+            let part = keys.within(stretch, end);
+            if !part.is_empty() {
+                store.write_keys(&part, end).await?;
+                wrote = true;
+            }
+            stretch = end;
         }
         store.mark_keyed(to).await?;
         from = to;
@@ -98,5 +131,21 @@ mod tests {
         assert_eq!(keys.update_ids, ["urn:x", "urn:y"]);
         assert_eq!(keys.update_id_events, [3, 4]);
         assert!(Keys::of(&rows[..1]).is_empty());
+    }
+
+    #[test]
+    fn keys_within_a_range_of_ids() {
+        let rows = [
+            row(1, Some(&["/a"]), Some("urn:1")),
+            row(2, Some(&["/a", "/b"]), None),
+            row(3, None, Some("urn:3")),
+            row(4, Some(&["/c"]), None),
+        ];
+        let part = Keys::of(&rows).within(EventId(1), EventId(3));
+        assert_eq!(part.topics, ["/a", "/b"]);
+        assert_eq!(part.topic_events, [2, 2]);
+        assert_eq!(part.update_ids, ["urn:3"]);
+        assert_eq!(part.update_id_events, [3]);
+        assert!(Keys::of(&rows).within(EventId(4), EventId(9)).is_empty());
     }
 }

@@ -282,31 +282,47 @@ impl Store {
         Ok(row.try_get(0)?)
     }
 
-    /// Writes topics and publishers' ids ([`crate::keys`]), in one statement. A key already there
-    /// (another instance wrote it, or a topic repeated) is left as it is.
-    pub async fn write_keys(&self, keys: &Keys) -> Result<()> {
+    /// Writes topics and publishers' ids ([`crate::keys`]) of events up to `upto`, and moves the
+    /// mark there, in one statement: the topics as one stretch per topic, ending at `upto`. The
+    /// mark's row lock makes a write wait for the one before it; the keys of the events that the
+    /// mark (as it then is) already covers were written by that one, and are left out.
+    pub async fn write_keys(&self, keys: &Keys, upto: EventId) -> Result<()> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "WITH topics AS ( \
-                   INSERT INTO event_piper_topics (topic, event_id) \
-                   SELECT * FROM unnest($1::text[], $2::int8[]) ON CONFLICT DO NOTHING) \
-                 INSERT INTO event_piper_update_ids (update_id, event_id) \
-                 SELECT * FROM unnest($3::text[], $4::int8[]) ON CONFLICT DO NOTHING",
+                "WITH mark AS ( \
+                   UPDATE event_piper_keyed SET prev = upto, upto = greatest(upto, $5) \
+                   RETURNING prev), \
+                 topics AS ( \
+                   INSERT INTO event_piper_topics (topic, upto, ids) \
+                   SELECT topic, $5, array_agg(DISTINCT event_id ORDER BY event_id) \
+                   FROM unnest($1::text[], $2::int8[]) AS key(topic, event_id) \
+                   WHERE event_id > (SELECT prev FROM mark) GROUP BY topic), \
+                 update_ids AS ( \
+                   INSERT INTO event_piper_update_ids (update_id, event_id) \
+                   SELECT * FROM unnest($3::text[], $4::int8[]) AS key(update_id, event_id) \
+                   WHERE event_id > (SELECT prev FROM mark)) \
+                 SELECT prev FROM mark",
             )
             .await?;
-        client
-            .execute(
+        let mark = client
+            .query_opt(
                 &statement,
                 &[
                     &keys.topics,
                     &keys.topic_events,
                     &keys.update_ids,
                     &keys.update_id_events,
+                    &upto.0,
                 ],
             )
             .await?;
-        Ok(())
+        match mark {
+            Some(_) => Ok(()),
+            None => Err(StoreError::Unexpected(
+                "event_piper_keyed has no row: restart an instance to recreate it".into(),
+            )),
+        }
     }
 
     /// The keys of the events in `(after, upto]`: a scan of that range of the primary key.
@@ -315,7 +331,8 @@ impl Store {
         let statement = client
             .prepare_cached(
                 "SELECT id, topics, update_id FROM events \
-                 WHERE id > $1 AND id <= $2 AND (topics IS NOT NULL OR update_id IS NOT NULL)",
+                 WHERE id > $1 AND id <= $2 AND (topics IS NOT NULL OR update_id IS NOT NULL) \
+                 ORDER BY id",
             )
             .await?;
         let mut keys = Keys::default();
@@ -381,7 +398,7 @@ impl Store {
     /// same filter, as for live frames). Each part of the selection is one keyset read of an
     /// index, and the page merges them, so a page costs its own size however long the history:
     /// - the consumer's events (`subscriber`, id) and the broadcasts (their partial index);
-    /// - each exact topic's events, by topic from the keys the hub wrote ([`crate::keys`]),
+    /// - each exact topic's events, from the stretches of keys the hub wrote ([`crate::keys`]),
     ///   one read per topic: complete up to any published id, so up to `upto`;
     /// - for `*` and URL patterns, which no index serves, every event with topics in a range of
     ///   at most `limit * SCAN_IDS_PER_ROW` ids, matched here.
@@ -400,9 +417,29 @@ impl Store {
         } else {
             upto
         };
+        let client = self.pool.get().await?;
+        let topics: Vec<&str> = selection.exact_topics().collect();
+        // A topic's part reads its first `limit + 1` stretches after `after`: enough for `limit`
+        // events, whatever the types. The page stops where the shortest of those reads ends, a
+        // mark, up to which every topic's events are in the stretches it read ([`crate::keys`]).
+        let upto = if topics.is_empty() {
+            upto
+        } else {
+            let statement = client
+                .prepare_cached(
+                    "SELECT least($2, min(nth.upto)) FROM unnest($3::text[]) AS selected(topic) \
+                     CROSS JOIN LATERAL (SELECT upto FROM event_piper_topics \
+                       WHERE topic = selected.topic AND upto > $1 \
+                       ORDER BY upto OFFSET $4 LIMIT 1) nth",
+                )
+                .await?;
+            let row = client
+                .query_one(&statement, &[&after.0, &upto.0, &topics, &limit])
+                .await?;
+            EventId(row.try_get::<_, Option<i64>>(0)?.unwrap_or(upto.0))
+        };
         let (exact_types, like_types) = sql_types(types);
         let consumer = selection.followed_consumer().map(ConsumerId::as_str);
-        let topics: Vec<&str> = selection.exact_topics().collect();
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             vec![&after.0, &upto.0, &limit, &exact_types, &like_types];
         let type_filter = "($4::text[] IS NULL OR type = ANY($4) OR type LIKE ANY($5))";
@@ -423,13 +460,18 @@ impl Store {
         if !topics.is_empty() {
             params.push(&topics);
             let at = params.len();
+            // Stretches do not overlap and hold their ids in order: (stretch, position) is id
+            // order, which the stretches' index gives without sorting more than one stretch.
             parts.push(format!(
                 "(SELECT keyed.* FROM unnest(${at}::text[]) AS selected(topic) \
-                 CROSS JOIN LATERAL (SELECT {COLUMNS} FROM event_piper_topics \
-                   JOIN events ON events.id = event_piper_topics.event_id \
-                   WHERE event_piper_topics.topic = selected.topic \
-                     AND event_id > $1 AND event_id <= $2 AND {type_filter} \
-                   ORDER BY event_id LIMIT $3) keyed)"
+                 CROSS JOIN LATERAL (SELECT {COLUMNS} FROM \
+                     (SELECT upto, ids FROM event_piper_topics \
+                      WHERE topic = selected.topic AND upto > $1 \
+                      ORDER BY upto LIMIT $3::int8 + 1) stretch \
+                   CROSS JOIN LATERAL unnest(stretch.ids) WITH ORDINALITY AS key(event_id, at) \
+                   JOIN events ON events.id = key.event_id \
+                   WHERE key.event_id > $1 AND key.event_id <= $2 AND {type_filter} \
+                   ORDER BY stretch.upto, key.at LIMIT $3) keyed)"
             ));
         }
         if selection.scans() {
@@ -442,7 +484,6 @@ impl Store {
             "SELECT * FROM ({}) page ORDER BY id LIMIT $3",
             parts.join(" UNION ALL ")
         );
-        let client = self.pool.get().await?;
         let statement = client.prepare_cached(&sql).await?;
         let raw = client.query(&statement, &params).await?;
         // Each part returned its first `limit` rows: every selected row up to the last one
@@ -711,17 +752,15 @@ impl Store {
     }
 
     /// Deletes every event up to `upto` (what [`Store::expiring`] found) and records that they
-    /// are gone, with their keys ([`crate::keys`]), in one statement: topics by the deleted
-    /// events' own topics, through the keys' primary key. Returns how many were deleted.
+    /// are gone, with their keys ([`crate::keys`]), in one statement: the stretches of topics that
+    /// end there or before (one that goes on past it stays until a later run). Returns how many
+    /// events were deleted.
     pub async fn expire(&self, upto: EventId) -> Result<i64> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
-                "WITH gone AS (DELETE FROM events WHERE id <= $1 RETURNING id, topics), \
-                   topics AS (DELETE FROM event_piper_topics USING \
-                     (SELECT id, unnest(topics) AS topic FROM gone) keyed \
-                     WHERE event_piper_topics.topic = keyed.topic \
-                       AND event_piper_topics.event_id = keyed.id), \
+                "WITH gone AS (DELETE FROM events WHERE id <= $1 RETURNING id), \
+                   topics AS (DELETE FROM event_piper_topics WHERE upto <= $1), \
                    update_ids AS (DELETE FROM event_piper_update_ids WHERE event_id <= $1) \
                  UPDATE event_piper_retention \
                  SET deleted_upto = greatest(deleted_upto, coalesce((SELECT max(id) FROM gone), 0)) \

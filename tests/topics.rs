@@ -1595,7 +1595,9 @@ async fn a_table_with_the_canonical_topic_index_of_the_version_before_is_upgrade
     let url = common::fresh_database().await;
     let producer = common::connect(&url).await;
     producer
-        .batch_execute(include_str!("fixtures/schema-with-canonical-topic-index.sql"))
+        .batch_execute(include_str!(
+            "fixtures/schema-with-canonical-topic-index.sql"
+        ))
         .await
         .unwrap();
     let canonical = add(&producer, &[ROOM], false).await;
@@ -1640,10 +1642,17 @@ async fn a_table_with_the_canonical_topic_index_of_the_version_before_is_upgrade
         .collect();
     assert_eq!(
         indexes,
-        ["events_broadcasts_idx", "events_pkey", "events_subscriber_id_idx"],
+        [
+            "events_broadcasts_idx",
+            "events_pkey",
+            "events_subscriber_id_idx"
+        ],
         "events keeps the indexes a table of its own would have"
     );
-    for (topic, expected) in [(ROOM, vec![canonical, alternate]), (ELSEWHERE, vec![alternate])] {
+    for (topic, expected) in [
+        (ROOM, vec![canonical, alternate]),
+        (ELSEWHERE, vec![alternate]),
+    ] {
         let mut resumed = app
             .stream(
                 &format!("/events?{}", query(&[("topic", topic)])),
@@ -1652,4 +1661,80 @@ async fn a_table_with_the_canonical_topic_index_of_the_version_before_is_upgrade
             .await;
         assert_eq!(ids_through(&mut resumed, alternate).await, expected);
     }
+}
+
+/// A replay of topics from the table reads the stretches of keys two instances wrote as they
+/// went (src/keys.rs), in pages of two rows: a topic has many more stretches than a page reads,
+/// the types narrow what the database returns (to few of a topic's events, too), and a consumer's
+/// events are merged in. Each instance replays every selected event once, in order, and nothing
+/// else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_of_topics_from_the_table_pages_through_the_keys_of_two_instances() {
+    let first = TestApp::builder()
+        .batch_size(2)
+        .with(table_only)
+        .start()
+        .await;
+    let second = TestApp::builder()
+        .database(&first.db_url)
+        .batch_size(2)
+        .with(table_only)
+        .start()
+        .await;
+    let producer = first.producer().await;
+    let (mut expected, mut others_in_room) = (Vec::new(), Vec::new());
+    for n in 0..60 {
+        let kind = if n % 3 == 2 { "other" } else { "message" };
+        let (subscriber, topics): (Option<&str>, Option<&[&str]>) = match n % 5 {
+            0 => (None, Some(&[ROOM])),
+            1 => (None, Some(&[ELSEWHERE])),
+            2 => (None, Some(&[ELSEWHERE, OTHER_ROOM])),
+            3 => (Some("toto"), None),
+            _ => (Some("someone"), Some(&[ROOM, OTHER_ROOM])),
+        };
+        let id = add_event(&producer, kind, subscriber, topics, false, "{}").await;
+        if kind == "message" && n % 5 != 1 {
+            expected.push(id);
+        }
+        if kind == "other" && matches!(n % 5, 0 | 4) {
+            others_in_room.push(id);
+        }
+        // Now and then, a pause: the hubs read the events in more batches, so more stretches.
+        if n % 4 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let last = *expected.last().unwrap();
+    let path = format!(
+        "/events?{}",
+        query(&[("topic", ROOM), ("topic", OTHER_ROOM)])
+    );
+    let headers = [
+        ("Last-Event-ID", "0"),
+        ("X-Consumer-Id", "toto"),
+        ("X-Event-Types", "message"),
+    ];
+    let room_path = format!("/events?{}", query(&[("topic", ROOM)]));
+    let room_headers = [("Last-Event-ID", "0"), ("X-Event-Types", "other")];
+    let last_other = *others_in_room.last().unwrap();
+    for app in [&first, &second] {
+        let mut replayed = app.stream(&path, &headers).await;
+        assert_eq!(ids_through(&mut replayed, last).await, expected);
+        // Most of the topic's stretches hold no event of the type: a page's read of them finds
+        // fewer rows than it asked for, and must not take that as the end.
+        let mut rare = app.stream(&room_path, &room_headers).await;
+        assert_eq!(ids_through(&mut rare, last_other).await, others_in_room);
+    }
+    let stretches: i64 = producer
+        .query_one(
+            "select count(*) from event_piper_topics where topic = $1",
+            &[&ROOM],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        stretches > 3,
+        "{stretches} stretches of {ROOM}: more than a page reads"
+    );
 }
