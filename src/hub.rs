@@ -63,9 +63,12 @@ const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 const WARM_PAGE: i64 = 10_000;
 /// A gap held open this long is logged with the pids of the transactions holding it.
 const SLOW_GAP: Duration = Duration::from_secs(5);
-/// How often a hub that publishes records how far every event's keys are in: what an instance
-/// starting next scans again at most, beside what was written while none ran.
-const MARK_KEYED_EVERY: Duration = Duration::from_secs(10);
+/// How often a hub that publishes writes the keys of what it published ([`crate::keys`]) and
+/// moves the mark: a replay scans the events past the mark, at most this much of them.
+const KEYS_EVERY: Duration = Duration::from_millis(100);
+/// Or sooner, once this many topics of published events wait for their write: a stretch stays
+/// short enough to unpack for a page.
+const KEYS_WAITING: usize = crate::keys::STRETCH_IDS as usize;
 
 /// When the hub reads.
 #[derive(Debug, Clone, Copy)]
@@ -101,8 +104,10 @@ pub struct Hub {
     stuck_at: Option<EventId>,
     /// Whether a failure to arm the bell has been logged since it last worked.
     arm_failure_logged: bool,
-    /// When the hub last recorded how far every event's keys are in ([`crate::keys`]).
-    keyed_at: Instant,
+    /// The keys of the events it published past the last write of keys ([`crate::keys`]).
+    unkeyed: Keys,
+    /// How far its last write of keys reached, and when it was.
+    keyed: (EventId, Instant),
     metrics: Metrics,
 }
 
@@ -176,7 +181,8 @@ impl Hub {
             pending: None,
             stuck_at: None,
             arm_failure_logged: false,
-            keyed_at: Instant::now(),
+            unkeyed: Keys::default(),
+            keyed: (EventId::default(), Instant::now()),
             metrics,
         }
     }
@@ -203,6 +209,7 @@ impl Hub {
         };
         self.cursor = start;
         self.dead_upto = start;
+        self.keyed.0 = start;
         tokio::select! {
             _ = self.warm(start) => {}
             _ = shutdown.cancelled() => return,
@@ -271,6 +278,8 @@ impl Hub {
     ) -> Woken {
         // A ring heard while awake is stale: the read after arming covers whatever it was for.
         let _ = doorbell.notified().now_or_never();
+        // Nothing more is coming for a while: what was published gets its keys now.
+        self.write_keys(true).await;
         // Producers ring from the moment the lock is asked for. Its grant waits for the ones that
         // did not ring; a long producer transaction can make that take a while, during which a
         // ring still wakes the hub.
@@ -309,11 +318,13 @@ impl Hub {
         }
     }
 
-    /// One [`Hub::catch_up`], bounded in time.
+    /// One [`Hub::catch_up`], bounded in time, then the keys if they are due.
     async fn pass(&mut self) -> Result<Pass, StoreError> {
-        tokio::time::timeout(PASS_TIMEOUT, self.catch_up())
+        let pass = tokio::time::timeout(PASS_TIMEOUT, self.catch_up())
             .await
-            .unwrap_or(Err(StoreError::Timeout(PASS_TIMEOUT)))
+            .unwrap_or(Err(StoreError::Timeout(PASS_TIMEOUT)));
+        self.write_keys(false).await;
+        pass
     }
 
     /// The id to start publishing after: the current maximum, once every transaction that might
@@ -333,15 +344,26 @@ impl Hub {
         Ok((max, self.store.insert_lsn().await?))
     }
 
-    /// Records, every [`MARK_KEYED_EVERY`], that every event up to the cursor has its keys in. A
-    /// failure only leaves more for the next start to scan.
-    async fn mark_keyed(&mut self) {
-        if self.keyed_at.elapsed() < MARK_KEYED_EVERY {
+    /// Writes the keys of the events published since the last write, and moves the mark to the
+    /// cursor, every [`KEYS_EVERY`] or [`KEYS_WAITING`] keys (or now, when `now`). A replay
+    /// scans the events past the mark itself, so publishing never waits for this, and a failure
+    /// only leaves more for replays to scan until the next write.
+    async fn write_keys(&mut self, now: bool) {
+        let (keyed, at) = self.keyed;
+        if self.cursor <= keyed
+            || !(now
+                || at.elapsed() >= KEYS_EVERY
+                || self.unkeyed.topic_events.len() >= KEYS_WAITING)
+        {
             return;
         }
-        self.keyed_at = Instant::now();
-        if let Err(error) = self.store.mark_keyed(self.cursor).await {
-            tracing::warn!(%error, "cannot record how far the keys of events are in");
+        self.keyed.1 = Instant::now();
+        match self.store.write_keys(&self.unkeyed, self.cursor).await {
+            Ok(()) => {
+                self.keyed.0 = self.cursor;
+                self.unkeyed = Keys::default();
+            }
+            Err(error) => tracing::warn!(%error, "cannot write the keys of published events"),
         }
     }
 
@@ -405,21 +427,7 @@ impl Hub {
                 ready.push(row);
             }
             if !ready.is_empty() {
-                // The keys first: a replay bounded by the new cursor looks them up. Should this
-                // fail, nothing is published and the same rows are read again.
-                let keys = Keys::of(&ready);
-                let lsn = if keys.is_empty() {
-                    lsn
-                } else {
-                    self.store.write_keys(&keys, upto).await?;
-                    // A replica must have replayed the keys' commit too, which the read's
-                    // position does not cover.
-                    if self.replicas.configured() {
-                        self.store.insert_lsn().await?
-                    } else {
-                        lsn
-                    }
-                };
+                self.unkeyed.extend(&ready);
                 self.cursor = upto;
                 let batch: Vec<Frame> = ready.into_iter().map(Frame::from_row).collect();
                 published += batch.len();
@@ -434,7 +442,6 @@ impl Hub {
                 self.replicas.record(self.cursor, lsn);
                 self.published.send_replace(Some(self.cursor));
                 self.router.route(&batch);
-                self.mark_keyed().await;
             }
 
             if !blocked {

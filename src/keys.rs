@@ -4,22 +4,26 @@
 //! id, in two tables of the service's own (`postgresql/schema.sql`). Indexing those keys on
 //! `events` would cost every producer's insert more partial indexes, also for the events that
 //! have neither, which are nearly all of them (BENCHMARKS.md, "The topic index leaves
-//! `events`"). So the hub writes them instead, for every batch it reads, before it publishes the
-//! batch: every event up to a published id has its keys in, and a lookup bounded by a published
-//! id (every replay is) finds all of them.
+//! `events`"). So the hubs write them instead.
+//!
+//! `event_piper_keyed.upto` is the mark: every event up to it has its keys in. A hub writes the
+//! keys of what it published every 100 ms or so, and moves the mark to its cursor in the same
+//! statement; a replay reads the keys up to the mark, and scans the few events past it
+//! ([`Store::read_selection`]), both in one snapshot. Publishing never waits for a write of
+//! keys, and a write that fails (or is lost in a crash of the database, with the mark) leaves
+//! only more to scan.
 //!
 //! Topics are written as stretches: one row per topic and write, holding the topic's events in
-//! (the mark before the write, the write's end]. Each write moves `event_piper_keyed`'s mark to
-//! its end and waits for the previous write to commit, so stretches never overlap, whichever
-//! instance wrote them, and a write that finds the mark already past its end writes nothing:
-//! another instance keyed those events. A batch of 1,000 events on 8 topics is 8 rows, where one
-//! row per event cost the database more than the producers saved (BENCHMARKS.md). Every
-//! stretch ends at a mark, so the events of any topic up to a mark are in its stretches that end
-//! at or below that mark, which is how a replay bounds what it reads ([`Store::read_selection`]).
+//! (the mark the write found, the write's end]. The mark's row lock makes a write wait for the
+//! one before it, whichever instance made it, so stretches never overlap, and a write that finds
+//! the mark past its end writes nothing: another instance keyed those events. A hub writing
+//! 3,000 events on 8 topics writes 8 rows, where a row per event cost the database more than the
+//! producers saved (BENCHMARKS.md). Every stretch ends at a mark, so the events of any topic up
+//! to a mark are in its stretches that end at or below that mark, which is how a replay bounds
+//! what it reads.
 //!
 //! Producers can write while no instance runs. A hub that starts adds the keys of the events
-//! after the mark before it publishes anything ([`catch_up`]), and moves the mark on now and then
-//! while it runs, over events without keys.
+//! after the mark before it publishes anything ([`catch_up`]), so that the scan stays short.
 
 use crate::event::{EventId, EventRow};
 use crate::store::{Result, Store};
@@ -28,8 +32,8 @@ use crate::store::{Result, Store};
 /// however long no instance ran.
 const SCAN_IDS: i64 = 100_000;
 
-/// Ids a stretch written at start covers at most, so that a replay never unpacks a long list to
-/// read a page of it. The hub's own stretches are its batches.
+/// Ids a stretch written at start covers at most, and keys a hub lets wait before it writes
+/// them: a replay never unpacks a long list to read a page of it.
 pub const STRETCH_IDS: i64 = 1_000;
 
 /// The keys of some events, as the columns of the two tables they go to, in event order.
@@ -45,10 +49,15 @@ impl Keys {
     /// The keys of `rows`, which are in id order.
     pub fn of(rows: &[EventRow]) -> Keys {
         let mut keys = Keys::default();
-        for row in rows {
-            keys.add(row.id, row.topics.as_deref(), row.update_id.as_deref());
-        }
+        keys.extend(rows);
         keys
+    }
+
+    /// Adds the keys of `rows`, which are in id order, after those of lower ids.
+    pub fn extend(&mut self, rows: &[EventRow]) {
+        for row in rows {
+            self.add(row.id, row.topics.as_deref(), row.update_id.as_deref());
+        }
     }
 
     /// Adds one event's keys (after those of lower ids): its topics, and its publisher's id.
@@ -100,7 +109,8 @@ pub async fn catch_up(store: &Store, upto: EventId) -> Result<bool> {
             }
             stretch = end;
         }
-        store.mark_keyed(to).await?;
+        // The mark moves over a stretch without keys too.
+        store.write_keys(&Keys::default(), to).await?;
         from = to;
     }
     Ok(wrote)

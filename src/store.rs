@@ -354,16 +354,6 @@ impl Store {
         ))
     }
 
-    /// Records that every event up to `upto` has its keys in (never moving the mark back).
-    pub async fn mark_keyed(&self, upto: EventId) -> Result<()> {
-        let client = self.pool.get().await?;
-        let statement = client
-            .prepare_cached("UPDATE event_piper_keyed SET upto = $1 WHERE upto < $1")
-            .await?;
-        client.execute(&statement, &[&upto.0]).await?;
-        Ok(())
-    }
-
     /// On a standby, how far it has replayed the primary's WAL. Refuses a server that is not in
     /// recovery: it is not a replica of anything the hub's LSNs mean.
     pub async fn replay_lsn(&self) -> Result<i64> {
@@ -398,8 +388,11 @@ impl Store {
     /// same filter, as for live frames). Each part of the selection is one keyset read of an
     /// index, and the page merges them, so a page costs its own size however long the history:
     /// - the consumer's events (`subscriber`, id) and the broadcasts (their partial index);
-    /// - each exact topic's events, from the stretches of keys the hub wrote ([`crate::keys`]),
-    ///   one read per topic: complete up to any published id, so up to `upto`;
+    /// - each exact topic's events from the stretches of keys the hubs wrote ([`crate::keys`]),
+    ///   one read per topic of its first `limit + 1` stretches, enough for `limit` events
+    ///   whatever the types; the page then stops where the shortest of those reads ends, a mark
+    ///   up to which every topic's events are in the stretches read;
+    /// - the events past the mark with one of the topics, which have no keys yet: a short scan;
     /// - for `*` and URL patterns, which no index serves, every event with topics in a range of
     ///   at most `limit * SCAN_IDS_PER_ROW` ids, matched here.
     ///
@@ -417,33 +410,20 @@ impl Store {
         } else {
             upto
         };
-        let client = self.pool.get().await?;
-        let topics: Vec<&str> = selection.exact_topics().collect();
-        // A topic's part reads its first `limit + 1` stretches after `after`: enough for `limit`
-        // events, whatever the types. The page stops where the shortest of those reads ends, a
-        // mark, up to which every topic's events are in the stretches it read ([`crate::keys`]).
-        let upto = if topics.is_empty() {
-            upto
-        } else {
-            let statement = client
-                .prepare_cached(
-                    "SELECT least($2, min(nth.upto)) FROM unnest($3::text[]) AS selected(topic) \
-                     CROSS JOIN LATERAL (SELECT upto FROM event_piper_topics \
-                       WHERE topic = selected.topic AND upto > $1 \
-                       ORDER BY upto OFFSET $4 LIMIT 1) nth",
-                )
-                .await?;
-            let row = client
-                .query_one(&statement, &[&after.0, &upto.0, &topics, &limit])
-                .await?;
-            EventId(row.try_get::<_, Option<i64>>(0)?.unwrap_or(upto.0))
-        };
         let (exact_types, like_types) = sql_types(types);
         let consumer = selection.followed_consumer().map(ConsumerId::as_str);
+        let topics: Vec<&str> = selection.exact_topics().collect();
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
             vec![&after.0, &upto.0, &limit, &exact_types, &like_types];
+        // With topics, the page's end is computed in the statement (`bound`), in the snapshot
+        // that reads the keys; without, it is `upto`.
+        let end = if topics.is_empty() {
+            "$2"
+        } else {
+            "bound.upto"
+        };
         let type_filter = "($4::text[] IS NULL OR type = ANY($4) OR type LIKE ANY($5))";
-        let filters = format!("id > $1 AND id <= $2 AND {type_filter}");
+        let filters = format!("id > $1 AND id <= {end} AND {type_filter}");
         let mut parts = Vec::new();
         if let Some(consumer) = &consumer {
             params.push(consumer);
@@ -457,21 +437,35 @@ impl Store {
                  AND {filters} ORDER BY id LIMIT $3)"
             ));
         }
+        let mut keys = String::new();
         if !topics.is_empty() {
             params.push(&topics);
             let at = params.len();
+            keys = format!(
+                "WITH keyed AS (SELECT coalesce(max(upto), 0) AS upto FROM event_piper_keyed), \
+                 bound AS (SELECT least($2, ( \
+                   SELECT min(nth.upto) FROM unnest(${at}::text[]) AS selected(topic) \
+                   CROSS JOIN LATERAL (SELECT upto FROM event_piper_topics \
+                     WHERE topic = selected.topic AND upto > $1 \
+                     ORDER BY upto OFFSET $3 LIMIT 1) nth)) AS upto) "
+            );
             // Stretches do not overlap and hold their ids in order: (stretch, position) is id
             // order, which the stretches' index gives without sorting more than one stretch.
             parts.push(format!(
-                "(SELECT keyed.* FROM unnest(${at}::text[]) AS selected(topic) \
+                "(SELECT found.* FROM unnest(${at}::text[]) AS selected(topic) \
                  CROSS JOIN LATERAL (SELECT {COLUMNS} FROM \
                      (SELECT upto, ids FROM event_piper_topics \
                       WHERE topic = selected.topic AND upto > $1 \
                       ORDER BY upto LIMIT $3::int8 + 1) stretch \
                    CROSS JOIN LATERAL unnest(stretch.ids) WITH ORDINALITY AS key(event_id, at) \
                    JOIN events ON events.id = key.event_id \
-                   WHERE key.event_id > $1 AND key.event_id <= $2 AND {type_filter} \
-                   ORDER BY stretch.upto, key.at LIMIT $3) keyed)"
+                   WHERE key.event_id > $1 AND key.event_id <= bound.upto AND {type_filter} \
+                   ORDER BY stretch.upto, key.at LIMIT $3) found)"
+            ));
+            parts.push(format!(
+                "(SELECT {COLUMNS} FROM events \
+                 WHERE id > greatest($1, (SELECT upto FROM keyed)) AND id <= bound.upto \
+                   AND topics && ${at}::text[] AND {type_filter} ORDER BY id LIMIT $3)"
             ));
         }
         if selection.scans() {
@@ -480,22 +474,43 @@ impl Store {
                  ORDER BY id LIMIT $3)"
             ));
         }
-        let sql = format!(
+        let page = format!(
             "SELECT * FROM ({}) page ORDER BY id LIMIT $3",
             parts.join(" UNION ALL ")
         );
+        // With topics, every row starts with the page's end, and an empty page is one row of
+        // it alone.
+        let (sql, at) = if topics.is_empty() {
+            (page, 0)
+        } else {
+            (
+                format!(
+                    "{keys}SELECT bound.upto, page.* FROM bound \
+                     LEFT JOIN LATERAL ({page}) page ON true ORDER BY page.id"
+                ),
+                1,
+            )
+        };
+        let client = self.pool.get().await?;
         let statement = client.prepare_cached(&sql).await?;
         let raw = client.query(&statement, &params).await?;
-        // Each part returned its first `limit` rows: every selected row up to the last one
-        // merged is in the page, and a short page covers the whole range.
-        let covered = match raw.last() {
-            Some(last) if raw.len() as i64 == limit => EventId(last.try_get(0)?),
+        let upto = match raw.first() {
+            Some(first) if at == 1 => EventId(first.try_get(0)?),
             _ => upto,
         };
-        let mut rows: Vec<EventRow> = raw
-            .iter()
-            .map(event_row)
-            .collect::<std::result::Result<_, _>>()?;
+        let mut rows: Vec<EventRow> = Vec::with_capacity(raw.len());
+        for row in &raw {
+            if at == 1 && row.try_get::<_, Option<i64>>(1)?.is_none() {
+                continue;
+            }
+            rows.push(event_row_at(row, at)?);
+        }
+        // Each part returned its first `limit` rows: every selected row up to the last one
+        // merged is in the page, and a short page covers the whole range.
+        let covered = match rows.last() {
+            Some(last) if rows.len() as i64 == limit => last.id,
+            _ => upto,
+        };
         // An event found by two parts (its consumer and a topic, two of its topics) once.
         rows.dedup_by_key(|row| row.id);
         Ok(Page { rows, covered })
@@ -771,26 +786,21 @@ impl Store {
     }
 
     /// The first event a Mercure publisher gave this id (the draft resolves a reused id to the
-    /// earliest update that carries it). Up to `published` the hub has written every event's
-    /// publisher's id into its own table ([`crate::keys`]); after it (an event committed but not
-    /// read yet, for a client that resumes with the id its publish just returned), the table's
-    /// tail is scanned.
-    pub async fn find_update_id(
-        &self,
-        update_id: &str,
-        published: EventId,
-    ) -> Result<Option<EventId>> {
+    /// earliest update that carries it). Up to the mark, the hubs have written every event's
+    /// publisher's id into their own table ([`crate::keys`]); past it (events published a moment
+    /// ago, or committed and not read yet, for a client that resumes with the id its publish just
+    /// returned), the table's tail is scanned, in the same snapshot.
+    pub async fn find_update_id(&self, update_id: &str) -> Result<Option<EventId>> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
                 "SELECT least( \
                    (SELECT min(event_id) FROM event_piper_update_ids WHERE update_id = $1), \
-                   (SELECT min(id) FROM events WHERE id > $2 AND update_id = $1))",
+                   (SELECT min(id) FROM events WHERE update_id = $1 \
+                      AND id > (SELECT coalesce(max(upto), 0) FROM event_piper_keyed)))",
             )
             .await?;
-        let row = client
-            .query_one(&statement, &[&update_id, &published.0])
-            .await?;
+        let row = client.query_one(&statement, &[&update_id]).await?;
         Ok(row.try_get::<_, Option<i64>>(0)?.map(EventId))
     }
 

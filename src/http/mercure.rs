@@ -127,17 +127,16 @@ async fn resume_point(state: &AppState, requested: &str) -> Result<Option<EventI
     if let Some(id) = requested.strip_prefix('#') {
         return super::request::parse_last_event_id(id.as_bytes()).map(Some);
     }
-    // Keys are complete up to what is published; before that, nothing is served anyway.
-    let published = *state.streams.sources.published.borrow();
-    let Some(published) = published else {
+    // Before the hub has started, nothing is served anyway.
+    if state.streams.sources.published.borrow().is_none() {
         return Err(ApiError::Unavailable {
             reason: "not ready: the service has not yet reached the database".into(),
             retry_after: state.streams.retry_after(),
         });
-    };
+    }
     state
         .store
-        .find_update_id(requested, published)
+        .find_update_id(requested)
         .await
         .map_err(|error| ApiError::from_store(&error, state.streams.retry_after()))
 }
