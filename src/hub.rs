@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::bell::Bell;
 use crate::event::EventId;
-use crate::keys::{self, Keys};
+use crate::keys;
 use crate::metrics::Metrics;
 use crate::recent::Recent;
 use crate::replicas::{Lsn, Replicas};
@@ -63,12 +63,6 @@ const PASS_TIMEOUT: Duration = Duration::from_secs(30);
 const WARM_PAGE: i64 = 10_000;
 /// A gap held open this long is logged with the pids of the transactions holding it.
 const SLOW_GAP: Duration = Duration::from_secs(5);
-/// How often a hub that publishes writes the keys of what it published ([`crate::keys`]) and
-/// moves the mark: a replay scans the events past the mark, at most this much of them.
-const KEYS_EVERY: Duration = Duration::from_millis(100);
-/// Or sooner, once this many topics of published events wait for their write: a stretch stays
-/// short enough to unpack for a page.
-const KEYS_WAITING: usize = crate::keys::STRETCH_IDS as usize;
 
 /// When the hub reads.
 #[derive(Debug, Clone, Copy)]
@@ -104,10 +98,8 @@ pub struct Hub {
     stuck_at: Option<EventId>,
     /// Whether a failure to arm the bell has been logged since it last worked.
     arm_failure_logged: bool,
-    /// The keys of the events it published past the last write of keys ([`crate::keys`]).
-    unkeyed: Keys,
-    /// How far its last write of keys reached, and when it was.
-    keyed: (EventId, Instant),
+    /// Writes the keys of what it published ([`crate::keys`]), once it has started.
+    keys: Option<keys::Writer>,
     metrics: Metrics,
 }
 
@@ -181,8 +173,7 @@ impl Hub {
             pending: None,
             stuck_at: None,
             arm_failure_logged: false,
-            unkeyed: Keys::default(),
-            keyed: (EventId::default(), Instant::now()),
+            keys: None,
             metrics,
         }
     }
@@ -209,7 +200,7 @@ impl Hub {
         };
         self.cursor = start;
         self.dead_upto = start;
-        self.keyed.0 = start;
+        self.keys = Some(keys::Writer::spawn(self.store.clone(), start));
         tokio::select! {
             _ = self.warm(start) => {}
             _ = shutdown.cancelled() => return,
@@ -278,8 +269,6 @@ impl Hub {
     ) -> Woken {
         // A ring heard while awake is stale: the read after arming covers whatever it was for.
         let _ = doorbell.notified().now_or_never();
-        // Nothing more is coming for a while: what was published gets its keys now.
-        self.write_keys(true).await;
         // Producers ring from the moment the lock is asked for. Its grant waits for the ones that
         // did not ring; a long producer transaction can make that take a while, during which a
         // ring still wakes the hub.
@@ -318,13 +307,11 @@ impl Hub {
         }
     }
 
-    /// One [`Hub::catch_up`], bounded in time, then the keys if they are due.
+    /// One [`Hub::catch_up`], bounded in time.
     async fn pass(&mut self) -> Result<Pass, StoreError> {
-        let pass = tokio::time::timeout(PASS_TIMEOUT, self.catch_up())
+        tokio::time::timeout(PASS_TIMEOUT, self.catch_up())
             .await
-            .unwrap_or(Err(StoreError::Timeout(PASS_TIMEOUT)));
-        self.write_keys(false).await;
-        pass
+            .unwrap_or(Err(StoreError::Timeout(PASS_TIMEOUT)))
     }
 
     /// The id to start publishing after: the current maximum, once every transaction that might
@@ -342,29 +329,6 @@ impl Hub {
         }
         keys::catch_up(&self.store, max).await?;
         Ok((max, self.store.insert_lsn().await?))
-    }
-
-    /// Writes the keys of the events published since the last write, and moves the mark to the
-    /// cursor, every [`KEYS_EVERY`] or [`KEYS_WAITING`] keys (or now, when `now`). A replay
-    /// scans the events past the mark itself, so publishing never waits for this, and a failure
-    /// only leaves more for replays to scan until the next write.
-    async fn write_keys(&mut self, now: bool) {
-        let (keyed, at) = self.keyed;
-        if self.cursor <= keyed
-            || !(now
-                || at.elapsed() >= KEYS_EVERY
-                || self.unkeyed.topic_events.len() >= KEYS_WAITING)
-        {
-            return;
-        }
-        self.keyed.1 = Instant::now();
-        match self.store.write_keys(&self.unkeyed, self.cursor).await {
-            Ok(()) => {
-                self.keyed.0 = self.cursor;
-                self.unkeyed = Keys::default();
-            }
-            Err(error) => tracing::warn!(%error, "cannot write the keys of published events"),
-        }
     }
 
     /// Starts the recent tail with the events just below the starting point, so that the clients
@@ -427,7 +391,9 @@ impl Hub {
                 ready.push(row);
             }
             if !ready.is_empty() {
-                self.unkeyed.extend(&ready);
+                if let Some(keys) = &self.keys {
+                    keys.published(&ready, upto);
+                }
                 self.cursor = upto;
                 let batch: Vec<Frame> = ready.into_iter().map(Frame::from_row).collect();
                 published += batch.len();

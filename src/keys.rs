@@ -25,6 +25,11 @@
 //! Producers can write while no instance runs. A hub that starts adds the keys of the events
 //! after the mark before it publishes anything ([`catch_up`]), so that the scan stays short.
 
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
+
 use crate::event::{EventId, EventRow};
 use crate::store::{Result, Store};
 
@@ -34,7 +39,11 @@ const SCAN_IDS: i64 = 100_000;
 
 /// Ids a stretch written at start covers at most, and keys a hub lets wait before it writes
 /// them: a replay never unpacks a long list to read a page of it.
-pub const STRETCH_IDS: i64 = 1_000;
+const STRETCH_IDS: i64 = 1_000;
+
+/// How often a hub's writer writes the keys of what it published and moves the mark: a replay
+/// scans the events past the mark, about this much of them.
+const KEYS_EVERY: Duration = Duration::from_millis(100);
 
 /// The keys of some events, as the columns of the two tables they go to, in event order.
 #[derive(Debug, Default, PartialEq)]
@@ -72,6 +81,14 @@ impl Keys {
         }
     }
 
+    /// Adds `later`, the keys of higher ids.
+    fn append(&mut self, mut later: Keys) {
+        self.topics.append(&mut later.topics);
+        self.topic_events.append(&mut later.topic_events);
+        self.update_ids.append(&mut later.update_ids);
+        self.update_id_events.append(&mut later.update_id_events);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.topic_events.is_empty() && self.update_id_events.is_empty()
     }
@@ -87,6 +104,69 @@ impl Keys {
             topic_events: self.topic_events[topics].to_vec(),
             update_ids: self.update_ids[update_ids.clone()].to_vec(),
             update_id_events: self.update_id_events[update_ids].to_vec(),
+        }
+    }
+}
+
+/// Writes the keys of what a hub publishes, on a task of its own, so that publishing never waits
+/// for a write (a commit, with its WAL flush). Ends when the hub drops it, after a last write.
+pub struct Writer {
+    published: mpsc::UnboundedSender<(Keys, EventId)>,
+}
+
+impl Writer {
+    /// Starts the writer of a hub that published up to `start`, whose keys are in.
+    pub fn spawn(store: Store, start: EventId) -> Writer {
+        let (published, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(write(store, receiver, start));
+        Writer { published }
+    }
+
+    /// `rows` were published, up to `upto`.
+    pub fn published(&self, rows: &[EventRow], upto: EventId) {
+        // The task ends only when this sender is dropped.
+        let _ = self.published.send((Keys::of(rows), upto));
+    }
+}
+
+/// The writer's task: every [`KEYS_EVERY`], or once [`STRETCH_IDS`] topics wait, writes what
+/// was published since the last write and moves the mark there. A failed write is retried with
+/// what came since, at the next tick.
+async fn write(
+    store: Store,
+    mut published: mpsc::UnboundedReceiver<(Keys, EventId)>,
+    mut keyed: EventId,
+) {
+    let mut waiting = Keys::default();
+    let mut upto = keyed;
+    let mut tick = tokio::time::interval(KEYS_EVERY);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        let open = tokio::select! {
+            batch = published.recv() => match batch {
+                Some((keys, to)) => {
+                    waiting.append(keys);
+                    upto = to;
+                    if waiting.topic_events.len() < STRETCH_IDS as usize {
+                        continue;
+                    }
+                    true
+                }
+                None => false,
+            },
+            _ = tick.tick() => true,
+        };
+        if upto > keyed {
+            match store.write_keys(&waiting, upto).await {
+                Ok(()) => {
+                    keyed = upto;
+                    waiting = Keys::default();
+                }
+                Err(error) => tracing::warn!(%error, "cannot write the keys of published events"),
+            }
+        }
+        if !open {
+            return;
         }
     }
 }
