@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 
 use crate::event::{EventId, EventRow};
-use crate::store::{Result, Store};
+use crate::store::{Result, Store, StoreError};
 
 /// Ids a scan for missing keys covers per statement, at start: each statement stays short
 /// however long no instance ran.
@@ -58,15 +58,10 @@ impl Keys {
     /// The keys of `rows`, which are in id order.
     pub fn of(rows: &[EventRow]) -> Keys {
         let mut keys = Keys::default();
-        keys.extend(rows);
-        keys
-    }
-
-    /// Adds the keys of `rows`, which are in id order, after those of lower ids.
-    pub fn extend(&mut self, rows: &[EventRow]) {
         for row in rows {
-            self.add(row.id, row.topics.as_deref(), row.update_id.as_deref());
+            keys.add(row.id, row.topics.as_deref(), row.update_id.as_deref());
         }
+        keys
     }
 
     /// Adds one event's keys (after those of lower ids): its topics, and its publisher's id.
@@ -157,7 +152,7 @@ async fn write(
             _ = tick.tick() => true,
         };
         if upto > keyed {
-            match store.write_keys(&waiting, upto).await {
+            match written(&store, &waiting, (keyed, upto)).await {
                 Ok(()) => {
                     keyed = upto;
                     waiting = Keys::default();
@@ -171,29 +166,59 @@ async fn write(
     }
 }
 
+/// Writes `keys`, those of the events in `(after, upto]`. Should the mark be below `after` (a
+/// write of this instance was lost with the mark, in a crash of the database with
+/// `synchronous_commit` off), the keys from the mark on are read from the table and written
+/// again instead.
+async fn written(store: &Store, keys: &Keys, range: (EventId, EventId)) -> Result<()> {
+    if !store.write_keys(keys, range).await? {
+        tracing::warn!(
+            written_upto = %range.0,
+            "the keys this instance wrote are not all there; writing them again from the table"
+        );
+        catch_up(store, range.1).await?;
+    }
+    Ok(())
+}
+
 /// Adds the keys of every event after the mark up to `upto`, which must be final (no lower id
 /// still in flight), and moves the mark there. Returns whether it wrote any.
 pub async fn catch_up(store: &Store, upto: EventId) -> Result<bool> {
-    let mut from = store.keyed_upto().await?;
+    // Where the mark is: each write starts there, and moves it.
+    let mut mark = store.keyed_upto().await?;
     let mut wrote = false;
-    while from < upto {
-        let to = EventId(from.0.saturating_add(SCAN_IDS).min(upto.0));
-        let keys = store.read_keys((from, to)).await?;
-        let mut stretch = from;
+    while mark < upto {
+        let to = EventId(mark.0.saturating_add(SCAN_IDS).min(upto.0));
+        let keys = store.read_keys((mark, to)).await?;
+        let mut stretch = mark;
         while stretch < to {
             let end = EventId(stretch.0.saturating_add(STRETCH_IDS).min(to.0));
             let part = keys.within(stretch, end);
             if !part.is_empty() {
-                store.write_keys(&part, end).await?;
+                moved(store.write_keys(&part, (mark, end)).await?)?;
+                mark = end;
                 wrote = true;
             }
             stretch = end;
         }
-        // The mark moves over a stretch without keys too.
-        store.write_keys(&Keys::default(), to).await?;
-        from = to;
+        // The mark moves over ids without keys too.
+        if mark < to {
+            moved(store.write_keys(&Keys::default(), (mark, to)).await?)?;
+            mark = to;
+        }
     }
     Ok(wrote)
+}
+
+/// A write of keys at start finds the mark where it read it, or further.
+fn moved(written: bool) -> Result<()> {
+    if written {
+        Ok(())
+    } else {
+        Err(StoreError::Unexpected(
+            "event_piper_keyed lost its row, or moved back, while keys were written".into(),
+        ))
+    }
 }
 
 #[cfg(test)]

@@ -282,17 +282,19 @@ impl Store {
         Ok(row.try_get(0)?)
     }
 
-    /// Writes topics and publishers' ids ([`crate::keys`]) of events up to `upto`, and moves the
-    /// mark there, in one statement: the topics as one stretch per topic, ending at `upto`. The
-    /// mark's row lock makes a write wait for the one before it; the keys of the events that the
-    /// mark (as it then is) already covers were written by that one, and are left out.
-    pub async fn write_keys(&self, keys: &Keys, upto: EventId) -> Result<()> {
+    /// Writes topics and publishers' ids ([`crate::keys`]) of the events in `(after, upto]`, and
+    /// moves the mark to `upto`, in one statement: the topics as one stretch per topic, ending at
+    /// `upto`. The mark's row lock makes a write wait for the one before it; the keys of the
+    /// events that the mark (as it then is) already covers were written by that one, and are
+    /// left out. Writes nothing, and returns false, if the mark is below `after`: `keys` would
+    /// leave the events in between without theirs.
+    pub async fn write_keys(&self, keys: &Keys, (after, upto): (EventId, EventId)) -> Result<bool> {
         let client = self.pool.get().await?;
         let statement = client
             .prepare_cached(
                 "WITH mark AS ( \
                    UPDATE event_piper_keyed SET prev = upto, upto = greatest(upto, $5) \
-                   RETURNING prev), \
+                   WHERE upto >= $6 RETURNING prev), \
                  topics AS ( \
                    INSERT INTO event_piper_topics (topic, upto, ids) \
                    SELECT topic, $5, array_agg(DISTINCT event_id ORDER BY event_id) \
@@ -314,15 +316,11 @@ impl Store {
                     &keys.update_ids,
                     &keys.update_id_events,
                     &upto.0,
+                    &after.0,
                 ],
             )
             .await?;
-        match mark {
-            Some(_) => Ok(()),
-            None => Err(StoreError::Unexpected(
-                "event_piper_keyed has no row: restart an instance to recreate it".into(),
-            )),
-        }
+        Ok(mark.is_some())
     }
 
     /// The keys of the events in `(after, upto]`: a scan of that range of the primary key.

@@ -289,22 +289,7 @@ async fn retention_deletes_old_events_and_tells_resuming_clients() {
         .await
         .unwrap();
     // The hub keys the old events in stretches of their own (src/keys.rs) before the new ones.
-    let keyed = async {
-        loop {
-            let upto: i64 = producer
-                .query_one("select upto from event_piper_keyed", &[])
-                .await
-                .unwrap()
-                .get(0);
-            if upto >= 3 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    tokio::time::timeout(common::PATIENCE, keyed)
-        .await
-        .expect("the hub keyed the old events");
+    common::keyed_upto(&producer, 3).await;
     producer
         .batch_execute(
             "insert into events (type, subscriber, payload, topics, update_id) \

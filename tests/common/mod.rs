@@ -716,3 +716,23 @@ pub async fn ids_for(client: &impl tokio_postgres::GenericClient, consumer: &str
         .map(|row| row.get(0))
         .collect()
 }
+
+/// Waits until the hubs have written the keys of every event up to `id` (src/keys.rs).
+pub async fn keyed_upto(producer: &tokio_postgres::Client, id: i64) {
+    let keyed = async {
+        loop {
+            let upto: i64 = producer
+                .query_one("select upto from event_piper_keyed", &[])
+                .await
+                .unwrap()
+                .get(0);
+            if upto >= id {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(PATIENCE, keyed)
+        .await
+        .expect("the hubs write the keys of what they published");
+}
