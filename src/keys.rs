@@ -10,8 +10,10 @@
 //! keys of what it published every 100 ms or so, and moves the mark to its cursor in the same
 //! statement; a replay reads the keys up to the mark, and scans the few events past it
 //! ([`Store::read_selection`]), both in one snapshot. Publishing never waits for a write of
-//! keys, and a write that fails (or is lost in a crash of the database, with the mark) leaves
-//! only more to scan.
+//! keys, and a write that fails leaves only more to scan. One lost with the mark, in a crash of
+//! a database with `synchronous_commit` off, is noticed by the next: a write moves the mark
+//! only from where its writer left it, and the writer then writes the keys from the mark on
+//! again, from the table.
 //!
 //! Topics are written as stretches: one row per topic and write, holding the topic's events in
 //! (the mark the write found, the write's end]. The mark's row lock makes a write wait for the
