@@ -1556,16 +1556,15 @@ async fn a_table_with_the_topic_indexes_of_earlier_versions_is_upgraded() {
         .with(table_only)
         .start()
         .await;
-    let left: i64 = producer
-        .query_one(
-            "select count(*) from pg_class \
-             where relname in ('events_alternate_topics_idx', 'events_update_id_idx', \
-                               'events_topic_id_idx')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let left = relations_left(
+        &producer,
+        &[
+            "events_alternate_topics_idx",
+            "events_update_id_idx",
+            "events_topic_id_idx",
+        ],
+    )
+    .await;
     assert_eq!(left, 0, "the old indexes are dropped");
     let mut resumed = app
         .stream(
@@ -1625,15 +1624,11 @@ async fn a_table_with_the_canonical_topic_index_of_the_version_before_is_upgrade
         .with(table_only)
         .start()
         .await;
-    let left: i64 = producer
-        .query_one(
-            "select count(*) from pg_class \
-             where relname in ('events_topic_id_idx', 'event_piper_alternates')",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let left = relations_left(
+        &producer,
+        &["events_topic_id_idx", "event_piper_alternates"],
+    )
+    .await;
     assert_eq!(left, 0, "the old index and table are dropped");
     let indexes: Vec<String> = producer
         .query(
@@ -1788,4 +1783,16 @@ async fn keys_lost_with_the_mark_are_written_again() {
     assert_eq!(keyed, ids);
     let mut replayed = app.stream(&path, &[("Last-Event-ID", "0")]).await;
     assert_eq!(ids_through(&mut replayed, ids[4]).await, ids);
+}
+
+/// How many of these tables and indexes are still there (an upgrade drops them).
+async fn relations_left(producer: &tokio_postgres::Client, names: &[&str]) -> i64 {
+    producer
+        .query_one(
+            "select count(*) from pg_class where relname = any($1)",
+            &[&names],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
