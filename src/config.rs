@@ -219,7 +219,7 @@ pub struct Config {
     pub jwt_public_key: Option<PathBuf>,
 
     /// The audience a token must name in `aud` (Mercure: the hub's resource identifier, such as
-    /// https://example.com/.well-known/mercure). Unset: `aud` is not checked.
+    /// `https://example.com/.well-known/mercure`). Unset: `aud` is not checked.
     #[arg(long, env = "EVENT_PIPER_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
 

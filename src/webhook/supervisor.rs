@@ -1,6 +1,6 @@
 //! Which subscriptions this instance delivers: it claims active subscriptions nobody else holds,
 //! up to its fair share (the active subscriptions divided by the instances looking, rounded up),
-//! and runs one [`delivery`](super::delivery) per claimed subscription.
+//! and runs one [`delivery`] per claimed subscription.
 //!
 //! A subscription belongs to the instance whose lease connection holds its advisory lock, so
 //! exactly one instance delivers it at a time, whatever their number. An instance that dies (or
