@@ -185,8 +185,14 @@ impl Browser {
         match tokio::time::timeout(PATIENCE, poll).await {
             Ok(value) => value,
             Err(_) => {
+                // Whatever the page under test records: the page's own state, or the
+                // EventSources a test opened (readyState 2 after an error: it gave up for good).
                 let state = self
-                    .run("return JSON.stringify(window.piper)", json!([]))
+                    .run(
+                        "return JSON.stringify({piper: window.piper, sources: window.sources, \
+                         hub: window.hub})",
+                        json!([]),
+                    )
                     .await;
                 panic!("timed out waiting for {what}; page state: {state}");
             }
@@ -697,7 +703,9 @@ const OPEN_SOURCES: &str = "
       const state = { open: false, errors: 0, received: [] };
       const source = new EventSource('/events?envelope=true&consumer=' + arguments[0]);
       source.onopen = () => { state.open = true; };
-      source.onerror = () => { state.open = false; state.errors += 1; };
+      source.onerror = () => {
+        state.open = false; state.errors += 1; state.readyState = source.readyState;
+      };
       source.onmessage = (message) => { state.received.push(Number(message.lastEventId)); };
       window.sources.push(state);
     }";

@@ -36,6 +36,20 @@ pub fn cluster() -> &'static ManagedPostgres {
     })
 }
 
+/// The in-process service's warnings and errors, into the output the test harness captures: a
+/// failing test shows what the service said meanwhile. `EVENT_PIPER_TEST_LOG` sets another
+/// filter (`tracing_subscriber`'s syntax), e.g. `event_piper=debug` or `off`.
+pub fn capture_logs() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVENT_PIPER_TEST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("event_piper=warn"));
+    // Only the first call of a test binary installs it; the others find it there.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .with_ansi(false)
+        .try_init();
+}
+
 /// A new, empty database on the test cluster; returns its URL.
 pub async fn fresh_database() -> String {
     let cluster = tokio::task::spawn_blocking(cluster).await.unwrap();
@@ -225,6 +239,7 @@ impl TestAppBuilder {
 
     /// Starts the app and waits until it is ready.
     pub async fn start(self) -> TestApp {
+        capture_logs();
         let TestAppBuilder {
             mut config,
             database,
