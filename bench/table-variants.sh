@@ -4,8 +4,12 @@
 #
 #   plain                    the columns and indexes an application's own table would have
 #                            (bench/plain-table.sql, the bench's peer everywhere)
-#   plain_lock               the same, plus the doorbell's per-row shared advisory lock in a
-#                            column default, on another key
+#   plain_column             plain plus one nullable column, no default: what a column costs
+#   plain_topic_columns      plain plus the four columns topics added to `events`
+#   plain_lock               plain plus the doorbell's per-row shared advisory lock in a column
+#                            default, on another key
+#   plain_sequence_flag      plain plus a column default that reads a sequence's value: a
+#                            doorbell that reads a flag instead of taking a lock
 #   events                   event-piper's schema as it is (postgresql/schema.sql)
 #   events_topic_index       the version before, with one partial index by first topic (the
 #                            test fixture, verbatim)
@@ -14,20 +18,33 @@
 #   events_no_bell           `events` without the doorbell's column default: what its columns
 #                            alone cost
 here_variants=$(dirname "${BASH_SOURCE[0]}")
-all_variants="plain plain_lock events events_topic_index events_before events_no_bell"
+all_variants="plain plain_column plain_topic_columns plain_lock plain_sequence_flag events events_topic_index events_before events_no_bell"
+
+# A copy of plain as schema $1's `events`, with a sequence of its own, altered by $2.
+plain_with() {
+    psql_db >/dev/null <<SQL
+CREATE SCHEMA $1;
+CREATE TABLE $1.events (LIKE plain.events INCLUDING ALL);
+CREATE SEQUENCE $1.events_id_seq OWNED BY $1.events.id;
+ALTER TABLE $1.events ALTER COLUMN id SET DEFAULT nextval('$1.events_id_seq');
+ALTER TABLE $1.events $2;
+SQL
+}
 
 create_variants() {
     psql_db -c "CREATE SCHEMA plain" >/dev/null
     psql_db -c "SET search_path = plain" -f "$here_variants/plain-table.sql" \
             -c "ALTER TABLE plain.plain_events RENAME TO events" >/dev/null
-    psql_db >/dev/null <<'SQL'
-CREATE SCHEMA plain_lock;
-CREATE TABLE plain_lock.events (LIKE plain.events INCLUDING ALL);
-CREATE SEQUENCE plain_lock.events_id_seq OWNED BY plain_lock.events.id;
-ALTER TABLE plain_lock.events ALTER COLUMN id SET DEFAULT nextval('plain_lock.events_id_seq');
-ALTER TABLE plain_lock.events ADD COLUMN bell boolean DEFAULT
-    (CASE WHEN pg_try_advisory_xact_lock_shared(42) THEN NULL::boolean ELSE NULL::boolean END);
-SQL
+    plain_with plain_column "ADD COLUMN bell boolean"
+    plain_with plain_topic_columns \
+        "ADD COLUMN topics text[], ADD COLUMN private boolean, ADD COLUMN update_id text, \
+         ADD COLUMN retry integer"
+    plain_with plain_lock "ADD COLUMN bell boolean DEFAULT (CASE WHEN \
+        pg_try_advisory_xact_lock_shared(42) THEN NULL::boolean ELSE NULL::boolean END)"
+    psql_db -c "CREATE SEQUENCE plain_flag" >/dev/null
+    plain_with plain_sequence_flag "ADD COLUMN bell boolean DEFAULT (CASE WHEN \
+        pg_sequence_last_value('plain_flag'::regclass) IS NULL THEN NULL::boolean \
+        ELSE NULL::boolean END)"
     local schema schema_file
     for schema in events events_no_bell events_topic_index events_before; do
         case $schema in
