@@ -37,11 +37,12 @@ pub fn cluster() -> &'static ManagedPostgres {
 }
 
 /// The in-process service's warnings and errors, into the output the test harness captures: a
-/// failing test shows what the service said meanwhile. `EVENT_PIPER_TEST_LOG` sets another
-/// filter (`tracing_subscriber`'s syntax), e.g. `event_piper=debug` or `off`.
+/// failing test shows what the service said meanwhile, its libraries included (tower-http logs
+/// every 5xx answer as an error). `EVENT_PIPER_TEST_LOG` sets another filter
+/// (`tracing_subscriber`'s syntax), e.g. `event_piper=debug` or `off`.
 pub fn capture_logs() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVENT_PIPER_TEST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("event_piper=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     // Only the first call of a test binary installs it; the others find it there.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
