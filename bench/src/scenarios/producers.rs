@@ -10,9 +10,11 @@
 //!   single-row autocommit INSERT back to back for `--duration`: plain, then `events` with the
 //!   service running and one stream per consumer reading every event (checked exactly once, in
 //!   order), then plain again, so that machine noise shows. Target: events / plain >= 0.90.
-//!   Between the first plain phase and the streamed one, the same INSERTs into `events` with
-//!   the service stopped: what the table itself costs, apart from what delivering adds. Every
-//!   phase starts after a VACUUM of both tables and a CHECKPOINT.
+//!   Between the two plain phases, besides the streamed one, the same INSERTs into `events`
+//!   with the service stopped: what the table itself costs, apart from what delivering adds.
+//!   Odd rounds (`--producer-rounds`) run it before the streamed phase, even rounds after: later
+//!   phases of a round commit less, as the tables grow. Every phase starts after a VACUUM of
+//!   both tables and a CHECKPOINT.
 //!   `--pin-cores` puts PostgreSQL and the producers on one CPU and the service on the other.
 //!   With the bench's own PostgreSQL, the streamed phase also reports the CPU of the service's
 //!   database connections: what its statements take from that CPU, steady where commit rates
@@ -141,12 +143,22 @@ async fn measure(
                     _ => format!("{}, round {round}", producers_label(producers)),
                 };
                 let before = plain(bench, service, url, producers, synchronous_commit).await?;
-                service.terminate().await?;
-                let alone = flood(bench, None, url, producers, synchronous_commit, "events").await;
-                *service = Service::start(launch, url, "producers").await?;
-                let alone = alone?;
-                let (events, backends) =
-                    events(bench, service, url, producers, synchronous_commit).await?;
+                // Later phases of a round commit less than earlier ones (the tables grow), so
+                // the two `events` phases take turns going first: odd rounds stop the service
+                // first, even rounds stream first.
+                let (alone, (events, backends)) = if round % 2 == 1 {
+                    let alone =
+                        stopped(bench, service, launch, url, producers, synchronous_commit).await?;
+                    let streamed =
+                        events(bench, service, url, producers, synchronous_commit).await?;
+                    (alone, streamed)
+                } else {
+                    let streamed =
+                        events(bench, service, url, producers, synchronous_commit).await?;
+                    let alone =
+                        stopped(bench, service, launch, url, producers, synchronous_commit).await?;
+                    (alone, streamed)
+                };
                 let after = plain(bench, service, url, producers, synchronous_commit).await?;
                 let phases = Phases {
                     plain: [&before, &after],
@@ -258,6 +270,22 @@ async fn settle(url: &str) {
     if let Err(error) = settled.await {
         eprintln!("  warning: cannot settle the database before a phase: {error:#}");
     }
+}
+
+/// The producers against `events` with the service stopped: what the table itself costs them.
+/// The service is started again afterwards.
+async fn stopped(
+    bench: &Bench,
+    service: &mut Service,
+    launch: &Launch,
+    url: &str,
+    producers: usize,
+    synchronous_commit: bool,
+) -> Result<PlainRun> {
+    service.terminate().await?;
+    let alone = flood(bench, None, url, producers, synchronous_commit, "events").await;
+    *service = Service::start(launch, url, "producers").await?;
+    alone
 }
 
 /// The same producers against the plain table (nothing streams it; the service idles).
