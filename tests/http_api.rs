@@ -305,22 +305,9 @@ async fn retention_deletes_old_events_and_tells_resuming_clients() {
         .retention(Duration::from_secs(24 * 3600))
         .start()
         .await;
-    let deleted = async {
-        loop {
-            let left: i64 = producer
-                .query_one("select count(*) from events", &[])
-                .await
-                .unwrap()
-                .get(0);
-            if left == 2 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    tokio::time::timeout(common::PATIENCE, deleted)
-        .await
-        .expect("retention deleted the old events");
+    let query = "select count(*) from events";
+    let what = "retention deleted the old events";
+    common::until_value(&producer, query, &[], |left: &i64| *left == 2, what).await;
     // With their keys (src/keys.rs), in the same statement: the new events' two stretches and
     // publishers' ids are left.
     let keys: Vec<i64> = producer

@@ -9,7 +9,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{PATIENCE, TestApp, connect, fresh_database, ids_for, insert};
+use common::{PATIENCE, TestApp, connect, fresh_database, ids_for, insert, until_value};
 use event_piper::managed_postgres::ManagedPostgres;
 use futures::future::join_all;
 
@@ -136,25 +136,9 @@ async fn caught_up(primary: &tokio_postgres::Client, replica: &tokio_postgres::C
         .await
         .unwrap()
         .get(0);
-    let wait = async {
-        loop {
-            let done: bool = replica
-                .query_one(
-                    "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn",
-                    &[&target],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if done {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, wait)
-        .await
-        .expect("the standby caught up");
+    let query = "SELECT pg_last_wal_replay_lsn() >= $1::text::pg_lsn";
+    let what = "the standby caught up";
+    until_value(replica, query, &[&target], |done: &bool| *done, what).await;
 }
 
 /// Opens a stream of `consumer` resumed after 0, reads `expected.len()` events and checks they are
@@ -300,22 +284,9 @@ async fn a_paused_replica_delays_replays_or_leaves_them_to_the_primary_exactly()
         .await
         .unwrap();
     // The request takes effect at the startup process's next record: wait until it has.
-    let paused = async {
-        loop {
-            let state: String = standby_client
-                .query_one("SELECT pg_get_wal_replay_pause_state()", &[])
-                .await
-                .unwrap()
-                .get(0);
-            if state == "paused" {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(PATIENCE, paused)
-        .await
-        .expect("the standby paused");
+    let query = "SELECT pg_get_wal_replay_pause_state()";
+    let paused = |state: &String| state == "paused";
+    until_value(standby_client, query, &[], paused, "the standby paused").await;
     // Written while the standby replays nothing: only the primary has these.
     fill(producer, 3, 5, 10).await;
     let last = insert(producer, "c-1", "{}").await;

@@ -733,22 +733,32 @@ pub async fn ids_for(client: &impl tokio_postgres::GenericClient, consumer: &str
         .collect()
 }
 
-/// Waits until the hubs have written the keys of every event up to `id` (src/keys.rs).
-pub async fn keyed_upto(producer: &tokio_postgres::Client, id: i64) {
-    let keyed = async {
+/// Runs `query` (one row, one column) every 10 ms until `done` holds for its value. After
+/// [`PATIENCE`] the test fails, saying what it waited for: `what`.
+pub async fn until_value<T>(
+    client: &tokio_postgres::Client,
+    query: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    done: impl Fn(&T) -> bool,
+    what: &str,
+) where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let wait = async {
         loop {
-            let upto: i64 = producer
-                .query_one("select upto from event_piper_keyed", &[])
-                .await
-                .unwrap()
-                .get(0);
-            if upto >= id {
+            let value: T = client.query_one(query, params).await.unwrap().get(0);
+            if done(&value) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(PATIENCE, keyed)
-        .await
-        .expect("the hubs write the keys of what they published");
+    tokio::time::timeout(PATIENCE, wait).await.expect(what);
+}
+
+/// Waits until the hubs have written the keys of every event up to `id` (src/keys.rs).
+pub async fn keyed_upto(producer: &tokio_postgres::Client, id: i64) {
+    let query = "select upto from event_piper_keyed";
+    let what = "the hubs write the keys of what they published";
+    until_value(producer, query, &[], |upto: &i64| *upto >= id, what).await;
 }
